@@ -1,0 +1,185 @@
+"""The one settings object: environment variables (prefix ``EDRONE_BRIDGE_``) over a TOML file."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+ENV_PREFIX = "EDRONE_BRIDGE_"
+CONFIG_FILE_VARIABLE = f"{ENV_PREFIX}CONFIG"
+
+ProtocolVersion = Literal["NATIVE_5", "NATIVE_4", "LEGACY_UPDATE", "LEGACY_UNSUBSCRIBE"]
+ConfiguredVersion = Literal["NATIVE_5", "NATIVE_4", "LEGACY_UPDATE", "LEGACY_UNSUBSCRIBE", "auto"]
+SyncFilter = Literal["all", "subscribe", "unsubscribe"]
+
+
+class AppConfig(BaseModel):
+    """One edrone app (shop): its secret and how its webhooks are read."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    secret: SecretStr = Field(min_length=1)
+    # Accepted as well as `secret` while a rotation is under way.
+    previous_secret: SecretStr | None = None
+    version: ConfiguredVersion = "auto"
+    sync: SyncFilter = "all"
+
+    def secrets(self) -> tuple[str, ...]:
+        current = self.secret.get_secret_value()
+        if self.previous_secret is None:
+            return (current,)
+        return (current, self.previous_secret.get_secret_value())
+
+    def accepts_status(self, status: int | None) -> bool:
+        """The per-app sync filter chosen in edrone's panel: which changes are synced."""
+        if self.sync == "all":
+            return True
+        return status == (1 if self.sync == "subscribe" else 0)
+
+
+class SubscriptionConsumerSettings(BaseModel):
+    """The batch applier of edrone's status changes."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    batch_size: int = Field(default=500, ge=1, le=10_000)
+    flush_interval_ms: int = Field(default=20, ge=1, le=60_000)
+    # Unacked messages the broker may push ahead; more than one batch so that the next batch
+    # fills while the previous one commits.
+    prefetch: int = Field(default=2_000, ge=1, le=65_535)
+    # Broker-side poison-message guard: after this many deliveries the quorum queue
+    # dead-letters the message by itself.
+    delivery_limit: int = Field(default=20, ge=1)
+    db_batch_timeout_s: float = Field(default=30.0, gt=0)
+    retry_initial_backoff_s: float = Field(default=0.5, gt=0)
+    retry_max_backoff_s: float = Field(default=30.0, gt=0)
+
+
+def _parse_app_pairs(value: str) -> dict[str, dict[str, str]]:
+    """``"app1:secret1,app2:secret2"`` → ``{"app1": {"secret": "secret1"}, ...}``."""
+    apps: dict[str, dict[str, str]] = {}
+    for raw in value.split(","):
+        pair = raw.strip()
+        if not pair:
+            continue
+        app_id, sep, secret = pair.partition(":")
+        if not sep or not app_id.strip() or not secret.strip():
+            raise ValueError(f"{ENV_PREFIX}APPS: expected app_id:app_secret, got {app_id!r}")
+        apps[app_id.strip()] = {"secret": secret.strip()}
+    return apps
+
+
+class _EnvSource(EnvSettingsSource):
+    """Reads ``EDRONE_BRIDGE_APPS`` as comma-separated pairs, so it merges with the TOML apps."""
+
+    def prepare_field_value(
+        self, field_name: str, field: FieldInfo, value: Any, value_is_complex: bool
+    ) -> Any:
+        if field_name == "apps" and isinstance(value, str) and not value.lstrip().startswith("{"):
+            return _parse_app_pairs(value)
+        return super().prepare_field_value(field_name, field, value, value_is_complex)
+
+
+class Settings(BaseSettings):
+    """Everything the bridge reads from its environment; built once by the CLI and passed down."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+    )
+
+    amqp_url: SecretStr = SecretStr("amqp://guest:guest@localhost:5672/")
+    database_url: SecretStr = SecretStr("postgresql://postgres@localhost:5432/postgres")
+    # The PostgreSQL schema that holds everything the bridge owns.
+    database_schema: str = Field(default="edrone_bridge", pattern=r"^[a-z_][a-z0-9_]{0,62}$")
+    apps: dict[str, AppConfig] = Field(default_factory=dict)
+    trace_url: str = "https://api.edrone.me/trace"
+
+    http_host: str = "0.0.0.0"
+    http_port: int = Field(default=8080, ge=0, le=65_535)
+    webhook_path: str = Field(default="/update_subscriber_status", pattern=r"^/")
+    max_body_bytes: int = Field(default=64 * 1024, ge=256)
+    publish_timeout_s: float = Field(default=5.0, gt=0)
+    # Told to edrone (and to any other caller) in Retry-After when the broker cannot take a webhook.
+    retry_after_s: int = Field(default=30, ge=1)
+    shutdown_timeout_s: float = Field(default=10.0, gt=0)
+
+    # Prefix of every exchange and queue name, so several deployments (and tests) share a broker.
+    amqp_prefix: str = Field(default="edrone_bridge", pattern=r"^[A-Za-z0-9_.\-]{1,100}$")
+    amqp_connect_attempts: int = Field(default=10, ge=1)
+    amqp_connect_delay_s: float = Field(default=2.0, ge=0)
+    amqp_reconnect_interval_s: float = Field(default=2.0, gt=0)
+    platform_exchange: str = "platform.events"
+    platform_routing_key: str = "customer.subscription.changed"
+
+    subscriptions: SubscriptionConsumerSettings = SubscriptionConsumerSettings()
+
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["auto", "json", "console"] = "auto"
+
+    @field_validator("apps", mode="before")
+    @classmethod
+    def _apps_from_pairs(cls, value: Any) -> Any:
+        # Settings(apps="a:s") in code and tests reads like the environment variable.
+        if isinstance(value, str):
+            return _parse_app_pairs(value)
+        return value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, _EnvSource(settings_cls)]
+        toml_file = settings_cls.model_config.get("toml_file")
+        if toml_file:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_file))
+        return tuple(sources)
+
+
+class ConfigError(Exception):
+    """Invalid configuration; the message names each offending key."""
+
+
+def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Settings:
+    """Build :class:`Settings` from the environment over the TOML file named by
+    ``EDRONE_BRIDGE_CONFIG`` (or ``config_file``); raise :class:`ConfigError` naming bad keys."""
+    path = config_file or os.environ.get(CONFIG_FILE_VARIABLE) or None
+    if path is not None and not Path(path).is_file():
+        raise ConfigError(f"{CONFIG_FILE_VARIABLE}: no such file: {path}")
+
+    class _Configured(Settings):
+        model_config = SettingsConfigDict(toml_file=path)
+
+    try:
+        return _Configured(**overrides)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc)) from None
+    except ValueError as exc:  # a malformed TOML file or APPS pair, raised by a source
+        cause = f" ({exc.__cause__})" if exc.__cause__ else ""
+        raise ConfigError(f"invalid configuration: {exc}{cause}") from None
+
+
+def _describe(exc: ValidationError) -> str:
+    lines = []
+    for error in exc.errors():
+        key = ".".join(str(part) for part in error["loc"]) or "(root)"
+        lines.append(f"{key}: {error['msg']}")
+    return "invalid configuration:\n  " + "\n  ".join(lines)

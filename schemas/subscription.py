@@ -1,0 +1,63 @@
+"""``SubscriptionStatusChanged``: one edrone status change, as the ingress publishes it."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+SCHEMA_FILE = Path(__file__).with_name("subscription_status_changed.schema.json")
+
+Channel = Literal["email", "sms"]
+Protocol = Literal["NATIVE_5", "NATIVE_4", "LEGACY_UPDATE", "LEGACY_UNSUBSCRIBE"]
+
+
+def _must_be_utc(value: datetime) -> datetime:
+    if value.utcoffset() is None:
+        raise ValueError("timestamp must carry a UTC offset")
+    return value.astimezone(UTC)
+
+
+UtcDatetime = Annotated[datetime, AfterValidator(_must_be_utc)]
+
+
+class SubscriptionStatusChanged(BaseModel):
+    """A verified, normalised status change for one address on one channel of one app."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    schema_version: Literal[1] = 1
+    app_id: str = Field(min_length=1, max_length=255)
+    channel: Channel
+    # The e-mail (trimmed, lower-cased) for the e-mail channel, the phone (trimmed) for SMS.
+    address: str = Field(min_length=1, max_length=320)
+    # The other identifier edrone sent along, if any (the e-mail of an SMS change, say).
+    email: str | None = Field(default=None, max_length=320)
+    phone: str | None = Field(default=None, max_length=64)
+    # 1 subscribed, 0 unsubscribed, None when edrone has no information (its UNKNOWN).
+    status: Literal[0, 1] | None
+    reason: int | None = None
+    reason_name: str | None = None
+    event_id: str = Field(min_length=1, max_length=255)
+    event_date: UtcDatetime
+    # As received: the signature covers this exact string.
+    event_date_raw: str = Field(max_length=64)
+    received_at: UtcDatetime
+    protocol: Protocol
+
+
+def json_schema() -> dict[str, object]:
+    """The JSON Schema of the message, as shipped in ``SCHEMA_FILE``."""
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$id": "edrone-bridge/subscription_status_changed.schema.json",
+        **SubscriptionStatusChanged.model_json_schema(),
+    }
+
+
+if __name__ == "__main__":  # regenerate the shipped file: python -m schemas.subscription
+    import json
+
+    SCHEMA_FILE.write_text(json.dumps(json_schema(), indent=2, ensure_ascii=False) + "\n")
