@@ -114,8 +114,9 @@ async def declare_webhook_exchange(channel: AbstractChannel, names: Topology) ->
     )
 
 
-async def declare_topology(channel: AbstractChannel, settings: Settings) -> None:
-    """Declare the webhook exchange, the subscription work queue and its dead-letter queue.
+async def declare_topology(channel: AbstractChannel, settings: Settings) -> AbstractExchange:
+    """Declare the webhook exchange (returned), the subscription work queue and its dead-letter
+    queue.
 
     Idempotent: every process runs it at start; the arguments must never change silently, so
     RabbitMQ refusing a redeclaration with other arguments stops the start."""
@@ -134,3 +135,4 @@ async def declare_topology(channel: AbstractChannel, settings: Settings) -> None
     for routing_key in ROUTING_KEY_BY_CHANNEL.values():
         await queue.bind(exchange, routing_key=routing_key)
     log.info("topology_declared", prefix=settings.amqp_prefix)
+    return exchange

@@ -78,9 +78,12 @@ def database_url() -> Iterator[str]:
 
 
 @pytest.fixture
-def make_settings(amqp_url: str, database_url: str) -> Callable[..., Settings]:
-    """Settings for one test: unique AMQP prefix and schema, one app with the test-vector secret."""
+async def make_settings(amqp_url: str, database_url: str) -> AsyncIterator[Callable[..., Settings]]:
+    """Settings for one test: unique AMQP prefix and schema, one app with the test-vector secret.
+
+    Whatever the test's settings created (queues, exchanges, schema) is deleted afterwards."""
     suffix = uuid.uuid4().hex[:12]
+    made: list[Settings] = []
 
     def make(**overrides: Any) -> Settings:
         values: dict[str, Any] = {
@@ -94,18 +97,24 @@ def make_settings(amqp_url: str, database_url: str) -> Callable[..., Settings]:
             "http_port": 0,
         }
         values.update(overrides)
-        return Settings(**values)
+        made.append(Settings(**values))
+        return made[-1]
 
-    return make
+    yield make
+    # Clean up through the real services, not through overrides that may point at a proxy.
+    cleanup = {(s.amqp_prefix, s.database_schema) for s in made}
+    for prefix, schema in cleanup:
+        base = Settings(
+            amqp_url=amqp_url, database_url=database_url, amqp_prefix=prefix, database_schema=schema
+        )
+        await _remove_amqp(base)
+        await _drop_schema(base)
 
 
 @pytest.fixture
-async def settings(make_settings: Callable[..., Settings]) -> AsyncIterator[Settings]:
-    """The test's settings; its queues, exchanges and schema are deleted afterwards."""
-    value = make_settings()
-    yield value
-    await _remove_amqp(value)
-    await _drop_schema(value)
+def settings(make_settings: Callable[..., Settings]) -> Settings:
+    """The test's settings (see ``make_settings``)."""
+    return make_settings()
 
 
 async def _remove_amqp(settings: Settings) -> None:

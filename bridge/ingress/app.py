@@ -1,0 +1,88 @@
+"""The ingress application factory and its server loop."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import structlog
+from aiohttp import web
+
+from bridge.amqp import connect, declare_topology
+from bridge.config import Settings
+from bridge.ingress.handlers import healthz, readyz, update_subscriber_status
+from bridge.ingress.state import SETTINGS, STATE, IngressState
+from bridge.publisher import ConfirmedPublisher
+from bridge.webhook import WebhookRejected
+
+log = structlog.get_logger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every error is a JSON body that names the problem; nothing was published."""
+    try:
+        return await handler(request)
+    except WebhookRejected as exc:
+        log.info("webhook_rejected", status=exc.status, error=exc.error, detail=exc.detail)
+        return web.json_response({"error": exc.error, "detail": exc.detail}, status=exc.status)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        headers = {k: v for k, v in exc.headers.items() if k.lower() == "allow"}
+        error = exc.reason.lower().replace(" ", "_")
+        return web.json_response(
+            {"error": error, "detail": exc.reason}, status=exc.status, headers=headers
+        )
+
+
+async def amqp_context(app: web.Application) -> AsyncIterator[None]:
+    """The broker connection and the confirmed publisher, for the app's lifetime."""
+    settings = app[SETTINGS]
+    connection = await connect(settings, "ingress")
+    try:
+        channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        exchange = await declare_topology(channel, settings)
+        app[STATE].publisher = ConfirmedPublisher(channel, exchange, settings.publish_timeout_s)
+        yield
+    finally:
+        await connection.close()
+
+
+def create_app(
+    settings: Settings, *, publisher: ConfirmedPublisher | None = None
+) -> web.Application:
+    """The ingress app; with ``publisher`` given, it uses that instead of connecting itself."""
+    # One byte over the limit is enough to tell that a body is too large.
+    app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[json_errors])
+    app[SETTINGS] = settings
+    app[STATE] = IngressState(publisher=publisher)
+    if publisher is None:
+        app.cleanup_ctx.append(amqp_context)
+    app.add_routes(
+        [
+            web.post(settings.webhook_path, update_subscriber_status),
+            web.get("/healthz", healthz),
+            web.get("/readyz", readyz),
+        ]
+    )
+    return app
+
+
+async def serve(settings: Settings, stopping: asyncio.Event) -> None:
+    """Serve until ``stopping`` is set; then refuse new webhooks (503) and close gracefully."""
+    app = create_app(settings)
+    runner = web.AppRunner(app, shutdown_timeout=settings.shutdown_timeout_s, access_log=None)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, settings.http_host, settings.http_port)
+        await site.start()
+        log.info("ingress_listening", host=settings.http_host, port=settings.http_port)
+        await stopping.wait()
+        # Answer 503 to what still arrives, before the channel closes under it.
+        app[STATE].draining = True
+        log.info("ingress_stopping")
+    finally:
+        await runner.cleanup()

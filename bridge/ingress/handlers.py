@@ -1,0 +1,74 @@
+"""Request handlers: parse, verify, publish, answer; nothing else happens here."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import structlog
+from aiohttp import web
+
+from bridge.amqp import ROUTING_KEY_BY_CHANNEL
+from bridge.ingress.body import read_fields
+from bridge.ingress.state import SETTINGS, STATE
+from bridge.publisher import PublishFailed
+from bridge.webhook import verify_webhook
+
+log = structlog.get_logger(__name__)
+
+
+def unavailable(request: web.Request, detail: str) -> web.Response:
+    """503 with Retry-After: edrone (or any caller) should send the same event again later."""
+    retry_after = request.app[SETTINGS].retry_after_s
+    return web.json_response(
+        {"error": "unavailable", "detail": detail},
+        status=503,
+        headers={"Retry-After": str(retry_after)},
+    )
+
+
+async def update_subscriber_status(request: web.Request) -> web.Response:
+    """Answer 200 only once the broker has confirmed the event (DESIGN.md promise 1)."""
+    settings = request.app[SETTINGS]
+    state = request.app[STATE]
+    if state.draining:
+        return unavailable(request, "the ingress is shutting down")
+    if state.publisher is None:
+        return unavailable(request, "not connected to the broker")
+    body = await read_fields(request, settings.max_body_bytes)
+    query = {key: value for key, value in request.query.items()}
+    message, app = verify_webhook(body, query, settings.apps, datetime.now(UTC))
+    with structlog.contextvars.bound_contextvars(
+        app_id=message.app_id, event_id=message.event_id, channel=message.channel
+    ):
+        if not app.accepts_status(message.status):
+            # The shop asked edrone for only some changes; never retry the others.
+            log.info("webhook_filtered", sync=app.sync, status=message.status)
+            return web.json_response(
+                {"status": "ignored", "reason": "filtered", "event_id": message.event_id}
+            )
+        try:
+            await state.publisher.publish(
+                message.model_dump_json().encode(),
+                routing_key=ROUTING_KEY_BY_CHANNEL[message.channel],
+                message_id=message.event_id,
+            )
+        except PublishFailed as exc:
+            log.warning("webhook_not_published", error=str(exc))
+            return unavailable(request, "the event could not be stored; send it again later")
+        log.info("webhook_accepted", protocol=message.protocol)
+    return web.json_response({"status": "accepted", "event_id": message.event_id})
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """Alive: the process answers HTTP."""
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """Ready: a webhook would be accepted now (broker channel open, not shutting down)."""
+    state = request.app[STATE]
+    if state.draining:
+        return unavailable(request, "shutting down")
+    if state.publisher is None or not state.publisher.ready:
+        return unavailable(request, "no open channel to RabbitMQ")
+    return web.json_response({"status": "ready"})

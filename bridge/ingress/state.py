@@ -1,0 +1,22 @@
+"""Typed keys of the ingress application's state."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from bridge.config import Settings
+from bridge.publisher import ConfirmedPublisher
+
+
+@dataclass
+class IngressState:
+    """What changes while the app runs (app state itself is frozen once it starts)."""
+
+    publisher: ConfirmedPublisher | None = None
+    draining: bool = False
+
+
+SETTINGS = web.AppKey("settings", Settings)
+STATE = web.AppKey("state", IngressState)
