@@ -327,3 +327,22 @@ class TestBroker:
             assert await depth(proxied, amqp_connection) == 1
         finally:
             await proxy.close()
+
+    async def test_confirm_that_never_comes(self, aiohttp_client, make_settings, amqp_connection):
+        """A broker that stops answering: 503 once publish_timeout_s runs out, not a hang."""
+        target = urlsplit(make_settings().amqp_url.get_secret_value())
+        proxy = TcpProxy(target.hostname or "127.0.0.1", target.port or 5672)
+        port = await proxy.start()
+        proxied = make_settings(
+            amqp_url=f"amqp://guest:guest@127.0.0.1:{port}/", publish_timeout_s=0.5
+        )
+        client = await aiohttp_client(create_app(proxied))
+        try:
+            proxy.stall()
+            async with asyncio.timeout(5):
+                response = await client.post(PATH, **form_body(VECTOR_A))
+            assert response.status == 503
+            assert "Retry-After" in response.headers
+        finally:
+            proxy.resume()
+            await proxy.close()
