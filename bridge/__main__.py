@@ -1,0 +1,5 @@
+"""``python -m bridge``: the same as the ``edrone-bridge`` command."""
+
+from bridge.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,68 @@
+"""Logging setup, called once by the CLI: structlog key-value events rendered as JSON lines (or
+readable on a terminal), with stdlib logging from aio-pika and aiohttp routed through the same."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import TextIO
+
+import structlog
+from structlog.typing import Processor
+
+from bridge.config import Settings
+
+# The packages whose loggers follow the configured level; every other logger is a library's.
+OWN_LOGGERS = ("bridge", "consumers", "schemas")
+# Libraries (aio-pika, aiormq, aiohttp's access log, asyncio) are heard from only at WARNING+:
+# an access-log line per webhook would drown the bridge's own events.
+LIBRARY_LEVEL = logging.WARNING
+
+
+def _shared_processors() -> list[Processor]:
+    return [
+        # First, so that event_id/app_id/queue bound at a request or message boundary reach
+        # every line logged inside it, the libraries' lines included.
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_log_level,
+        structlog.stdlib.add_logger_name,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
+
+
+def _renderer(log_format: str, stream: TextIO) -> list[Processor]:
+    console = log_format == "console" or (log_format == "auto" and stream.isatty())
+    if console:
+        return [structlog.dev.ConsoleRenderer()]
+    return [structlog.processors.dict_tracebacks, structlog.processors.JSONRenderer()]
+
+
+def configure_logging(settings: Settings, *, stream: TextIO | None = None) -> None:
+    """Route structlog and stdlib logging to ``stream`` (stderr by default, so that stdout
+    stays free for command output) at ``settings.log_level``; libraries at WARNING or above."""
+    out = stream if stream is not None else sys.stderr
+    level = logging.getLevelNamesMapping()[settings.log_level.upper()]
+    shared = _shared_processors()
+    structlog.configure(
+        processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        # Filters below-level calls before any processor runs: debug lines cost nothing.
+        wrapper_class=structlog.make_filtering_bound_logger(level),
+        cache_logger_on_first_use=True,
+    )
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=shared,
+        processors=[
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            *_renderer(settings.log_format, out),
+        ],
+    )
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    for old in root.handlers[:]:
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(max(level, LIBRARY_LEVEL))
+    for name in OWN_LOGGERS:
+        logging.getLogger(name).setLevel(level)
