@@ -267,3 +267,29 @@ class TestApps:
         shown = repr(settings) + str(settings)
         for secret in ("toml-secret", "old-secret", "second", "hunter2"):
             assert secret not in shown
+
+
+class TestReadme:
+    """The README's configuration section is read by people setting the bridge up: keep it true."""
+
+    def test_every_setting_is_documented(self):
+        """Each setting, nested ones included, has its EDRONE_BRIDGE_ variable in the README."""
+        readme = (REPO / "README.md").read_text()
+        names = []
+        for name, info in Settings.model_fields.items():
+            nested = getattr(info.annotation, "model_fields", None)
+            if name != "apps" and nested:
+                names += [f"{name}__{sub}" for sub in nested]
+            else:
+                names.append(name)
+        missing = [n for n in names if f"`EDRONE_BRIDGE_{n.upper()}`" not in readme]
+        assert missing == []
+
+    def test_toml_example_loads(self, tmp_path):
+        """The README's TOML example is a valid configuration with the per-app options shown."""
+        readme = (REPO / "README.md").read_text()
+        example = readme.split("```toml\n", 1)[1].split("```", 1)[0]
+        settings = load_settings(write_toml(tmp_path, example))
+        app = settings.apps["5f3e1a2b3c4d5"]
+        assert app.secrets() == ("the-current-app-secret", "the-old-secret")
+        assert (app.version, app.sync) == ("NATIVE_5", "all")
