@@ -121,9 +121,15 @@ async def run_all(settings: Settings, args: argparse.Namespace) -> int:
             failed.append(name)
             stopping.set()
 
-    async with asyncio.TaskGroup() as group:
-        for name, serve in parts.items():
-            group.create_task(supervise(name, serve), name=name)
+    try:
+        async with asyncio.TaskGroup() as group:
+            for name, serve in parts.items():
+                group.create_task(supervise(name, serve), name=name)
+    except ExceptionGroup as crashed:
+        # Usually one part crashed and the other was cancelled: report that one error plainly.
+        if len(crashed.exceptions) == 1:
+            raise crashed.exceptions[0] from None
+        raise
     return EXIT_FAILED if failed else 0
 
 
