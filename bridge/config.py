@@ -64,6 +64,9 @@ class SubscriptionConsumerSettings(BaseModel):
     db_batch_timeout_s: float = Field(default=30.0, gt=0)
     retry_initial_backoff_s: float = Field(default=0.5, gt=0)
     retry_max_backoff_s: float = Field(default=30.0, gt=0)
+    # On stop: how long buffered batches may still commit and ack before the channel closes
+    # and hands the rest back to the broker; keep it below the container's grace period.
+    drain_timeout_s: float = Field(default=10.0, gt=0)
 
 
 def _parse_app_pairs(value: str) -> dict[str, dict[str, str]]:
