@@ -1,0 +1,429 @@
+"""The consumer runtime: micro-batches from one queue, ack after commit, in-process retries with
+backoff and per-message dead-lettering; the handlers in ``consumers/`` supply only the work."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import TypeVar
+
+import aio_pika
+import structlog
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractConnection,
+    AbstractIncomingMessage,
+    AbstractQueue,
+    ConsumerTag,
+)
+
+from bridge.amqp import Topology
+from consumers.deadletter import DeadLetterPublisher
+from consumers.errors import Reject, RetryLater
+
+log = structlog.get_logger(__name__)
+
+Delivery = AbstractIncomingMessage
+# Per message: the name of what happened ("applied", or a skip reason such as "duplicate"),
+# or the Reject that sends it to the dead-letter queue.
+Outcome = str | Reject
+Handler = Callable[[Sequence[Delivery]], Awaitable[Sequence[Outcome]]]
+
+APPLIED = "applied"
+_T = TypeVar("_T")
+# What a failed ack/cancel/close on a lost channel raises (ChannelInvalidStateError is a
+# RuntimeError); the broker redelivers whatever was not acked.
+_CHANNEL_ERRORS = (aio_pika.exceptions.AMQPError, ConnectionError, RuntimeError, TimeoutError)
+
+
+@dataclass(frozen=True)
+class ConsumerSpec:
+    """What to consume and how to handle it; ``None`` fields take the :class:`Consumer`'s
+    defaults, as arq's ``func()`` options fall back to the worker's."""
+
+    queue: str
+    handler: Handler
+    batch_size: int | None = None
+    flush_interval_s: float | None = None
+    prefetch: int | None = None
+    # Bound on one handler call (one database transaction); past it the batch is retried.
+    timeout_s: float | None = None
+
+
+@dataclass
+class Counters:
+    """What the consumer did since it started."""
+
+    applied: int = 0
+    skipped: Counter[str] = field(default_factory=Counter)
+    dead_lettered: int = 0
+    batches: int = 0
+    retries: int = 0
+    # Deliveries forgotten because their channel was lost; the broker redelivers them.
+    dropped: int = 0
+
+    def record(self, outcomes: Sequence[Outcome]) -> None:
+        tally = Counter(outcome for outcome in outcomes if isinstance(outcome, str))
+        self.applied += tally.pop(APPLIED, 0)
+        self.skipped.update(tally)
+        self.batches += 1
+
+
+class Consumer:
+    """Consumes ``spec.queue`` in micro-batches and hands each batch to ``spec.handler``.
+
+    One batch is handled at a time while the next one fills from the prefetch. A batch is acked
+    with one ``ack(multiple=True)`` only after its handler returned (its transaction committed)
+    and every rejected message's dead-letter copy was confirmed (DESIGN.md promises 2 and 4).
+    A failing handler gets the same batch again after an exponential backoff; nothing is
+    nacked, so the quorum queue's delivery limit counts only real redeliveries.
+
+    Use as ``async with Consumer(connection, spec, topology=...) as consumer: await
+    consumer.run()``; :meth:`stop` (from another task) ends :meth:`run` gracefully.
+
+    :param connection: an open (preferably robust) connection; the consumer opens and closes
+        its own channels on it but leaves the connection to the caller.
+    :param topology: names the dead-letter exchange and the queue's dead-letter routing key.
+    :param drain_timeout_s: how long :meth:`stop` lets buffered batches commit and ack.
+    :param publish_timeout_s: bound on each dead-letter confirm, on opening the channels and
+        on each ack, cancel and close.
+    """
+
+    def __init__(
+        self,
+        connection: AbstractConnection,
+        spec: ConsumerSpec,
+        *,
+        topology: Topology,
+        batch_size: int = 100,
+        flush_interval_s: float = 0.02,
+        prefetch: int | None = None,
+        timeout_s: float = 30.0,
+        retry_initial_backoff_s: float = 0.5,
+        retry_max_backoff_s: float = 30.0,
+        drain_timeout_s: float = 10.0,
+        publish_timeout_s: float = 5.0,
+    ) -> None:
+        self.spec = spec
+        self.queue_name = spec.queue
+        self.batch_size = _pick(spec.batch_size, batch_size)
+        self.flush_interval_s = _pick(spec.flush_interval_s, flush_interval_s)
+        # Twice the batch by default, so that the next batch fills while one commits.
+        self.prefetch = _pick(spec.prefetch, _pick(prefetch, 2 * self.batch_size))
+        self.timeout_s = _pick(spec.timeout_s, timeout_s)
+        self.retry_initial_backoff_s = retry_initial_backoff_s
+        self.retry_max_backoff_s = retry_max_backoff_s
+        self.drain_timeout_s = drain_timeout_s
+        self.publish_timeout_s = publish_timeout_s
+        self.counters = Counters()
+
+        self._connection = connection
+        self._dead_letter_exchange_name = topology.dead_letter_exchange
+        self._dead_letter_routing_key = topology.dead_letter_queue(spec.queue)
+        self._channel: AbstractChannel | None = None
+        self._queue: AbstractQueue | None = None
+        self._dead_letter_channel: AbstractChannel | None = None
+        self._dead_letters: DeadLetterPublisher | None = None
+        self._consumer_tag: ConsumerTag | None = None
+
+        # Filled by the consume callback; a plain list and one event, so that a delivery
+        # costs an append and no await of ours.
+        self._buffer: list[Delivery] = []
+        self._wanted = sys.maxsize
+        self._arrived = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._done = asyncio.Event()
+        self._done.set()
+        self._drain: asyncio.Timeout | None = None
+
+    def __repr__(self) -> str:
+        c = self.counters
+        return (
+            f"<Consumer queue={self.queue_name!r} applied={c.applied} skipped={dict(c.skipped)}"
+            f" dead_lettered={c.dead_lettered} batches={c.batches} retries={c.retries}"
+            f" dropped={c.dropped} buffered={len(self._buffer)}>"
+        )
+
+    async def __aenter__(self) -> Consumer:
+        try:
+            async with asyncio.timeout(self.publish_timeout_s):
+                await self._open()
+        except BaseException:
+            await self._close()
+            raise
+        log.info(
+            "consumer_started",
+            queue=self.queue_name,
+            batch_size=self.batch_size,
+            flush_interval_s=self.flush_interval_s,
+            prefetch=self.prefetch,
+        )
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.stop()
+        await self._close()
+        log.info("consumer_closed", queue=self.queue_name, counters=repr(self))
+
+    async def _open(self) -> None:
+        self._channel = await self._connection.channel(publisher_confirms=False)
+        await self._channel.set_qos(prefetch_count=self.prefetch)
+        # Passive: declaring the topology is the process's job; a missing queue stops the start.
+        self._queue = await self._channel.get_queue(self.queue_name, ensure=True)
+        self._dead_letter_channel = await self._connection.channel(publisher_confirms=True)
+        self._dead_letters = DeadLetterPublisher(
+            await self._dead_letter_channel.get_exchange(
+                self._dead_letter_exchange_name, ensure=True
+            ),
+            routing_key=self._dead_letter_routing_key,
+            queue=self.queue_name,
+            timeout_s=self.publish_timeout_s,
+        )
+        self._consumer_tag = await self._queue.consume(
+            self._on_message, timeout=self.publish_timeout_s
+        )
+
+    async def _close(self) -> None:
+        for channel in (self._dead_letter_channel, self._channel):
+            if channel is None or channel.is_closed:
+                continue
+            try:
+                # Closing the consume channel hands unacked deliveries back to the broker.
+                await asyncio.wait_for(channel.close(), self.publish_timeout_s)
+            except _CHANNEL_ERRORS as exc:
+                log.warning("channel_close_failed", queue=self.queue_name, error=repr(exc))
+
+    async def _on_message(self, message: Delivery) -> None:
+        self._buffer.append(message)
+        if len(self._buffer) >= self._wanted:
+            self._arrived.set()
+
+    async def run(self, *, burst: bool = False) -> None:
+        """Handle batches until :meth:`stop`; with ``burst`` also return once the queue is idle."""
+        if self._queue is None:
+            raise RuntimeError("open the consumer first: async with Consumer(...) as consumer")
+        self._done.clear()
+        drain = asyncio.timeout(None)
+        try:
+            with structlog.contextvars.bound_contextvars(queue=self.queue_name):
+                async with drain:
+                    self._drain = drain
+                    if self._stopping.is_set():
+                        self._start_drain_clock()
+                    while (batch := await self._next_batch(burst)) is not None:
+                        await self._process(batch)
+        except TimeoutError:
+            if not drain.expired():
+                raise
+            # Unacked deliveries go back to the queue when the channel closes.
+            log.warning(
+                "consumer_drain_timeout",
+                queue=self.queue_name,
+                drain_timeout_s=self.drain_timeout_s,
+                buffered=len(self._buffer),
+            )
+        finally:
+            self._drain = None
+            self._done.set()
+
+    async def stop(self) -> None:
+        """Stop consuming; let buffered batches commit and ack within ``drain_timeout_s``."""
+        if not self._stopping.is_set():
+            self._stopping.set()
+            self._arrived.set()
+            self._start_drain_clock()
+            await self._cancel_consumer()
+        try:
+            # The drain clock ends run(); the extra second covers its own cleanup.
+            async with asyncio.timeout(self.drain_timeout_s + 1.0):
+                await self._done.wait()
+        except TimeoutError:
+            log.error("consumer_stop_timeout", queue=self.queue_name)
+
+    def _start_drain_clock(self) -> None:
+        if self._drain is not None:
+            self._drain.reschedule(asyncio.get_running_loop().time() + self.drain_timeout_s)
+
+    async def _cancel_consumer(self) -> None:
+        tag, self._consumer_tag = self._consumer_tag, None
+        if tag is None or self._queue is None:
+            return
+        try:
+            await self._queue.cancel(tag, timeout=self.publish_timeout_s)
+        except _CHANNEL_ERRORS as exc:
+            log.warning("consumer_cancel_failed", queue=self.queue_name, error=repr(exc))
+
+    async def _next_batch(self, burst: bool) -> list[Delivery] | None:
+        """The next batch: the first buffered message and whatever follows it within
+        ``flush_interval_s``, up to ``batch_size``; ``None`` when it is time to return."""
+        while not self._buffer:
+            if self._stopping.is_set():
+                return None
+            idle_s = max(self.flush_interval_s, 0.05) if burst else None
+            if not await self._wait_for(1, idle_s) and burst and await self._queue_is_idle():
+                return None
+        if not self._stopping.is_set():
+            await self._wait_for(self.batch_size, self.flush_interval_s)
+        batch = self._buffer[: self.batch_size]
+        del self._buffer[: self.batch_size]
+        return batch
+
+    async def _wait_for(self, count: int, timeout_s: float | None) -> bool:
+        """Wait until ``count`` messages are buffered (or stop); False if ``timeout_s`` passed."""
+        if len(self._buffer) >= count:
+            return True
+        self._wanted = count
+        self._arrived.clear()
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self._arrived.wait()
+        except TimeoutError:
+            return False
+        finally:
+            self._wanted = sys.maxsize
+        return True
+
+    async def _queue_is_idle(self) -> bool:
+        assert self._queue is not None
+        try:
+            declared = await self._queue.declare(timeout=self.publish_timeout_s)
+        except _CHANNEL_ERRORS as exc:
+            log.warning("queue_check_failed", queue=self.queue_name, error=repr(exc))
+            return False
+        if declared.message_count:
+            return False
+        # Deliveries sent before the declare-ok may still be on their way to the callback.
+        return not await self._wait_for(1, max(self.flush_interval_s, 0.05))
+
+    async def _process(self, batch: list[Delivery]) -> None:
+        started = time.perf_counter()
+        handled = await self._handle(batch)
+        if handled is None:
+            return
+        batch, outcomes = handled
+        self.counters.record(outcomes)
+        rejected = [
+            (delivery, outcome)
+            for delivery, outcome in zip(batch, outcomes, strict=True)
+            if isinstance(outcome, Reject)
+        ]
+        if rejected and not await self._dead_letter(rejected):
+            self.counters.dropped += len(batch)
+            log.warning("deliveries_dropped", reason="channel_lost", count=len(batch))
+            return
+        await self._ack(batch)
+        log.debug(
+            "batch_done",
+            size=len(batch),
+            rejected=len(rejected),
+            duration_ms=round((time.perf_counter() - started) * 1000, 1),
+        )
+
+    async def _handle(
+        self, batch: list[Delivery]
+    ) -> tuple[list[Delivery], Sequence[Outcome]] | None:
+        """The handler's outcomes for the batch, retried in memory until it succeeds;
+        ``None`` if every delivery's channel was lost meanwhile."""
+        backoff_s = self.retry_initial_backoff_s
+        while batch := self._live(batch):
+            try:
+                async with asyncio.timeout(self.timeout_s):
+                    outcomes = await self.spec.handler(batch)
+                if len(outcomes) != len(batch):
+                    raise RuntimeError(f"{len(outcomes)} outcomes for {len(batch)} messages")
+                return batch, outcomes
+            except RetryLater as exc:
+                delay_s = backoff_s if exc.delay_s is None else exc.delay_s
+                cause = repr(exc.__cause__) if exc.__cause__ else None
+                log.warning(
+                    "batch_retry", size=len(batch), reason=exc.reason, cause=cause, delay_s=delay_s
+                )
+            except TimeoutError:
+                delay_s = backoff_s
+                log.warning("batch_retry", size=len(batch), reason="timeout", delay_s=delay_s)
+            except Exception:
+                # Unexpected, but retrying loses nothing; the traceback tells what to fix.
+                delay_s = backoff_s
+                log.exception("batch_failed", size=len(batch), delay_s=delay_s)
+            self.counters.retries += 1
+            await asyncio.sleep(delay_s)
+            backoff_s = min(backoff_s * 2, self.retry_max_backoff_s)
+        return None
+
+    def _live(self, batch: list[Delivery]) -> list[Delivery]:
+        """The deliveries whose channel is still open: only those can still be acked."""
+        live = [delivery for delivery in batch if _channel_open(delivery)]
+        lost = len(batch) - len(live)
+        if lost:
+            self.counters.dropped += lost
+            log.warning("deliveries_dropped", reason="channel_lost", count=lost)
+        return live
+
+    async def _ack(self, batch: list[Delivery]) -> None:
+        # Tags rise per channel and only this batch is unacked on it, so acking its last
+        # delivery with multiple=True acks exactly the batch. A reconnect mid-batch leaves
+        # deliveries of two channels; the lost channel's ones are redelivered by the broker.
+        by_channel: dict[int, list[Delivery]] = {}
+        for delivery in batch:
+            by_channel.setdefault(_channel_id(delivery), []).append(delivery)
+        for group in by_channel.values():
+            try:
+                async with asyncio.timeout(self.publish_timeout_s):
+                    await group[-1].ack(multiple=True)
+            except _CHANNEL_ERRORS as exc:
+                self.counters.dropped += len(group)
+                log.warning("batch_ack_failed", size=len(group), error=repr(exc))
+
+    async def _dead_letter(self, rejected: list[tuple[Delivery, Reject]]) -> bool:
+        """Publish a confirmed copy of each rejected message to the dead-letter queue,
+        retrying the failed ones; False if their channel was lost meanwhile."""
+        backoff_s = self.retry_initial_backoff_s
+        while True:
+            assert self._dead_letters is not None
+            results = await asyncio.gather(
+                *(self._dead_letters.publish(d, r.reason) for d, r in rejected),
+                return_exceptions=True,
+            )
+            failed = [
+                (pair, result)
+                for pair, result in zip(rejected, results, strict=True)
+                if isinstance(result, BaseException)
+            ]
+            self.counters.dead_lettered += len(rejected) - len(failed)
+            if not failed:
+                return True
+            log.warning("dead_letter_retry", count=len(failed), error=repr(failed[0][1]))
+            rejected = [pair for pair, _ in failed]
+            if not any(_channel_open(delivery) for delivery, _ in rejected):
+                return False
+            self.counters.retries += 1
+            await asyncio.sleep(backoff_s)
+            backoff_s = min(backoff_s * 2, self.retry_max_backoff_s)
+
+
+def _pick(value: _T | None, default: _T) -> _T:
+    return default if value is None else value
+
+
+def _channel_open(delivery: Delivery) -> bool:
+    try:
+        return not delivery.channel.is_closed
+    except RuntimeError:  # ChannelInvalidStateError: aio-pika refuses to hand out a closed one
+        return False
+
+
+def _channel_id(delivery: Delivery) -> int:
+    try:
+        return id(delivery.channel)
+    except RuntimeError:
+        return 0
