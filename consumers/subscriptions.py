@@ -1,0 +1,233 @@
+"""The subscription applier: edrone's status changes into the ``subscribers`` ledger, one
+transaction per batch, idempotent on ``event_id`` and newest-wins per subscriber."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import asyncpg
+import structlog
+from aio_pika.abc import AbstractConnection
+from pydantic import ValidationError
+
+from bridge.amqp import connect, declare_topology, topology
+from bridge.config import AppConfig, Settings
+from bridge.db import create_pool
+from consumers.errors import Reject, RetryLater
+from consumers.runtime import APPLIED, Consumer, ConsumerSpec, Delivery, Outcome
+from schemas.subscription import SubscriptionStatusChanged
+
+log = structlog.get_logger(__name__)
+
+DUPLICATE = "duplicate"  # the event_id is already in the inbox (a redelivery or edrone's retry)
+OLDER = "older"  # a newer status is stored for the subscriber (promise 3)
+FILTERED = "filtered"  # the app's sync filter excludes this kind of change
+
+# Errors after which the same batch may well succeed: lost connections, deadlocks between
+# replicas, a table briefly away. asyncpg's TimeoutError is an OSError too.
+_RETRYABLE = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError)
+_INT4 = range(-(2**31), 2**31)
+
+# Inbox first: ON CONFLICT DO NOTHING RETURNING yields only the events never seen before.
+# Of those, the newest per subscriber is upserted (ON CONFLICT DO UPDATE may touch a row only
+# once per statement) where it is newer than the stored status; ties on event_date fall to
+# the greater event_id, compared bytewise so that every replica and test agrees.
+_APPLY_SQL = """
+WITH incoming AS (
+    SELECT * FROM unnest(
+        $1::text[], $2::text[], $3::text[], $4::text[], $5::smallint[], $6::integer[],
+        $7::timestamptz[], $8::text[], $9::text[], $10::timestamptz[], $11::text[]
+    ) AS t(app_id, event_id, channel, address, status, reason,
+           event_date, event_date_raw, protocol, received_at, outcome)
+), fresh AS (
+    INSERT INTO inbox (app_id, event_id, channel, address, status, reason,
+                       event_date, event_date_raw, protocol, received_at, outcome)
+    SELECT app_id, event_id, channel, address, status, reason,
+           event_date, event_date_raw, protocol, received_at, outcome
+    FROM incoming
+    ON CONFLICT (app_id, event_id) DO NOTHING
+    RETURNING app_id, event_id, channel, address, status, reason, event_date, outcome
+), candidates AS (
+    SELECT DISTINCT ON (app_id, channel, address) *
+    FROM fresh
+    WHERE outcome = 'applied'
+    ORDER BY app_id, channel, address, event_date DESC, event_id COLLATE "C" DESC
+), upserted AS (
+    INSERT INTO subscribers AS s (app_id, channel, address, status, reason, event_id, event_date)
+    SELECT app_id, channel, address, status, reason, event_id, event_date
+    FROM candidates
+    ORDER BY app_id, channel, address
+    ON CONFLICT (app_id, channel, address) DO UPDATE
+    SET status = excluded.status, reason = excluded.reason, event_id = excluded.event_id,
+        event_date = excluded.event_date, updated_at = now()
+    WHERE (excluded.event_date, excluded.event_id COLLATE "C")
+        > (s.event_date, s.event_id COLLATE "C")
+    RETURNING app_id, event_id
+)
+SELECT f.app_id, f.event_id, f.outcome, u.event_id IS NOT NULL AS upserted
+FROM fresh AS f
+LEFT JOIN upserted AS u ON u.app_id = f.app_id AND u.event_id = f.event_id
+"""
+
+_MARK_OLDER_SQL = """
+UPDATE inbox AS i SET outcome = 'older'
+FROM unnest($1::text[], $2::text[]) AS o(app_id, event_id)
+WHERE i.app_id = o.app_id AND i.event_id = o.event_id
+"""
+
+
+def decode(body: bytes, apps: Mapping[str, AppConfig]) -> SubscriptionStatusChanged:
+    """The message in ``body``; :class:`Reject` if it can never be applied."""
+    try:
+        event = SubscriptionStatusChanged.model_validate_json(body)
+    except ValidationError as exc:
+        raise Reject(f"invalid message: {_describe(exc)}") from None
+    if event.app_id not in apps:
+        raise Reject(f"unknown app_id {event.app_id!r}: not among the configured apps")
+    # Valid for the schema but not storable: retrying such a batch would fail forever.
+    if event.reason is not None and event.reason not in _INT4:
+        raise Reject("invalid message: reason: out of the integer range")
+    for name in ("app_id", "event_id", "address", "event_date_raw"):
+        if "\x00" in getattr(event, name):
+            raise Reject(f"invalid message: {name}: contains a NUL character")
+    return event
+
+
+def _describe(exc: ValidationError) -> str:
+    # Locations and messages only: the input values may hold personal data.
+    return "; ".join(
+        f"{'.'.join(str(part) for part in error['loc']) or 'body'}: {error['msg']}"
+        for error in exc.errors(include_url=False, include_input=False)
+    )
+
+
+class SubscriptionApplier:
+    """The batch handler: decode, drop in-batch duplicates, apply in one transaction."""
+
+    def __init__(self, pool: asyncpg.Pool, apps: Mapping[str, AppConfig]) -> None:
+        self._pool = pool
+        self._apps = apps
+
+    async def __call__(self, deliveries: Sequence[Delivery]) -> list[Outcome]:
+        outcomes: list[Outcome] = [DUPLICATE] * len(deliveries)
+        first: dict[tuple[str, str], int] = {}
+        events: list[SubscriptionStatusChanged] = []
+        for index, delivery in enumerate(deliveries):
+            try:
+                event = decode(delivery.body, self._apps)
+            except Reject as exc:
+                outcomes[index] = exc
+                continue
+            key = (event.app_id, event.event_id)
+            if key not in first:  # later copies in the same batch stay DUPLICATE
+                first[key] = index
+                events.append(event)
+        if events:
+            stored = await self._store(events)
+            for key, index in first.items():
+                outcomes[index] = stored.get(key, DUPLICATE)
+        return outcomes
+
+    async def _store(self, events: list[SubscriptionStatusChanged]) -> dict[tuple[str, str], str]:
+        """Outcome per new ``(app_id, event_id)``; events already in the inbox are left out."""
+        try:
+            async with self._pool.acquire() as conn, conn.transaction():
+                rows = await conn.fetch(_APPLY_SQL, *self._columns(events))
+                older = [row for row in rows if row["outcome"] == APPLIED and not row["upserted"]]
+                if older:
+                    await conn.execute(
+                        _MARK_OLDER_SQL,
+                        [row["app_id"] for row in older],
+                        [row["event_id"] for row in older],
+                    )
+        except _RETRYABLE as exc:
+            raise RetryLater(f"database: {type(exc).__name__}") from exc
+        return {
+            (row["app_id"], row["event_id"]): (
+                OLDER if row["outcome"] == APPLIED and not row["upserted"] else row["outcome"]
+            )
+            for row in rows
+        }
+
+    def _columns(self, events: list[SubscriptionStatusChanged]) -> list[list[Any]]:
+        # Sorted by subscriber, so competing replicas lock rows in one order (fewer deadlocks).
+        ordered = sorted(events, key=lambda e: (e.app_id, e.channel, e.address, e.event_id))
+        accepted = [self._apps[e.app_id].accepts_status(e.status) for e in ordered]
+        return [
+            [e.app_id for e in ordered],
+            [e.event_id for e in ordered],
+            [e.channel for e in ordered],
+            [e.address for e in ordered],
+            [e.status for e in ordered],
+            [e.reason for e in ordered],
+            [e.event_date for e in ordered],
+            [e.event_date_raw for e in ordered],
+            [e.protocol for e in ordered],
+            [e.received_at for e in ordered],
+            [APPLIED if ok else FILTERED for ok in accepted],
+        ]
+
+
+def create_consumer(
+    connection: AbstractConnection, pool: asyncpg.Pool, settings: Settings
+) -> Consumer:
+    """The subscription consumer, configured from ``settings.subscriptions``."""
+    options = settings.subscriptions
+    names = topology(settings)
+    spec = ConsumerSpec(
+        queue=names.subscriptions_queue,
+        handler=SubscriptionApplier(pool, settings.apps),
+        batch_size=options.batch_size,
+        flush_interval_s=options.flush_interval_ms / 1000,
+        prefetch=options.prefetch,
+        timeout_s=options.db_batch_timeout_s,
+    )
+    return Consumer(
+        connection,
+        spec,
+        topology=names,
+        retry_initial_backoff_s=options.retry_initial_backoff_s,
+        retry_max_backoff_s=options.retry_max_backoff_s,
+        drain_timeout_s=options.drain_timeout_s,
+        publish_timeout_s=settings.publish_timeout_s,
+    )
+
+
+async def serve(settings: Settings, stopping: asyncio.Event) -> None:
+    """Apply edrone's status changes until ``stopping`` is set, then drain and close
+    (``edrone-bridge consume subscriptions``; migrations are the CLI's job)."""
+    pool = await create_pool(settings)
+    try:
+        connection = await connect(settings, "consume subscriptions")
+        async with connection:
+            channel = await connection.channel()
+            async with channel:
+                await declare_topology(channel, settings)
+            async with create_consumer(connection, pool, settings) as consumer:
+                await _consume_until(consumer, stopping)
+    finally:
+        await _close_pool(pool, settings.subscriptions.drain_timeout_s)
+
+
+async def _consume_until(consumer: Consumer, stopping: asyncio.Event) -> None:
+    run = asyncio.create_task(consumer.run(), name=f"consume {consumer.queue_name}")
+    waiter = asyncio.create_task(stopping.wait())
+    try:
+        await asyncio.wait({run, waiter}, return_when=asyncio.FIRST_COMPLETED)
+        await consumer.stop()
+    except BaseException:
+        run.cancel()
+        raise
+    finally:
+        waiter.cancel()
+    await run  # re-raises what crashed the run loop, if anything did
+
+
+async def _close_pool(pool: asyncpg.Pool, timeout_s: float) -> None:
+    try:
+        await asyncio.wait_for(pool.close(), timeout_s)
+    except TimeoutError:
+        log.warning("db_pool_close_timeout", timeout_s=timeout_s)
+        pool.terminate()
