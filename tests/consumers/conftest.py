@@ -1,0 +1,82 @@
+"""Consumer fixtures: fast settings, a broker with the topology declared, a database pool and
+a consumer factory (helpers live in ``support.py``)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import aio_pika
+import asyncpg
+import pytest
+
+from bridge.amqp import declare_topology
+from bridge.config import Settings, SubscriptionConsumerSettings
+from bridge.db import create_pool
+from consumers.runtime import Consumer
+from consumers.subscriptions import create_consumer
+
+# Small batches and short waits, so that every test runs in well under a second or two.
+FAST = {
+    "batch_size": 20,
+    "flush_interval_ms": 20,
+    "prefetch": 100,
+    "db_batch_timeout_s": 5.0,
+    "retry_initial_backoff_s": 0.05,
+    "retry_max_backoff_s": 0.2,
+    "drain_timeout_s": 5.0,
+}
+
+
+@pytest.fixture
+def make_consumer_settings(
+    settings: Settings, make_settings: Callable[..., Settings]
+) -> Callable[..., Settings]:
+    """Settings with the test's prefix and schema (cleaned up through ``settings``) and fast
+    consumer options; keyword arguments override consumer options, ``apps`` the apps."""
+
+    def make(*, apps: Any = None, **subscriptions: Any) -> Settings:
+        extra = {"apps": apps} if apps is not None else {}
+        return make_settings(
+            subscriptions=SubscriptionConsumerSettings(**{**FAST, **subscriptions}), **extra
+        )
+
+    return make
+
+
+@pytest.fixture
+def fast_settings(make_consumer_settings: Callable[..., Settings]) -> Settings:
+    return make_consumer_settings()
+
+
+@pytest.fixture
+async def broker(
+    amqp_connection: aio_pika.abc.AbstractConnection, settings: Settings
+) -> aio_pika.abc.AbstractConnection:
+    """The test's connection, with the deployment's exchanges and queues declared."""
+    channel = await amqp_connection.channel()
+    async with channel:
+        await declare_topology(channel, settings)
+    return amqp_connection
+
+
+@pytest.fixture
+async def pool(db: asyncpg.Connection, settings: Settings) -> AsyncIterator[asyncpg.Pool]:
+    """A bridge pool inside the test's migrated schema."""
+    value = await create_pool(settings)
+    yield value
+    await asyncio.wait_for(value.close(), 10)
+
+
+@pytest.fixture
+def make_consumer(
+    broker: aio_pika.abc.AbstractConnection, pool: asyncpg.Pool, fast_settings: Settings
+) -> Callable[..., Consumer]:
+    """The subscription consumer for given settings (the fast ones by default); the test
+    enters it with ``async with``, which closes its channels."""
+
+    def make(settings: Settings | None = None) -> Consumer:
+        return create_consumer(broker, pool, settings or fast_settings)
+
+    return make
