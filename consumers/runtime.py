@@ -172,7 +172,6 @@ class Consumer:
         traceback: TracebackType | None,
     ) -> None:
         await self.stop()
-        await self._close()
         log.info("consumer_closed", queue=self.queue_name, counters=repr(self))
 
     async def _open(self) -> None:
@@ -237,7 +236,8 @@ class Consumer:
             self._done.set()
 
     async def stop(self) -> None:
-        """Stop consuming; let buffered batches commit and ack within ``drain_timeout_s``."""
+        """Stop consuming, let buffered batches commit and ack within ``drain_timeout_s``,
+        then close the channels (the broker takes back whatever is still unacked)."""
         if not self._stopping.is_set():
             self._stopping.set()
             self._arrived.set()
@@ -249,6 +249,7 @@ class Consumer:
                 await self._done.wait()
         except TimeoutError:
             log.error("consumer_stop_timeout", queue=self.queue_name)
+        await self._close()
 
     def _start_drain_clock(self) -> None:
         if self._drain is not None:
