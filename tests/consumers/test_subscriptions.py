@@ -16,10 +16,11 @@ from bridge.amqp import (
     HEADER_ERROR,
     HEADER_FIRST_FAILURE,
     HEADER_ORIGINAL_QUEUE,
+    connect,
     topology,
 )
 from bridge.config import AppConfig
-from consumers.subscriptions import serve
+from consumers.subscriptions import create_consumer, serve
 from tests.conftest import TEST_APP_ID, TEST_SECRET
 from tests.consumers.support import (
     BASE_DATE,
@@ -32,6 +33,9 @@ from tests.consumers.support import (
 )
 
 SUBSCRIBER_COLUMNS = "app_id, channel, address, status, reason, event_id, event_date"
+WAITING_FOR_SUBSCRIBERS_LOCK = (
+    "SELECT count(*) FROM pg_locks WHERE relation = 'subscribers'::regclass AND NOT granted"
+)
 
 
 async def subscribers(db):
@@ -331,12 +335,7 @@ class TestDatabaseFailures:
             async with db.transaction():
                 await db.execute("LOCK TABLE subscribers IN ACCESS EXCLUSIVE MODE")
                 run = asyncio.create_task(consumer.run())
-                await wait_until(
-                    lambda: db.fetchval(
-                        "SELECT count(*) FROM pg_locks"
-                        " WHERE relation = 'subscribers'::regclass AND NOT granted"
-                    )
-                )
+                await wait_until(lambda: db.fetchval(WAITING_FOR_SUBSCRIBERS_LOCK))
                 stop = asyncio.create_task(consumer.stop())
                 await asyncio.sleep(0.2)
                 assert not stop.done()
@@ -346,6 +345,34 @@ class TestDatabaseFailures:
         assert consumer.counters.applied == 10
         assert await subscribers(db) == sorted(as_row(e) for e in events)
         assert await ready_count(broker, queue) == 0
+
+
+async def test_lost_channel_batch_is_redelivered_and_deduplicated(broker, db, pool, fast_settings):
+    """A channel lost while its batch commits cannot ack it: the batch is dropped from
+    memory, the broker redelivers it on the restored channel, and the inbox absorbs it."""
+    events = [make_event(f"user{n}@example.com") for n in range(10)]
+    await publish(broker, fast_settings, events)
+    connection = await connect(fast_settings, "test")  # robust: restores channel and consumer
+    async with (
+        asyncio.timeout(20),
+        connection,
+        create_consumer(connection, pool, fast_settings) as consumer,
+    ):
+        async with db.transaction():
+            await db.execute("LOCK TABLE subscribers IN ACCESS EXCLUSIVE MODE")
+            run = asyncio.create_task(consumer.run())
+            await wait_until(lambda: db.fetchval(WAITING_FOR_SUBSCRIBERS_LOCK))
+            # A protocol error (an unknown delivery tag) makes the broker close the channel.
+            channel = await consumer._channel.get_underlay_channel()
+            await channel.basic_ack(10_000)
+            await wait_until(lambda: channel.is_closed)
+        await wait_until(lambda: consumer.counters.skipped["duplicate"] == 10)
+        await consumer.stop()
+        await run
+
+    assert (consumer.counters.applied, consumer.counters.dropped) == (10, 10)
+    assert await subscribers(db) == sorted(as_row(e) for e in events)
+    assert await ready_count(broker, topology(fast_settings).subscriptions_queue) == 0
 
 
 async def test_serve_applies_until_stopped(broker, db, fast_settings):
