@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
+import aiohttp
 import asyncpg
 import pytest
 from aiohttp import web
@@ -400,6 +402,82 @@ class TestSimulate:
         )
         assert code == 1
         assert "503: 1" in stdout
+
+
+async def wait_until_ready(base_url: str, process: asyncio.subprocess.Process) -> None:
+    """Poll ``/readyz`` until it answers 200; fail if the process exits or 30 s pass."""
+    deadline = time.monotonic() + 30
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as session:
+        while time.monotonic() < deadline:
+            assert process.returncode is None, "the bridge exited before it was ready"
+            try:
+                async with session.get(f"{base_url}/readyz") as response:
+                    if response.status == 200:
+                        return
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.2)
+    pytest.fail("the bridge was not ready within 30 s")
+
+
+async def wait_for_rows(db: asyncpg.Connection, schema: str, count: int) -> int:
+    deadline = time.monotonic() + 30
+    while True:
+        rows = await db.fetchval(f'SELECT count(*) FROM "{schema}".subscribers')
+        if rows >= count or time.monotonic() > deadline:
+            return int(rows)
+        await asyncio.sleep(0.2)
+
+
+class TestRun:
+    async def test_run_migrates_serves_applies_and_stops_on_sigterm(self, settings, tmp_path):
+        """``run`` migrates, accepts signed webhooks, applies them to the ledger, and on
+        SIGTERM drains and exits 0."""
+        port = closed_port()
+        # A file, not a pipe: a pipe nobody reads fills up and blocks the bridge's logging.
+        log_file = (tmp_path / "run.log").open("wb")
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "bridge",
+            "run",
+            env=cli_env(
+                EDRONE_BRIDGE_AMQP_URL=settings.amqp_url.get_secret_value(),
+                EDRONE_BRIDGE_DATABASE_URL=settings.database_url.get_secret_value(),
+                EDRONE_BRIDGE_DATABASE_SCHEMA=settings.database_schema,
+                EDRONE_BRIDGE_AMQP_PREFIX=settings.amqp_prefix,
+                EDRONE_BRIDGE_APPS=f"{TEST_APP_ID}:{TEST_SECRET}",
+                EDRONE_BRIDGE_HTTP_HOST="127.0.0.1",
+                EDRONE_BRIDGE_HTTP_PORT=str(port),
+            ),
+            cwd=REPO,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=log_file,
+        )
+        try:
+            await wait_until_ready(f"http://127.0.0.1:{port}", process)
+            url = f"http://127.0.0.1:{port}{settings.webhook_path}"
+            summary = await send_webhooks(url, bodies("NATIVE_5", 30) + bodies("NATIVE_4", 10))
+            assert summary.outcomes == {"200": 40}
+            db = await asyncpg.connect(settings.database_url.get_secret_value(), timeout=10)
+            try:
+                rows = await wait_for_rows(db, settings.database_schema, 40)
+            finally:
+                await db.close()
+            assert rows == 40, (tmp_path / "run.log").read_text()[-3000:]
+            process.send_signal(signal.SIGTERM)
+            await asyncio.wait_for(process.wait(), 30)
+        finally:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+            log_file.close()
+        logged = (tmp_path / "run.log").read_text()
+        assert process.returncode == 0, logged[-2000:]
+        events = [json.loads(line)["event"] for line in logged.splitlines()]
+        assert "migration_applied" in events
+        assert "stop_requested" in events
 
 
 class TestDocs:
