@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,19 +41,39 @@ class Topology:
         return f"{self.prefix}.dead-letter"
 
     @property
+    def retry_exchange(self) -> str:
+        return f"{self.prefix}.retry"
+
+    @property
     def subscriptions_queue(self) -> str:
         return f"{self.prefix}.subscriptions"
+
+    @property
+    def traces_queue(self) -> str:
+        return f"{self.prefix}.traces"
+
+    def work_queues(self) -> list[str]:
+        return [self.subscriptions_queue, self.traces_queue]
 
     def dead_letter_queue(self, work_queue: str) -> str:
         return f"{work_queue}.dlq"
 
-    def queues(self) -> list[str]:
-        """Every queue of the deployment, work queues first."""
-        work = [self.subscriptions_queue]
-        return work + [self.dead_letter_queue(q) for q in work]
+    def retry_queue(self, work_queue: str, delay_s: float) -> str:
+        # The delay is in the name: changing the tiers declares new queues instead of
+        # clashing with the arguments of the old ones.
+        return f"{work_queue}.retry.{round(delay_s * 1000)}ms"
+
+    def retry_queues(self, tiers_s: Sequence[float]) -> list[str]:
+        return [self.retry_queue(self.traces_queue, delay_s) for delay_s in tiers_s]
+
+    def queues(self, retry_tiers_s: Sequence[float] = ()) -> list[str]:
+        """Every queue of the deployment: work queues, their dead-letter queues, retry tiers."""
+        work = self.work_queues()
+        dead = [self.dead_letter_queue(q) for q in work]
+        return work + dead + self.retry_queues(retry_tiers_s)
 
     def exchanges(self) -> list[str]:
-        return [self.webhook_exchange, self.dead_letter_exchange]
+        return [self.webhook_exchange, self.dead_letter_exchange, self.retry_exchange]
 
 
 def topology(settings: Settings) -> Topology:
@@ -136,3 +157,43 @@ async def declare_topology(channel: AbstractChannel, settings: Settings) -> Abst
         await queue.bind(exchange, routing_key=routing_key)
     log.info("topology_declared", prefix=settings.amqp_prefix)
     return exchange
+
+
+async def declare_trace_topology(channel: AbstractChannel, settings: Settings) -> None:
+    """Declare the trace forwarder's side: its quorum work queue bound to the shop's platform
+    exchange, its dead-letter queue, and one retry-tier queue per delay whose queue-level TTL
+    dead-letters each message back to the work queue through the default exchange."""
+    names = topology(settings)
+    options = settings.traces
+    work = names.traces_queue
+    platform = await channel.declare_exchange(
+        settings.platform_exchange, aio_pika.ExchangeType.TOPIC, durable=True
+    )
+    await declare_dead_letter_queue(channel, names, work)
+    queue = await channel.declare_queue(
+        work,
+        durable=True,
+        arguments=quorum_arguments(
+            dead_letter_exchange=names.dead_letter_exchange,
+            dead_letter_routing_key=names.dead_letter_queue(work),
+            delivery_limit=options.delivery_limit,
+        ),
+    )
+    await queue.bind(platform, routing_key=settings.platform_routing_key)
+    retry = await channel.declare_exchange(
+        names.retry_exchange, aio_pika.ExchangeType.DIRECT, durable=True
+    )
+    for delay_s in options.retry_tiers_s:
+        tier_name = names.retry_queue(work, delay_s)
+        tier = await channel.declare_queue(
+            tier_name,
+            durable=True,
+            arguments={
+                **quorum_arguments(
+                    dead_letter_exchange="", dead_letter_routing_key=work, delivery_limit=None
+                ),
+                "x-message-ttl": round(delay_s * 1000),
+            },
+        )
+        await tier.bind(retry, routing_key=tier_name)
+    log.info("trace_topology_declared", prefix=settings.amqp_prefix, tiers=options.retry_tiers_s)

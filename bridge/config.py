@@ -34,6 +34,11 @@ class AppConfig(BaseModel):
     previous_secret: SecretStr | None = None
     version: ConfiguredVersion = "auto"
     sync: SyncFilter = "all"
+    # Sent as the trace's customer_tags when the shop's event carries none (newer edrone docs
+    # mark the field required for subscribe).
+    customer_tags: tuple[str, ...] = ()
+    # Trace requests per second for this app; None takes traces.rate_limit_per_s.
+    rate_limit_per_s: float | None = Field(default=None, gt=0)
 
     def secrets(self) -> tuple[str, ...]:
         current = self.secret.get_secret_value()
@@ -67,6 +72,47 @@ class SubscriptionConsumerSettings(BaseModel):
     # On stop: how long buffered batches may still commit and ack before the channel closes
     # and hands the rest back to the broker; keep it below the container's grace period.
     drain_timeout_s: float = Field(default=10.0, gt=0)
+
+
+class TraceSettings(BaseModel):
+    """The forwarder of the shop's changes to edrone's trace API."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    batch_size: int = Field(default=100, ge=1, le=10_000)
+    flush_interval_ms: int = Field(default=20, ge=1, le=60_000)
+    prefetch: int = Field(default=400, ge=1, le=65_535)
+    delivery_limit: int = Field(default=20, ge=1)
+    # Requests in flight to edrone at once, over every app.
+    concurrency: int = Field(default=20, ge=1, le=1_000)
+    # edrone's documented limit for server-side senders; 0 turns the limit off.
+    rate_limit_per_s: float = Field(default=100.0, ge=0)
+    connect_timeout_s: float = Field(default=5.0, gt=0)
+    timeout_s: float = Field(default=15.0, gt=0)
+    # Delay of each retry tier, in order; after the last one a message is dead-lettered.
+    retry_tiers_s: tuple[float, ...] = (10.0, 60.0, 300.0, 1800.0, 7200.0)
+    # A shop change that repeats, within this window, a status the bridge applied from edrone
+    # is an echo of edrone's own change and is never sent back.
+    echo_window_s: float = Field(default=300.0, ge=0)
+    # Consecutive failed requests after which the forwarder stops sending for a while.
+    breaker_failures: int = Field(default=10, ge=1)
+    breaker_initial_pause_s: float = Field(default=1.0, gt=0)
+    breaker_max_pause_s: float = Field(default=60.0, gt=0)
+    db_timeout_s: float = Field(default=30.0, gt=0)
+    retry_initial_backoff_s: float = Field(default=0.5, gt=0)
+    retry_max_backoff_s: float = Field(default=30.0, gt=0)
+    drain_timeout_s: float = Field(default=10.0, gt=0)
+    # Sent as the trace's platform and platform_version (the shop's software, say "magento");
+    # `version` is always the bridge's own.
+    platform: str = "edrone-bridge"
+    platform_version: str = ""
+
+    @field_validator("retry_tiers_s")
+    @classmethod
+    def _tiers_ascend(cls, tiers: tuple[float, ...]) -> tuple[float, ...]:
+        if not tiers or any(t <= 0 for t in tiers) or list(tiers) != sorted(set(tiers)):
+            raise ValueError("retry tiers must be positive, distinct and ascending")
+        return tiers
 
 
 def _parse_app_pairs(value: str) -> dict[str, dict[str, str]]:
@@ -129,6 +175,7 @@ class Settings(BaseSettings):
     platform_routing_key: str = "customer.subscription.changed"
 
     subscriptions: SubscriptionConsumerSettings = SubscriptionConsumerSettings()
+    traces: TraceSettings = TraceSettings()
 
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "json", "console"] = "auto"

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import asyncpg
+import structlog
 
 from bridge.config import Settings
+
+log = structlog.get_logger(__name__)
 
 
 async def create_pool(settings: Settings, *, min_size: int = 1, max_size: int = 4) -> asyncpg.Pool:
@@ -22,3 +27,12 @@ async def create_pool(settings: Settings, *, min_size: int = 1, max_size: int = 
     )
     assert pool is not None
     return pool
+
+
+async def close_pool(pool: asyncpg.Pool, timeout_s: float) -> None:
+    """Close gracefully within ``timeout_s``, then by force."""
+    try:
+        await asyncio.wait_for(pool.close(), timeout_s)
+    except TimeoutError:
+        log.warning("db_pool_close_timeout", timeout_s=timeout_s)
+        pool.terminate()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pydantic import ValidationError
+
 
 class Reject(Exception):
     """This message can never be processed (undecodable, breaks the schema, unknown app):
@@ -25,3 +27,28 @@ class RetryLater(Exception):
         super().__init__(reason)
         self.reason = reason
         self.delay_s = delay_s
+
+
+class Defer(Exception):
+    """Try this one message again later, through the queue's retry tiers (never by sleeping
+    in the handler: RabbitMQ drops a consumer that holds a message unacked for 30 minutes).
+
+    ``after_s`` is the server's Retry-After, if it gave one; ``counts`` is False for a retry
+    that is not the message's fault (the forwarder pausing while edrone is down), which does
+    not use up a tier. *Returned* by a handler as the message's outcome, like :class:`Reject`;
+    when the tiers are used up the runtime dead-letters the message with ``reason``."""
+
+    def __init__(self, reason: str, *, after_s: float | None = None, counts: bool = True) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.after_s = after_s
+        self.counts = counts
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    """Where and why a message breaks its schema; never the input values, which may hold
+    personal data."""
+    return "; ".join(
+        f"{'.'.join(str(part) for part in error['loc']) or 'body'}: {error['msg']}"
+        for error in exc.errors(include_url=False, include_input=False)
+    )

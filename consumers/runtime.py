@@ -23,15 +23,17 @@ from aio_pika.abc import (
 )
 
 from bridge.amqp import Topology
-from consumers.deadletter import DeadLetterPublisher
-from consumers.errors import Reject, RetryLater
+from consumers.deadletter import DeadLetterPublisher, RetryPublisher, attempts_so_far
+from consumers.errors import Defer, Reject, RetryLater
 
 log = structlog.get_logger(__name__)
 
 Delivery = AbstractIncomingMessage
 # Per message: the name of what happened ("applied", or a skip reason such as "duplicate"),
-# or the Reject that sends it to the dead-letter queue.
-Outcome = str | Reject
+# the Reject that sends it to the dead-letter queue, or the Defer that sends it to a retry tier.
+Outcome = str | Reject | Defer
+# A confirmed copy the runtime must publish before it may ack the batch.
+_Copy = Callable[[], Awaitable[None]]
 Handler = Callable[[Sequence[Delivery]], Awaitable[Sequence[Outcome]]]
 
 APPLIED = "applied"
@@ -62,13 +64,15 @@ class Counters:
     applied: int = 0
     skipped: Counter[str] = field(default_factory=Counter)
     dead_lettered: int = 0
+    # Messages sent to a retry tier, by the tier's delay in seconds.
+    deferred: Counter[float] = field(default_factory=Counter)
     batches: int = 0
     retries: int = 0
     # Deliveries forgotten because their channel was lost; the broker redelivers them.
     dropped: int = 0
 
     def record(self, outcomes: Sequence[Outcome]) -> None:
-        tally = Counter(outcome for outcome in outcomes if isinstance(outcome, str))
+        tally = Counter(o for o in outcomes if isinstance(o, str))
         self.applied += tally.pop(APPLIED, 0)
         self.skipped.update(tally)
         self.batches += 1
@@ -89,6 +93,8 @@ class Consumer:
     :param connection: an open (preferably robust) connection; the consumer opens and closes
         its own channels on it but leaves the connection to the caller.
     :param topology: names the dead-letter exchange and the queue's dead-letter routing key.
+    :param retry_tiers_s: delays of the queue's retry tiers (declared with the topology); a
+        :class:`Defer` outcome goes to one of them, or to the dead-letter queue without them.
     :param drain_timeout_s: how long :meth:`stop` lets buffered batches commit and ack.
     :param publish_timeout_s: bound on each dead-letter confirm, on opening the channels and
         on each ack, cancel and close.
@@ -108,6 +114,7 @@ class Consumer:
         retry_max_backoff_s: float = 30.0,
         drain_timeout_s: float = 10.0,
         publish_timeout_s: float = 5.0,
+        retry_tiers_s: Sequence[float] = (),
     ) -> None:
         self.spec = spec
         self.queue_name = spec.queue
@@ -125,6 +132,9 @@ class Consumer:
         self._connection = connection
         self._dead_letter_exchange_name = topology.dead_letter_exchange
         self._dead_letter_routing_key = topology.dead_letter_queue(spec.queue)
+        self._retry_exchange_name = topology.retry_exchange
+        self._retry_tiers = [(d, topology.retry_queue(spec.queue, d)) for d in retry_tiers_s]
+        self._retries: RetryPublisher | None = None
         self._channel: AbstractChannel | None = None
         self._queue: AbstractQueue | None = None
         self._dead_letter_channel: AbstractChannel | None = None
@@ -145,7 +155,8 @@ class Consumer:
         c = self.counters
         return (
             f"<Consumer queue={self.queue_name!r} applied={c.applied} skipped={dict(c.skipped)}"
-            f" dead_lettered={c.dead_lettered} batches={c.batches} retries={c.retries}"
+            f" dead_lettered={c.dead_lettered} deferred={dict(c.deferred)}"
+            f" batches={c.batches} retries={c.retries}"
             f" dropped={c.dropped} buffered={len(self._buffer)}>"
         )
 
@@ -188,6 +199,15 @@ class Consumer:
             queue=self.queue_name,
             timeout_s=self.publish_timeout_s,
         )
+        if self._retry_tiers:
+            self._retries = RetryPublisher(
+                await self._dead_letter_channel.get_exchange(
+                    self._retry_exchange_name, ensure=True
+                ),
+                tiers=self._retry_tiers,
+                queue=self.queue_name,
+                timeout_s=self.publish_timeout_s,
+            )
         self._consumer_tag = await self._queue.consume(
             self._on_message, timeout=self.publish_timeout_s
         )
@@ -313,12 +333,8 @@ class Consumer:
             return
         batch, outcomes = handled
         self.counters.record(outcomes)
-        rejected = [
-            (delivery, outcome)
-            for delivery, outcome in zip(batch, outcomes, strict=True)
-            if isinstance(outcome, Reject)
-        ]
-        if rejected and not await self._dead_letter(rejected):
+        copies = self._copies(batch, outcomes)
+        if copies and not await self._publish_copies(copies):
             self.counters.dropped += len(batch)
             log.warning("deliveries_dropped", reason="channel_lost", count=len(batch))
             return
@@ -326,7 +342,7 @@ class Consumer:
         log.debug(
             "batch_done",
             size=len(batch),
-            rejected=len(rejected),
+            copies=len(copies),
             duration_ms=round((time.perf_counter() - started) * 1000, 1),
         )
 
@@ -385,31 +401,85 @@ class Consumer:
                 self.counters.dropped += len(group)
                 log.warning("batch_ack_failed", size=len(group), error=repr(exc))
 
-    async def _dead_letter(self, rejected: list[tuple[Delivery, Reject]]) -> bool:
-        """Publish a confirmed copy of each rejected message to the dead-letter queue,
-        retrying the failed ones; False if their channel was lost meanwhile."""
+    def _copies(
+        self, batch: Sequence[Delivery], outcomes: Sequence[Outcome]
+    ) -> list[tuple[Delivery, _Copy]]:
+        """The confirmed copies this batch needs: one per rejected or deferred message."""
+        copies: list[tuple[Delivery, _Copy]] = []
+        for delivery, outcome in zip(batch, outcomes, strict=True):
+            if isinstance(outcome, Defer):
+                copy = self._retry_copy(delivery, outcome)
+            elif isinstance(outcome, Reject):
+                copy = self._dead_letter_copy(delivery, outcome.reason)
+            else:
+                continue
+            copies.append((delivery, copy))
+        return copies
+
+    def _dead_letter_copy(self, delivery: Delivery, reason: str) -> _Copy:
+        assert self._dead_letters is not None
+        dead_letters = self._dead_letters
+
+        async def copy() -> None:
+            await dead_letters.publish(delivery, reason)
+            self.counters.dead_lettered += 1
+
+        return copy
+
+    def _retry_copy(self, delivery: Delivery, outcome: Defer) -> _Copy:
+        attempts = attempts_so_far(delivery.headers, this_one_counts=outcome.counts)
+        tier = (
+            self._retries.choose(attempts, outcome.after_s, outcome.counts)
+            if self._retries
+            else None
+        )
+        if tier is None or self._retries is None:
+            return self._dead_letter_copy(
+                delivery, f"gave up after {attempts} attempts: {outcome.reason}"
+            )
+        retries = self._retries
+
+        async def copy() -> None:
+            await retries.publish(delivery, tier, outcome.reason, attempts)
+            self.counters.deferred[tier[0]] += 1
+
+        return copy
+
+    async def _publish_copies(self, copies: list[tuple[Delivery, _Copy]]) -> bool:
+        """Publish every copy, confirmed, retrying the failed ones; False if their channel was
+        lost meanwhile (the broker redelivers the originals)."""
         backoff_s = self.retry_initial_backoff_s
         while True:
-            assert self._dead_letters is not None
-            results = await asyncio.gather(
-                *(self._dead_letters.publish(d, r.reason) for d, r in rejected),
-                return_exceptions=True,
-            )
+            results = await asyncio.gather(*(copy() for _, copy in copies), return_exceptions=True)
             failed = [
                 (pair, result)
-                for pair, result in zip(rejected, results, strict=True)
+                for pair, result in zip(copies, results, strict=True)
                 if isinstance(result, BaseException)
             ]
-            self.counters.dead_lettered += len(rejected) - len(failed)
             if not failed:
                 return True
-            log.warning("dead_letter_retry", count=len(failed), error=repr(failed[0][1]))
-            rejected = [pair for pair, _ in failed]
-            if not any(_channel_open(delivery) for delivery, _ in rejected):
+            log.warning("copy_publish_retry", count=len(failed), error=repr(failed[0][1]))
+            copies = [pair for pair, _ in failed]
+            if not any(_channel_open(delivery) for delivery, _ in copies):
                 return False
             self.counters.retries += 1
             await asyncio.sleep(backoff_s)
             backoff_s = min(backoff_s * 2, self.retry_max_backoff_s)
+
+
+async def consume_until(consumer: Consumer, stopping: asyncio.Event) -> None:
+    """Run ``consumer`` until ``stopping`` is set (or it stops by itself), then stop it."""
+    run = asyncio.create_task(consumer.run(), name=f"consume {consumer.queue_name}")
+    waiter = asyncio.create_task(stopping.wait())
+    try:
+        await asyncio.wait({run, waiter}, return_when=asyncio.FIRST_COMPLETED)
+        await consumer.stop()
+    except BaseException:
+        run.cancel()
+        raise
+    finally:
+        waiter.cancel()
+    await run  # re-raises what crashed the run loop, if anything did
 
 
 def _pick(value: _T | None, default: _T) -> _T:

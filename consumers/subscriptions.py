@@ -14,9 +14,9 @@ from pydantic import ValidationError
 
 from bridge.amqp import connect, declare_topology, topology
 from bridge.config import AppConfig, Settings
-from bridge.db import create_pool
-from consumers.errors import Reject, RetryLater
-from consumers.runtime import APPLIED, Consumer, ConsumerSpec, Delivery, Outcome
+from bridge.db import close_pool, create_pool
+from consumers.errors import Reject, RetryLater, describe_validation_error
+from consumers.runtime import APPLIED, Consumer, ConsumerSpec, Delivery, Outcome, consume_until
 from schemas.subscription import SubscriptionStatusChanged
 
 log = structlog.get_logger(__name__)
@@ -83,7 +83,7 @@ def decode(body: bytes, apps: Mapping[str, AppConfig]) -> SubscriptionStatusChan
     try:
         event = SubscriptionStatusChanged.model_validate_json(body)
     except ValidationError as exc:
-        raise Reject(f"invalid message: {_describe(exc)}") from None
+        raise Reject(f"invalid message: {describe_validation_error(exc)}") from None
     if event.app_id not in apps:
         raise Reject(f"unknown app_id {event.app_id!r}: not among the configured apps")
     # Valid for the schema but not storable: retrying such a batch would fail forever.
@@ -93,14 +93,6 @@ def decode(body: bytes, apps: Mapping[str, AppConfig]) -> SubscriptionStatusChan
         if "\x00" in getattr(event, name):
             raise Reject(f"invalid message: {name}: contains a NUL character")
     return event
-
-
-def _describe(exc: ValidationError) -> str:
-    # Locations and messages only: the input values may hold personal data.
-    return "; ".join(
-        f"{'.'.join(str(part) for part in error['loc']) or 'body'}: {error['msg']}"
-        for error in exc.errors(include_url=False, include_input=False)
-    )
 
 
 class SubscriptionApplier:
@@ -206,28 +198,6 @@ async def serve(settings: Settings, stopping: asyncio.Event) -> None:
             async with channel:
                 await declare_topology(channel, settings)
             async with create_consumer(connection, pool, settings) as consumer:
-                await _consume_until(consumer, stopping)
+                await consume_until(consumer, stopping)
     finally:
-        await _close_pool(pool, settings.subscriptions.drain_timeout_s)
-
-
-async def _consume_until(consumer: Consumer, stopping: asyncio.Event) -> None:
-    run = asyncio.create_task(consumer.run(), name=f"consume {consumer.queue_name}")
-    waiter = asyncio.create_task(stopping.wait())
-    try:
-        await asyncio.wait({run, waiter}, return_when=asyncio.FIRST_COMPLETED)
-        await consumer.stop()
-    except BaseException:
-        run.cancel()
-        raise
-    finally:
-        waiter.cancel()
-    await run  # re-raises what crashed the run loop, if anything did
-
-
-async def _close_pool(pool: asyncpg.Pool, timeout_s: float) -> None:
-    try:
-        await asyncio.wait_for(pool.close(), timeout_s)
-    except TimeoutError:
-        log.warning("db_pool_close_timeout", timeout_s=timeout_s)
-        pool.terminate()
+        await close_pool(pool, settings.subscriptions.drain_timeout_s)

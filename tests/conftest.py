@@ -90,6 +90,7 @@ async def make_settings(amqp_url: str, database_url: str) -> AsyncIterator[Calla
             "amqp_url": amqp_url,
             "database_url": database_url,
             "amqp_prefix": f"test_{suffix}",
+            "platform_exchange": f"test_{suffix}.platform",
             "database_schema": f"test_{suffix}",
             "apps": {TEST_APP_ID: AppConfig(secret=TEST_SECRET)},
             "amqp_connect_attempts": 1,
@@ -102,10 +103,18 @@ async def make_settings(amqp_url: str, database_url: str) -> AsyncIterator[Calla
 
     yield make
     # Clean up through the real services, not through overrides that may point at a proxy.
-    cleanup = {(s.amqp_prefix, s.database_schema) for s in made}
-    for prefix, schema in cleanup:
+    cleanup = {
+        (s.amqp_prefix, s.database_schema, s.platform_exchange, s.traces.retry_tiers_s)
+        for s in made
+    }
+    for prefix, schema, platform_exchange, tiers in cleanup:
         base = Settings(
-            amqp_url=amqp_url, database_url=database_url, amqp_prefix=prefix, database_schema=schema
+            amqp_url=amqp_url,
+            database_url=database_url,
+            amqp_prefix=prefix,
+            database_schema=schema,
+            platform_exchange=platform_exchange,
+            traces={"retry_tiers_s": tiers},
         )
         await _remove_amqp(base)
         await _drop_schema(base)
@@ -121,12 +130,11 @@ async def _remove_amqp(settings: Settings) -> None:
     names = topology(settings)
     connection = await aio_pika.connect(settings.amqp_url.get_secret_value(), timeout=10)
     async with connection:
-        for queue in names.queues():
-            channel = await connection.channel()
+        channel = await connection.channel()
+        for queue in names.queues(settings.traces.retry_tiers_s):
             # quorum queues refuse if_unused=True (the connection would be closed)
             await channel.queue_delete(queue, if_unused=False, if_empty=False)
-        channel = await connection.channel()
-        for exchange in names.exchanges():
+        for exchange in [*names.exchanges(), settings.platform_exchange]:
             await channel.exchange_delete(exchange, if_unused=False)
 
 

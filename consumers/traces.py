@@ -1,0 +1,290 @@
+"""The trace forwarder: the shop's subscription changes to edrone's trace API, paced, retried
+through delay tiers and dead-lettered, never echoing edrone's own changes back."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime, timedelta
+from email.utils import parsedate_to_datetime
+
+import aiohttp
+import asyncpg
+import structlog
+from aio_pika.abc import AbstractConnection
+from pydantic import ValidationError
+
+from bridge.amqp import connect, declare_trace_topology, topology
+from bridge.config import AppConfig, Settings
+from bridge.db import close_pool, create_pool
+from consumers.edrone_state import SEND, decide, load_known, record_sent
+from consumers.errors import Defer, Reject, RetryLater
+from consumers.runtime import APPLIED, Consumer, ConsumerSpec, Delivery, Outcome, consume_until
+from consumers.subscriptions import describe_validation_error
+from consumers.throttle import Breaker, RateLimiter
+from consumers.trace_form import bridge_version, trace_form
+from schemas.platform_event import CustomerSubscriptionChanged
+
+log = structlog.get_logger(__name__)
+
+Sent = tuple[str, CustomerSubscriptionChanged, str | None]  # app_id, event, edrone's event id
+COALESCED = "coalesced"  # a newer change of the same customer came in the same batch
+# Answers after which the same request may well succeed (edrone-protocol.md §2: 429 and 5xx
+# are undocumented but to be expected).
+_RETRYABLE_STATUSES = frozenset({408, 425, 429})
+_EXCERPT_CHARS = 300
+_EDRONE_EVENT_ID = "x-edrone-event-id"
+
+
+def decode(body: bytes, apps: Mapping[str, AppConfig]) -> tuple[str, CustomerSubscriptionChanged]:
+    """(app_id, event); :class:`Reject` when the message breaks the contract."""
+    try:
+        event = CustomerSubscriptionChanged.model_validate_json(body)
+    except ValidationError as exc:
+        raise Reject(f"invalid platform event: {describe_validation_error(exc)}") from None
+    app_id = event.app_id
+    if app_id is None:
+        if len(apps) != 1:
+            raise Reject("platform event without app_id, and not exactly one app is configured")
+        app_id = next(iter(apps))
+    if app_id not in apps:
+        raise Reject(f"unknown app_id {app_id!r}: not among the configured apps")
+    return app_id, event
+
+
+def retry_after_s(value: str | None) -> float | None:
+    """Retry-After in seconds, from either of its forms (delta-seconds or an HTTP date)."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        return max(0.0, (parsedate_to_datetime(value) - datetime.now(UTC)).total_seconds())
+    except (TypeError, ValueError):
+        return None
+
+
+class TraceForwarder:
+    """The batch handler: decode, coalesce, drop what edrone already knows, send the rest."""
+
+    def __init__(
+        self, session: aiohttp.ClientSession, pool: asyncpg.Pool, settings: Settings
+    ) -> None:
+        options = settings.traces
+        self._session = session
+        self._pool = pool
+        self._apps = settings.apps
+        self._url = settings.trace_url
+        self._options = options
+        self._echo_window = timedelta(seconds=options.echo_window_s)
+        self._version = bridge_version()
+        self._slots = asyncio.Semaphore(options.concurrency)
+        self._limiters: dict[str, RateLimiter] = {}
+        self.breaker = Breaker(
+            failures=options.breaker_failures,
+            initial_pause_s=options.breaker_initial_pause_s,
+            max_pause_s=options.breaker_max_pause_s,
+        )
+        self.rate_limit_waits = 0
+
+    async def __call__(self, deliveries: Sequence[Delivery]) -> list[Outcome]:
+        outcomes: list[Outcome | None] = [None] * len(deliveries)
+        newest: dict[tuple[str, str], int] = {}
+        decoded: dict[int, tuple[str, CustomerSubscriptionChanged]] = {}
+        for index, delivery in enumerate(deliveries):
+            try:
+                decoded[index] = target = decode(delivery.body, self._apps)
+            except Reject as exc:
+                outcomes[index] = exc
+                continue
+            key = (target[0], target[1].email)
+            # Several changes of one customer in a batch: only the newest is worth a call.
+            previous = newest.get(key)
+            if previous is None or _later(target[1], decoded[previous][1]):
+                if previous is not None:
+                    outcomes[previous] = COALESCED
+                newest[key] = index
+            else:
+                outcomes[index] = COALESCED
+        indices = list(newest.values())
+        await self._forward([decoded[i] for i in indices], indices, outcomes)
+        return [outcome if outcome is not None else APPLIED for outcome in outcomes]
+
+    async def _forward(
+        self,
+        targets: list[tuple[str, CustomerSubscriptionChanged]],
+        indices: list[int],
+        outcomes: list[Outcome | None],
+    ) -> None:
+        if not targets:
+            return
+        try:
+            async with self._pool.acquire() as conn:
+                known = await load_known(conn, targets)
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+            raise RetryLater(f"database: {type(exc).__name__}") from exc
+        to_send: list[tuple[int, str, CustomerSubscriptionChanged]] = []
+        for index, target, state in zip(indices, targets, known, strict=True):
+            verdict = decide(target[1], state, self._echo_window)
+            if verdict == SEND:
+                to_send.append((index, *target))
+            else:
+                outcomes[index] = verdict
+        results = await self._send_all(to_send)
+        sent = []
+        for (index, app_id, event), (outcome, edrone_id) in zip(to_send, results, strict=True):
+            outcomes[index] = outcome
+            if outcome == APPLIED:
+                sent.append((app_id, event, edrone_id))
+        await self._record(sent)
+
+    async def _send_all(
+        self, to_send: list[tuple[int, str, CustomerSubscriptionChanged]]
+    ) -> list[tuple[Outcome, str | None]]:
+        if not to_send:
+            return []
+        if self.breaker.probing:
+            # edrone failed until a moment ago: one call tests the way before the others go,
+            # and a failed test is not the message's fault.
+            first = await self._send(*to_send[0][1:])
+            if isinstance(first[0], Defer):
+                first = (_paused(self.breaker.paused_for_s), None)
+            rest = await asyncio.gather(*(self._send(app, ev) for _, app, ev in to_send[1:]))
+            return [first, *rest]
+        return list(await asyncio.gather(*(self._send(app, ev) for _, app, ev in to_send)))
+
+    async def _send(
+        self, app_id: str, event: CustomerSubscriptionChanged
+    ) -> tuple[Outcome, str | None]:
+        """One trace call and its outcome, with edrone's event id when it took it."""
+        with structlog.contextvars.bound_contextvars(app_id=app_id, event_id=event.event_id):
+            async with self._slots:
+                paused_s = self.breaker.paused_for_s
+                if paused_s > 0:
+                    # Not the message's fault: this retry does not use up a tier.
+                    return Defer(
+                        "edrone is failing; sending paused", after_s=paused_s, counts=False
+                    ), None
+                await self._pace(app_id)
+                form = trace_form(
+                    event,
+                    app_id,
+                    self._apps[app_id],
+                    platform=self._options.platform,
+                    platform_version=self._options.platform_version or self._version,
+                    version=self._version,
+                )
+                return await self._post(form)
+
+    async def _post(self, form: dict[str, str]) -> tuple[Outcome, str | None]:
+        try:
+            async with self._session.post(self._url, data=form) as response:
+                body = await response.text(errors="replace")
+                status = response.status
+                after_s = retry_after_s(response.headers.get("Retry-After"))
+                edrone_id = response.headers.get(_EDRONE_EVENT_ID)
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            self.breaker.failed()
+            log.warning("trace_failed", error=repr(exc))
+            return Defer(f"no answer from edrone: {exc!r}"), None
+        answer = f"edrone answered {status}: {body[:_EXCERPT_CHARS]}"
+        if 200 <= status < 300:
+            self.breaker.succeeded()
+            log.debug("trace_sent", edrone_event_id=edrone_id)
+            return APPLIED, edrone_id
+        if status in _RETRYABLE_STATUSES or status >= 500:
+            self.breaker.failed()
+            log.warning("trace_retry", status=status)
+            return Defer(answer, after_s=after_s), None
+        # edrone is up and refuses this request for good: retrying cannot help.
+        self.breaker.succeeded()
+        log.warning("trace_refused", status=status)
+        return Reject(answer), None
+
+    async def _pace(self, app_id: str) -> None:
+        limiter = self._limiter(app_id)
+        if limiter is not None and await limiter.acquire() > 0:
+            self.rate_limit_waits += 1
+
+    def _limiter(self, app_id: str) -> RateLimiter | None:
+        rate = self._apps[app_id].rate_limit_per_s or self._options.rate_limit_per_s
+        if not rate:
+            return None
+        if app_id not in self._limiters:
+            self._limiters[app_id] = RateLimiter(rate)
+        return self._limiters[app_id]
+
+    async def _record(
+        self, sent: list[tuple[str, CustomerSubscriptionChanged, str | None]]
+    ) -> None:
+        # The calls are made: a failure here only costs a later no-op check, so it must not
+        # fail the batch (its retry would call edrone again).
+        try:
+            async with self._pool.acquire() as conn:
+                await record_sent(conn, sent)
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+            log.warning("trace_state_not_recorded", count=len(sent), error=repr(exc))
+
+
+def _paused(paused_s: float) -> Defer:
+    # Not the message's fault: this retry does not use up a tier.
+    return Defer("edrone is failing; sending paused", after_s=paused_s, counts=False)
+
+
+def _later(a: CustomerSubscriptionChanged, b: CustomerSubscriptionChanged) -> bool:
+    return (a.occurred_at, a.event_id) > (b.occurred_at, b.event_id)
+
+
+def create_session(settings: Settings) -> aiohttp.ClientSession:
+    """A keep-alive session to edrone, bounded by the configured timeouts."""
+    options = settings.traces
+    return aiohttp.ClientSession(
+        timeout=aiohttp.ClientTimeout(total=options.timeout_s, connect=options.connect_timeout_s),
+        connector=aiohttp.TCPConnector(limit=options.concurrency),
+        raise_for_status=False,
+    )
+
+
+def create_consumer(
+    connection: AbstractConnection, forwarder: TraceForwarder, settings: Settings
+) -> Consumer:
+    options = settings.traces
+    names = topology(settings)
+    spec = ConsumerSpec(
+        queue=names.traces_queue,
+        handler=forwarder,
+        batch_size=options.batch_size,
+        flush_interval_s=options.flush_interval_ms / 1000,
+        prefetch=options.prefetch,
+        # Enough for a batch that waits out the rate limit and the slowest answers.
+        timeout_s=options.timeout_s * 2 + options.batch_size / max(options.rate_limit_per_s, 1),
+    )
+    return Consumer(
+        connection,
+        spec,
+        topology=names,
+        retry_initial_backoff_s=options.retry_initial_backoff_s,
+        retry_max_backoff_s=options.retry_max_backoff_s,
+        drain_timeout_s=options.drain_timeout_s,
+        publish_timeout_s=settings.publish_timeout_s,
+        retry_tiers_s=options.retry_tiers_s,
+    )
+
+
+async def serve(settings: Settings, stopping: asyncio.Event) -> None:
+    """Forward the shop's changes until ``stopping`` is set, then drain and close
+    (``edrone-bridge consume traces``; migrations are the CLI's job)."""
+    pool = await create_pool(settings)
+    try:
+        connection = await connect(settings, "consume traces")
+        async with connection, create_session(settings) as session:
+            channel = await connection.channel()
+            async with channel:
+                await declare_trace_topology(channel, settings)
+            forwarder = TraceForwarder(session, pool, settings)
+            async with create_consumer(connection, forwarder, settings) as consumer:
+                await consume_until(consumer, stopping)
+    finally:
+        await close_pool(pool, settings.traces.drain_timeout_s)
