@@ -1,0 +1,186 @@
+"""What the forwarder sends and what it keeps back, decided without a server: the trace form,
+and the older/echo/no-op verdicts against edrone's known state."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from urllib.parse import parse_qsl, urlencode
+
+import pytest
+from pydantic import ValidationError
+
+from bridge.config import AppConfig
+from consumers.edrone_state import ECHO, NOOP, OLDER, SEND, Known, decide
+from consumers.trace_form import trace_form
+from schemas.platform_event import (
+    EXAMPLE_FILE,
+    SCHEMA_FILE,
+    CustomerSubscriptionChanged,
+    json_schema,
+)
+
+T0 = datetime(2026, 5, 1, 12, 0, tzinfo=UTC)
+WINDOW = timedelta(minutes=5)
+
+
+def event(**fields) -> CustomerSubscriptionChanged:
+    values = {
+        "event_id": "shop-1",
+        "occurred_at": T0.isoformat(),
+        "email": "jan@example.com",
+        "subscriber_status": 1,
+    }
+    values.update(fields)
+    return CustomerSubscriptionChanged.model_validate(values)
+
+
+class TestPlatformEvent:
+    def test_shipped_schema_and_example_are_current(self):
+        """The JSON Schema file is what the model generates, and the example validates."""
+        assert json.loads(SCHEMA_FILE.read_text()) == json_schema()
+        example = CustomerSubscriptionChanged.model_validate_json(EXAMPLE_FILE.read_text())
+        assert example.customer_tags == ["newsletter-form", "checkout"]
+
+    def test_email_is_normalised_and_naive_time_is_utc(self):
+        """Addresses compare like the ledger's (trimmed, lower-case); no offset means UTC."""
+        parsed = event(email=" Jan@Example.COM ", occurred_at="2026-05-01 12:00:00")
+        assert parsed.email == "jan@example.com"
+        assert parsed.occurred_at == T0
+
+    @pytest.mark.parametrize(
+        "broken",
+        [
+            {"subscriber_status": 2},
+            {"email": "no-at-sign"},
+            {"occurred_at": "soon"},
+            {"event_id": ""},
+        ],
+    )
+    def test_contract_violations_are_refused(self, broken):
+        """A status outside 0/1/null, a non-address, a non-date or an empty id breaks it."""
+        with pytest.raises(ValidationError):
+            event(**broken)
+
+    def test_status_key_is_required(self):
+        """subscriber_status may be null (unknown) but must be there."""
+        values = {"event_id": "e", "occurred_at": T0.isoformat(), "email": "a@b.c"}
+        with pytest.raises(ValidationError):
+            CustomerSubscriptionChanged.model_validate(values)
+
+
+class TestTraceForm:
+    def form(self, shop_event, app=None):
+        return trace_form(
+            shop_event,
+            "app-1",
+            app or AppConfig(secret="s"),
+            platform="magento",
+            platform_version="2.4.7",
+            version="0.1.0",
+        )
+
+    def test_minimal_change(self):
+        """An e-mail-only change carries the required fields and the integration's identity."""
+        assert self.form(event()) == {
+            "app_id": "app-1",
+            "action_type": "subscribe",
+            "sender_type": "server",
+            "email": "jan@example.com",
+            "subscriber_status": "1",
+            "event_utc_date": "2026-05-01 12:00:00",
+            "version": "0.1.0",
+            "platform": "magento",
+            "platform_version": "2.4.7",
+        }
+
+    def test_every_optional_field(self):
+        """SMS status, phone, names and tags go along when the shop sent them."""
+        form = self.form(
+            event(
+                subscriber_status=None,
+                sms_subscriber_status=0,
+                phone="+48500100200",
+                first_name="Zażółć",
+                last_name="Gęślą",
+                customer_tags="vip| newsletter ",
+            )
+        )
+        assert form["subscriber_status"] == ""
+        assert (form["sms_subscriber_status"], form["phone"]) == ("0", "+48500100200")
+        assert (form["first_name"], form["last_name"]) == ("Zażółć", "Gęślą")
+        assert form["customer_tags"] == "vip|newsletter"
+
+    def test_app_default_tags(self):
+        """Without tags in the event, the app's default customer_tags are sent."""
+        app = AppConfig(secret="s", customer_tags=("shop", "newsletter"))
+        assert self.form(event(), app)["customer_tags"] == "shop|newsletter"
+        assert "customer_tags" not in self.form(event())
+
+    def test_values_survive_one_encoding(self):
+        """Encoded once, '+' and non-ASCII come back unchanged."""
+        form = self.form(event(email="jan+news@example.com", first_name="Łucja"))
+        assert dict(parse_qsl(urlencode(form))) == form
+
+
+class TestDecide:
+    def test_unknown_customer_is_sent(self):
+        """Nothing known about the customer: edrone must hear of it."""
+        assert decide(event(), Known(), WINDOW) == SEND
+
+    def test_echo_of_a_change_applied_from_edrone(self):
+        """The shop repeating, within the window, what the bridge just applied from edrone is
+        an echo; the same status long after is a plain no-op; another status is sent."""
+        applied = Known(email_status=1, email_date=T0 - timedelta(minutes=1), email_applied_at=T0)
+        assert (
+            decide(event(occurred_at=(T0 + timedelta(seconds=2)).isoformat()), applied, WINDOW)
+            == ECHO
+        )
+        late = (T0 + timedelta(hours=1)).isoformat()
+        assert decide(event(occurred_at=late), applied, WINDOW) == NOOP
+        assert decide(event(occurred_at=late, subscriber_status=0), applied, WINDOW) == SEND
+
+    def test_same_as_last_trace_is_a_noop(self):
+        """A status the forwarder already sent is not sent again."""
+        sent = Known(sent_status=0, sent_occurred_at=T0 - timedelta(days=1))
+        assert decide(event(subscriber_status=0), sent, WINDOW) == NOOP
+        assert decide(event(subscriber_status=1), sent, WINDOW) == SEND
+
+    def test_newest_known_state_decides(self):
+        """edrone's newer webhook outranks an older trace: equal to it is a no-op."""
+        known = Known(
+            email_status=0,
+            email_date=T0 - timedelta(hours=1),
+            email_applied_at=T0 - timedelta(hours=1),
+            sent_status=1,
+            sent_occurred_at=T0 - timedelta(hours=2),
+        )
+        assert decide(event(subscriber_status=0), known, WINDOW) == NOOP
+        assert decide(event(subscriber_status=1), known, WINDOW) == SEND
+
+    def test_older_than_what_edrone_holds(self):
+        """A shop change older than the last one sent, or than edrone's own, is not sent."""
+        assert (
+            decide(
+                event(), Known(sent_status=0, sent_occurred_at=T0 + timedelta(seconds=1)), WINDOW
+            )
+            == OLDER
+        )
+        assert (
+            decide(event(), Known(email_status=0, email_date=T0 + timedelta(seconds=1)), WINDOW)
+            == OLDER
+        )
+
+    def test_sms_status_must_match_too(self):
+        """A change that also sets SMS is a no-op only when the SMS status is known equal."""
+        known = Known(sent_status=1, sent_occurred_at=T0 - timedelta(days=1))
+        with_sms = event(sms_subscriber_status=1, phone="+48500100200")
+        assert decide(with_sms, known, WINDOW) == SEND
+        known_sms = Known(
+            sent_status=1,
+            sent_sms_status=1,
+            sms_sent=True,
+            sent_phone="+48500100200",
+            sent_occurred_at=T0 - timedelta(days=1),
+        )
+        assert decide(with_sms, known_sms, WINDOW) == NOOP
