@@ -23,7 +23,8 @@ from aio_pika.abc import (
 )
 
 from bridge.amqp import Topology
-from consumers.deadletter import DeadLetterPublisher, RetryPublisher, attempts_so_far
+from consumers.copies import Copy, CopyPlanner, publish_copies
+from consumers.deadletter import DeadLetterPublisher, RetryPublisher
 from consumers.errors import Defer, Reject, RetryLater
 
 log = structlog.get_logger(__name__)
@@ -32,8 +33,6 @@ Delivery = AbstractIncomingMessage
 # Per message: the name of what happened ("applied", or a skip reason such as "duplicate"),
 # the Reject that sends it to the dead-letter queue, or the Defer that sends it to a retry tier.
 Outcome = str | Reject | Defer
-# A confirmed copy the runtime must publish before it may ack the batch.
-_Copy = Callable[[], Awaitable[None]]
 Handler = Callable[[Sequence[Delivery]], Awaitable[Sequence[Outcome]]]
 
 APPLIED = "applied"
@@ -70,6 +69,12 @@ class Counters:
     retries: int = 0
     # Deliveries forgotten because their channel was lost; the broker redelivers them.
     dropped: int = 0
+
+    def record_copy(self, copy: Copy) -> None:
+        if copy.tier_s is None:
+            self.dead_lettered += 1
+        else:
+            self.deferred[copy.tier_s] += 1
 
     def record(self, outcomes: Sequence[Outcome]) -> None:
         tally = Counter(o for o in outcomes if isinstance(o, str))
@@ -134,11 +139,10 @@ class Consumer:
         self._dead_letter_routing_key = topology.dead_letter_queue(spec.queue)
         self._retry_exchange_name = topology.retry_exchange
         self._retry_tiers = [(d, topology.retry_queue(spec.queue, d)) for d in retry_tiers_s]
-        self._retries: RetryPublisher | None = None
+        self._copy_planner: CopyPlanner | None = None
         self._channel: AbstractChannel | None = None
         self._queue: AbstractQueue | None = None
         self._dead_letter_channel: AbstractChannel | None = None
-        self._dead_letters: DeadLetterPublisher | None = None
         self._consumer_tag: ConsumerTag | None = None
 
         # Filled by the consume callback; a plain list and one event, so that a delivery
@@ -191,7 +195,7 @@ class Consumer:
         # Passive: declaring the topology is the process's job; a missing queue stops the start.
         self._queue = await self._channel.get_queue(self.queue_name, ensure=True)
         self._dead_letter_channel = await self._connection.channel(publisher_confirms=True)
-        self._dead_letters = DeadLetterPublisher(
+        dead_letters = DeadLetterPublisher(
             await self._dead_letter_channel.get_exchange(
                 self._dead_letter_exchange_name, ensure=True
             ),
@@ -199,8 +203,9 @@ class Consumer:
             queue=self.queue_name,
             timeout_s=self.publish_timeout_s,
         )
+        retries = None
         if self._retry_tiers:
-            self._retries = RetryPublisher(
+            retries = RetryPublisher(
                 await self._dead_letter_channel.get_exchange(
                     self._retry_exchange_name, ensure=True
                 ),
@@ -208,6 +213,7 @@ class Consumer:
                 queue=self.queue_name,
                 timeout_s=self.publish_timeout_s,
             )
+        self._copy_planner = CopyPlanner(dead_letters, retries)
         self._consumer_tag = await self._queue.consume(
             self._on_message, timeout=self.publish_timeout_s
         )
@@ -333,7 +339,8 @@ class Consumer:
             return
         batch, outcomes = handled
         self.counters.record(outcomes)
-        copies = self._copies(batch, outcomes)
+        assert self._copy_planner is not None
+        copies = self._copy_planner.plan(batch, outcomes)
         if copies and not await self._publish_copies(copies):
             self.counters.dropped += len(batch)
             log.warning("deliveries_dropped", reason="channel_lost", count=len(batch))
@@ -401,66 +408,19 @@ class Consumer:
                 self.counters.dropped += len(group)
                 log.warning("batch_ack_failed", size=len(group), error=repr(exc))
 
-    def _copies(
-        self, batch: Sequence[Delivery], outcomes: Sequence[Outcome]
-    ) -> list[tuple[Delivery, _Copy]]:
-        """The confirmed copies this batch needs: one per rejected or deferred message."""
-        copies: list[tuple[Delivery, _Copy]] = []
-        for delivery, outcome in zip(batch, outcomes, strict=True):
-            if isinstance(outcome, Defer):
-                copy = self._retry_copy(delivery, outcome)
-            elif isinstance(outcome, Reject):
-                copy = self._dead_letter_copy(delivery, outcome.reason)
-            else:
-                continue
-            copies.append((delivery, copy))
-        return copies
-
-    def _dead_letter_copy(self, delivery: Delivery, reason: str) -> _Copy:
-        assert self._dead_letters is not None
-        dead_letters = self._dead_letters
-
-        async def copy() -> None:
-            await dead_letters.publish(delivery, reason)
-            self.counters.dead_lettered += 1
-
-        return copy
-
-    def _retry_copy(self, delivery: Delivery, outcome: Defer) -> _Copy:
-        attempts = attempts_so_far(delivery.headers, this_one_counts=outcome.counts)
-        tier = (
-            self._retries.choose(attempts, outcome.after_s, outcome.counts)
-            if self._retries
-            else None
-        )
-        if tier is None or self._retries is None:
-            return self._dead_letter_copy(
-                delivery, f"gave up after {attempts} attempts: {outcome.reason}"
-            )
-        retries = self._retries
-
-        async def copy() -> None:
-            await retries.publish(delivery, tier, outcome.reason, attempts)
-            self.counters.deferred[tier[0]] += 1
-
-        return copy
-
-    async def _publish_copies(self, copies: list[tuple[Delivery, _Copy]]) -> bool:
+    async def _publish_copies(self, copies: list[Copy]) -> bool:
         """Publish every copy, confirmed, retrying the failed ones; False if their channel was
         lost meanwhile (the broker redelivers the originals)."""
         backoff_s = self.retry_initial_backoff_s
         while True:
-            results = await asyncio.gather(*(copy() for _, copy in copies), return_exceptions=True)
-            failed = [
-                (pair, result)
-                for pair, result in zip(copies, results, strict=True)
-                if isinstance(result, BaseException)
-            ]
+            failed = await publish_copies(copies)
+            for copy in copies:
+                if copy not in failed:
+                    self.counters.record_copy(copy)
             if not failed:
                 return True
-            log.warning("copy_publish_retry", count=len(failed), error=repr(failed[0][1]))
-            copies = [pair for pair, _ in failed]
-            if not any(_channel_open(delivery) for delivery, _ in copies):
+            copies = failed
+            if not any(_channel_open(copy.delivery) for copy in copies):
                 return False
             self.counters.retries += 1
             await asyncio.sleep(backoff_s)
