@@ -4,6 +4,7 @@ through delay tiers and dead-lettered, never echoing edrone's own changes back."
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
@@ -15,7 +16,7 @@ from aio_pika.abc import AbstractConnection
 from pydantic import ValidationError
 
 from bridge.amqp import connect, declare_trace_topology, topology
-from bridge.config import AppConfig, Settings
+from bridge.config import AppConfig, Settings, TraceSettings
 from bridge.db import close_pool, create_pool
 from consumers.edrone_state import SEND, decide, load_known, record_sent
 from consumers.errors import Defer, Reject, RetryLater
@@ -247,6 +248,14 @@ def create_session(settings: Settings) -> aiohttp.ClientSession:
     )
 
 
+def batch_timeout_s(options: TraceSettings) -> float:
+    """Enough for a whole batch of the slowest answers, queued behind the concurrency bound and
+    the rate limit: a batch timed out is sent again, and edrone would hear twice."""
+    rounds = math.ceil(options.batch_size / options.concurrency)
+    pacing_s = options.batch_size / options.rate_limit_per_s if options.rate_limit_per_s else 0.0
+    return rounds * options.timeout_s + pacing_s + 10.0
+
+
 def create_consumer(
     connection: AbstractConnection, forwarder: TraceForwarder, settings: Settings
 ) -> Consumer:
@@ -258,8 +267,7 @@ def create_consumer(
         batch_size=options.batch_size,
         flush_interval_s=options.flush_interval_ms / 1000,
         prefetch=options.prefetch,
-        # Enough for a batch that waits out the rate limit and the slowest answers.
-        timeout_s=options.timeout_s * 2 + options.batch_size / max(options.rate_limit_per_s, 1),
+        timeout_s=batch_timeout_s(options),
     )
     return Consumer(
         connection,
