@@ -4,8 +4,9 @@ readable on a terminal), with stdlib logging from aio-pika and aiohttp routed th
 from __future__ import annotations
 
 import logging
+import re
 import sys
-from typing import TextIO
+from typing import Any, TextIO
 
 import structlog
 from structlog.typing import Processor
@@ -19,6 +20,36 @@ OWN_LOGGERS = ("bridge", "consumers", "schemas")
 LIBRARY_LEVEL = logging.WARNING
 
 
+_EMAIL = re.compile(r"([^\s@'\"<>(),;:]{1,64})@([^\s@'\"<>(),;:]+\.[^\s@'\"<>(),;:]+)")
+_PHONE_KEYS = frozenset({"phone", "sms_phone"})
+_EMAIL_KEYS = frozenset({"email", "address"})
+
+
+def mask_email(text: str) -> str:
+    """``jan.kowalski@example.com`` → ``j***@example.com``: enough to tell customers apart in
+    an incident, not enough to mail them."""
+    return _EMAIL.sub(lambda m: f"{m.group(1)[0]}***@{m.group(2)}", text)
+
+
+def mask_phone(text: str) -> str:
+    digits = [i for i, ch in enumerate(text) if ch.isdigit()]
+    keep = set(digits[-3:])
+    return "".join(ch if not ch.isdigit() or i in keep else "*" for i, ch in enumerate(text))
+
+
+def mask_personal_data(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
+    """Logs never carry a whole e-mail address or phone, wherever it appears (an error message
+    quoting a refused field, say)."""
+    for key, value in event.items():
+        if not isinstance(value, str):
+            continue
+        if key in _PHONE_KEYS:
+            event[key] = mask_phone(value)
+        elif key in _EMAIL_KEYS or "@" in value:
+            event[key] = mask_email(value)
+    return event
+
+
 def _shared_processors() -> list[Processor]:
     return [
         # First, so that event_id/app_id/queue bound at a request or message boundary reach
@@ -27,6 +58,7 @@ def _shared_processors() -> list[Processor]:
         structlog.stdlib.add_log_level,
         structlog.stdlib.add_logger_name,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
+        mask_personal_data,
     ]
 
 
