@@ -1,5 +1,5 @@
 """The developer tools of the ``edrone-bridge`` command: ``sign`` and ``simulate`` play edrone's
-side of a webhook."""
+side of a webhook, ``fake-edrone`` stands in for edrone's trace API."""
 
 from __future__ import annotations
 
@@ -15,13 +15,18 @@ from bridge.cli import (
     add_command,
     positive_float,
     positive_int,
+    stop_on_signals,
 )
 from bridge.config import Settings
+from bridge.fake_edrone import DEFAULT_MAX_RECORDS, Faults, serve
+
+FAKE_EDRONE_PORT = 8081  # beside the ingress's 8080, so both run on one machine
 
 
 def add_commands(commands: Subcommands) -> None:
     _add_sign(commands)
     _add_simulate(commands)
+    _add_fake_edrone(commands)
 
 
 async def run_sign(settings: Settings, args: argparse.Namespace) -> int:
@@ -194,3 +199,71 @@ def _add_simulate(commands: Subcommands) -> None:
         default="random",
         help="subscriber_status to send: 1, 0, '' (unknown) or random (default)",
     )
+
+
+async def run_fake_edrone(settings: Settings, args: argparse.Namespace) -> int:
+    try:
+        faults = Faults(
+            failure_rate=args.failure_rate,
+            failure_status=args.failure_status,
+            status=args.status,
+            latency_ms=args.latency_ms,
+            retry_after=args.retry_after,
+        )
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    stopping = stop_on_signals()
+    await serve(
+        args.host, args.port, stopping, faults, seed=args.seed, max_records=args.max_records
+    )
+    return 0
+
+
+def _add_fake_edrone(commands: Subcommands) -> None:
+    parser = add_command(
+        commands,
+        "fake-edrone",
+        run_fake_edrone,
+        "serve a local stand-in of edrone's trace API (POST /trace) that records every request "
+        "(GET /requests) and injects faults, switchable at run time (PUT /faults), until "
+        "SIGTERM/SIGINT",
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="listen address (127.0.0.1)")
+    parser.add_argument(
+        "--port",
+        type=_port,
+        default=FAKE_EDRONE_PORT,
+        help=f"listen port ({FAKE_EDRONE_PORT}; 0 picks a free one, logged at start)",
+    )
+    parser.add_argument(
+        "--failure-rate",
+        type=float,
+        default=0.0,
+        help="share of trace requests answered with --failure-status, 0-1 (0)",
+    )
+    parser.add_argument(
+        "--failure-status", type=int, default=500, help="status of those failures (500)"
+    )
+    parser.add_argument(
+        "--status", type=int, help="answer every trace request with this status (default: none)"
+    )
+    parser.add_argument(
+        "--latency-ms", type=float, default=0.0, help="delay added to every trace answer (0)"
+    )
+    parser.add_argument(
+        "--retry-after", type=int, help="Retry-After seconds sent with injected failures"
+    )
+    parser.add_argument("--seed", type=int, help="seed of the --failure-rate draws")
+    parser.add_argument(
+        "--max-records",
+        type=positive_int,
+        default=DEFAULT_MAX_RECORDS,
+        help=f"requests kept for GET /requests; older ones are dropped ({DEFAULT_MAX_RECORDS})",
+    )
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65_535:
+        raise argparse.ArgumentTypeError(f"must be 0-65535, got {value}")
+    return value
