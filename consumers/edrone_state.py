@@ -81,7 +81,9 @@ async def load_known(conn: asyncpg.Connection, targets: Sequence[Target]) -> lis
     known = [Known()] * len(targets)
     for row in rows:
         values = dict(row)
-        known[values.pop("n")] = Known(**{k: v for k, v in values.items() if v is not None})
+        # Popped first: in `a[i] = b` Python evaluates b before i.
+        index = values.pop("n")
+        known[index] = Known(**{k: v for k, v in values.items() if v is not None})
     return known
 
 
