@@ -32,8 +32,11 @@ class RateLimiter:
         self._clock = clock
 
     async def acquire(self) -> float:
-        """Wait for a slot; return how long that took, in seconds."""
+        """Wait for a slot; return how long that took, in seconds: exactly 0.0 when a slot
+        was free at once (callers count the calls that had to wait)."""
         started = self._clock()
+        # Queued behind a caller that sleeps for a slot is waiting too.
+        waited = self._lock.locked()
         async with self._lock:
             while True:
                 now = self._clock()
@@ -41,7 +44,8 @@ class RateLimiter:
                     self._starts.popleft()
                 if len(self._starts) < self._calls:
                     self._starts.append(now)
-                    return now - started
+                    return now - started if waited else 0.0
+                waited = True
                 await asyncio.sleep(self._starts[0] + self._window_s - now)
 
 
