@@ -1,19 +1,23 @@
-"""Helpers for the consumer tests: events as the ingress publishes them, publishing, and
-reading queues; every wait bounded."""
+"""Helpers for the consumer tests: events as the ingress and the shop publish them, publishing,
+reading queues and running the trace forwarder; every wait bounded."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import aio_pika
+import asyncpg
 
 from bridge.amqp import ROUTING_KEY_BY_CHANNEL, topology
 from bridge.config import Settings
 from consumers.runtime import Consumer
+from consumers.traces import TraceForwarder, create_consumer, create_session
 from schemas.subscription import SubscriptionStatusChanged
 from tests.conftest import TEST_APP_ID
 
@@ -117,3 +121,78 @@ async def wait_until(predicate: Callable[[], Any], timeout_s: float = 10.0) -> N
             if result:
                 return
             await asyncio.sleep(0.02)
+
+
+# --- The trace forwarder: the shop's events on the platform exchange, and a consumer of them.
+
+
+def shop_event(
+    email: str = "jan.kowalski@example.com",
+    *,
+    status: int | None = 1,
+    at: datetime | timedelta | None = None,
+    event_id: str | None = None,
+    **fields: Any,
+) -> dict[str, Any]:
+    """A CustomerSubscriptionChanged as the shop publishes it (JSON-ready). ``at`` defaults to
+    now, and an offset is taken from now: echo and no-op verdicts compare with the database
+    clock. Other keyword arguments are optional event fields (``app_id``, ``phone``...)."""
+    now = datetime.now(UTC)
+    occurred_at = now + at if isinstance(at, timedelta) else (at or now)
+    return {
+        "event_id": event_id or f"shop-{uuid.uuid4().hex}",
+        "occurred_at": occurred_at.isoformat(),
+        "email": email,
+        "subscriber_status": status,
+        **fields,
+    }
+
+
+async def publish_platform(
+    connection: aio_pika.abc.AbstractConnection,
+    settings: Settings,
+    messages: Iterable[dict[str, Any] | bytes],
+) -> None:
+    """Publish shop events (or raw bodies) to the platform exchange, persistent and confirmed,
+    in order; the exchange must be declared (``declare_trace_topology``)."""
+    amqp_channel = await connection.channel(publisher_confirms=True)
+    async with amqp_channel:
+        exchange = await amqp_channel.get_exchange(settings.platform_exchange)
+        pending = []
+        for message in messages:
+            body = message if isinstance(message, bytes) else json.dumps(message).encode()
+            amqp_message = aio_pika.Message(
+                body,
+                content_type="application/json",
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            )
+            pending.append(
+                exchange.publish(amqp_message, settings.platform_routing_key, timeout=10)
+            )
+        await asyncio.gather(*pending)
+
+
+@asynccontextmanager
+async def trace_consumer(
+    connection: aio_pika.abc.AbstractConnection, pool: asyncpg.Pool, settings: Settings
+) -> AsyncIterator[Consumer]:
+    """The trace forwarder's consumer, entered, with its own HTTP session (the forwarder is
+    ``consumer.spec.handler``); closed on exit."""
+    async with create_session(settings) as session:
+        forwarder = TraceForwarder(session, pool, settings)
+        async with create_consumer(connection, forwarder, settings) as consumer:
+            yield consumer
+
+
+@asynccontextmanager
+async def running(consumer: Consumer, timeout_s: float = 30.0) -> AsyncIterator[Consumer]:
+    """``consumer.run()`` in a task for the block (retries come back from their tier queues, so
+    a burst run, which returns once the work queue is idle, would stop too early); then stop
+    and wait for the run to end. The whole block is bounded by ``timeout_s``."""
+    async with asyncio.timeout(timeout_s):
+        task = asyncio.create_task(consumer.run())
+        try:
+            yield consumer
+        finally:
+            await consumer.stop()
+            await task
