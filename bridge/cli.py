@@ -213,8 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_command(commands, "migrate", run_migrate, "apply the pending SQL migrations and print them")
     # Imported here, not at the top: both modules build on this one.
-    from bridge import cli_tools
+    from bridge import cli_dlq, cli_tools
 
+    cli_dlq.add_commands(commands)
     cli_tools.add_commands(commands)
     return parser
 
