@@ -1,5 +1,6 @@
 """The ``edrone-bridge`` command, run as a subprocess: help, configuration errors, ``migrate``,
-``sign``, and ``simulate`` against a real local HTTP server that verifies what it receives."""
+``sign``, ``simulate`` against a real local HTTP server that verifies what it receives, and
+``fake-edrone``. The ``dlq`` commands are tested in test_dlq.py."""
 
 from __future__ import annotations
 
@@ -92,9 +93,16 @@ class TestHelp:
             ["ingress"],
             ["consume"],
             ["consume", "subscriptions"],
+            ["consume", "traces"],
             ["migrate"],
+            ["dlq"],
+            ["dlq", "list"],
+            ["dlq", "show"],
+            ["dlq", "replay"],
+            ["dlq", "purge"],
             ["sign"],
             ["simulate"],
+            ["fake-edrone"],
         ],
         ids=lambda c: " ".join(c) or "edrone-bridge",
     )
@@ -153,7 +161,8 @@ class TestMigrate:
         }
         first = run_cli("migrate", **env)
         assert first.returncode == 0, first.stderr
-        assert first.stdout.splitlines() == ["applied 0001_ledger_and_inbox.sql"]
+        migrations = sorted((REPO / "schemas" / "migrations").glob("*.sql"))
+        assert first.stdout.splitlines() == [f"applied {path.name}" for path in migrations]
         second = run_cli("migrate", **env)
         assert second.returncode == 0, second.stderr
         assert second.stdout == f"schema {cli_schema} is up to date\n"
@@ -478,6 +487,82 @@ class TestRun:
         events = [json.loads(line)["event"] for line in logged.splitlines()]
         assert "migration_applied" in events
         assert "stop_requested" in events
+
+
+class TestFakeEdrone:
+    async def test_serves_until_sigterm(self, tmp_path):
+        """``fake-edrone`` answers /healthz and traces like edrone, records them, and exits 0
+        on SIGTERM."""
+        port = closed_port()
+        log_file = (tmp_path / "fake.log").open("wb")
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "bridge",
+            "fake-edrone",
+            f"--port={port}",
+            "--latency-ms=1",
+            env=cli_env(),
+            cwd=REPO,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=log_file,
+        )
+        base = f"http://127.0.0.1:{port}"
+        try:
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as session:
+                await wait_for_healthz(session, base, process)
+                form = {"app_id": TEST_APP_ID, "email": "a@example.com", "action_type": "subscribe"}
+                async with session.post(f"{base}/trace", data=form) as response:
+                    assert response.status == 200
+                    assert response.headers["x-edrone-event-id"]
+                async with session.get(f"{base}/requests") as response:
+                    [recorded] = (await response.json())["requests"]
+                assert recorded["form"] == form
+            process.send_signal(signal.SIGTERM)
+            await asyncio.wait_for(process.wait(), 20)
+        finally:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+            log_file.close()
+        logged = (tmp_path / "fake.log").read_text()
+        assert process.returncode == 0, logged[-2000:]
+        events = [json.loads(line)["event"] for line in logged.splitlines()]
+        lifecycle = ("fake_edrone_listening", "stop_requested", "fake_edrone_stopping")
+        assert [e for e in events if e in lifecycle] == list(lifecycle)
+
+    @pytest.mark.parametrize(
+        ("option", "named"),
+        [
+            ("--failure-rate=1.5", "failure_rate"),
+            ("--status=700", "status"),
+            ("--latency-ms=-1", "latency_ms"),
+            ("--retry-after=-5", "retry_after"),
+        ],
+    )
+    def test_bad_fault_values_exit_2(self, option, named):
+        """An impossible fault setting stops ``fake-edrone`` at once with exit 2, naming it."""
+        result = run_cli("fake-edrone", f"--port={closed_port()}", option)
+        assert result.returncode == 2
+        assert f"invalid faults: {named}" in result.stderr
+
+
+async def wait_for_healthz(
+    session: aiohttp.ClientSession, base_url: str, process: asyncio.subprocess.Process
+) -> None:
+    """Poll ``/healthz`` until it answers 200; fail if the process exits or 30 s pass."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        assert process.returncode is None, "fake-edrone exited before it answered"
+        try:
+            async with session.get(f"{base_url}/healthz") as response:
+                if response.status == 200:
+                    return
+        except aiohttp.ClientError:
+            pass
+        await asyncio.sleep(0.1)
+    pytest.fail("fake-edrone did not answer /healthz within 30 s")
 
 
 class TestDocs:
