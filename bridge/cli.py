@@ -124,10 +124,14 @@ async def run_consume_traces(settings: Settings, args: argparse.Namespace) -> in
 
 
 async def run_all(settings: Settings, args: argparse.Namespace) -> int:
-    """Migrate, then the ingress and the subscription consumer side by side; each declares the
-    topology it needs. A crash in one cancels the other; a part that returns before a stop
-    was asked for stops the other gracefully and makes the exit code non-zero."""
-    parts = {"ingress": ingress_part(), "consume subscriptions": subscriptions_part()}
+    """Migrate, then the ingress and both consumers side by side; each declares the topology it
+    needs. A crash in one cancels the others; a part that returns before a stop was asked for
+    stops the others gracefully and makes the exit code non-zero."""
+    parts = {
+        "ingress": ingress_part(),
+        "consume subscriptions": subscriptions_part(),
+        "consume traces": traces_part(),
+    }
     await apply_migrations(settings)
     stopping = stop_on_signals()
     failed: list[str] = []
@@ -189,8 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
         commands,
         "run",
         run_all,
-        "migrate, then serve the ingress and the subscription "
-        "consumer in one process (until SIGTERM/SIGINT)",
+        "migrate, then serve the ingress and both consumers "
+        "in one process (until SIGTERM/SIGINT)",
     )
     add_command(
         commands, "ingress", run_ingress, "serve only the webhook ingress (HTTP → RabbitMQ)"

@@ -122,9 +122,9 @@ class TraceForwarder:
         if not targets:
             return
         try:
-            async with self._pool.acquire() as conn:
+            async with asyncio.timeout(self._options.db_timeout_s), self._pool.acquire() as conn:
                 known = await load_known(conn, targets)
-        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
             raise RetryLater(f"database: {type(exc).__name__}") from exc
         to_send: list[tuple[int, str, CustomerSubscriptionChanged]] = []
         for index, target, state in zip(indices, targets, known, strict=True):
@@ -223,9 +223,9 @@ class TraceForwarder:
         # The calls are made: a failure here only costs a later no-op check, so it must not
         # fail the batch (its retry would call edrone again).
         try:
-            async with self._pool.acquire() as conn:
+            async with asyncio.timeout(self._options.db_timeout_s), self._pool.acquire() as conn:
                 await record_sent(conn, sent)
-        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
             log.warning("trace_state_not_recorded", count=len(sent), error=repr(exc))
 
 

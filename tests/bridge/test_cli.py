@@ -17,12 +17,15 @@ from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
+import aio_pika
 import aiohttp
 import asyncpg
 import pytest
 from aiohttp import web
+from pamqp.commands import Basic
 
 from bridge.config import AppConfig
+from bridge.fake_edrone import FakeEdrone
 from bridge.signing import php_string
 from bridge.simulate import Summary, build_webhook, send_webhooks
 from bridge.webhook import WebhookRejected, verify_webhook
@@ -438,11 +441,36 @@ async def wait_for_rows(db: asyncpg.Connection, schema: str, count: int) -> int:
         await asyncio.sleep(0.2)
 
 
+async def publish_shop_change(settings, email: str) -> None:
+    """The shop's own change, as its platform publishes it, once ``run`` has bound its queue
+    (until then the exchange returns it unroutable)."""
+    connection = await aio_pika.connect(settings.amqp_url.get_secret_value(), timeout=10)
+    async with connection, asyncio.timeout(30):
+        channel = await connection.channel(publisher_confirms=True)
+        exchange = await channel.declare_exchange(
+            settings.platform_exchange, aio_pika.ExchangeType.TOPIC, durable=True
+        )
+        body = {
+            "event_id": f"shop-{uuid.uuid4()}",
+            "occurred_at": datetime.now(UTC).isoformat(),
+            "email": email,
+            "subscriber_status": 1,
+        }
+        message = aio_pika.Message(json.dumps(body).encode(), delivery_mode=2, message_id="m1")
+        while True:
+            routed = await exchange.publish(message, settings.platform_routing_key, timeout=10)
+            if isinstance(routed, Basic.Ack):
+                return
+            await asyncio.sleep(0.1)
+
+
 class TestRun:
     async def test_run_migrates_serves_applies_and_stops_on_sigterm(self, settings, tmp_path):
-        """``run`` migrates, accepts signed webhooks, applies them to the ledger, and on
-        SIGTERM drains and exits 0."""
+        """``run`` migrates, accepts signed webhooks, applies them to the ledger, forwards the
+        shop's changes to edrone, and on SIGTERM drains and exits 0."""
         port = closed_port()
+        fake = FakeEdrone()
+        await fake.start()
         # A file, not a pipe: a pipe nobody reads fills up and blocks the bridge's logging.
         log_file = (tmp_path / "run.log").open("wb")
         process = await asyncio.create_subprocess_exec(
@@ -458,6 +486,8 @@ class TestRun:
                 EDRONE_BRIDGE_APPS=f"{TEST_APP_ID}:{TEST_SECRET}",
                 EDRONE_BRIDGE_HTTP_HOST="127.0.0.1",
                 EDRONE_BRIDGE_HTTP_PORT=str(port),
+                EDRONE_BRIDGE_PLATFORM_EXCHANGE=settings.platform_exchange,
+                EDRONE_BRIDGE_TRACE_URL=fake.url,
             ),
             cwd=REPO,
             stdin=subprocess.DEVNULL,
@@ -466,6 +496,7 @@ class TestRun:
         )
         try:
             await wait_until_ready(f"http://127.0.0.1:{port}", process)
+            await publish_shop_change(settings, "shop.change@example.com")
             url = f"http://127.0.0.1:{port}{settings.webhook_path}"
             summary = await send_webhooks(url, bodies("NATIVE_5", 30) + bodies("NATIVE_4", 10))
             assert summary.outcomes == {"200": 40}
@@ -475,6 +506,11 @@ class TestRun:
             finally:
                 await db.close()
             assert rows == 40, (tmp_path / "run.log").read_text()[-3000:]
+            async with asyncio.timeout(30):
+                while not fake.requests:  # noqa: ASYNC110 - the fake records, we poll
+                    await asyncio.sleep(0.1)
+            [trace] = fake.requests
+            assert trace.form["email"] == "shop.change@example.com"
             process.send_signal(signal.SIGTERM)
             await asyncio.wait_for(process.wait(), 30)
         finally:
@@ -482,6 +518,7 @@ class TestRun:
                 process.kill()
                 await process.wait()
             log_file.close()
+            await fake.stop()
         logged = (tmp_path / "run.log").read_text()
         assert process.returncode == 0, logged[-2000:]
         events = [json.loads(line)["event"] for line in logged.splitlines()]
