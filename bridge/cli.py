@@ -193,8 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
         commands,
         "run",
         run_all,
-        "migrate, then serve the ingress and both consumers "
-        "in one process (until SIGTERM/SIGINT)",
+        "migrate, then serve the ingress and both consumers in one process (until SIGTERM/SIGINT)",
     )
     add_command(
         commands, "ingress", run_ingress, "serve only the webhook ingress (HTTP → RabbitMQ)"
