@@ -53,36 +53,37 @@ class AppConfig(BaseModel):
         return status == (1 if self.sync == "subscribe" else 0)
 
 
-class SubscriptionConsumerSettings(BaseModel):
-    """The batch applier of edrone's status changes."""
+class ConsumerOptions(BaseModel):
+    """What every consumer of the runtime takes: batching, prefetch, retries, draining."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     batch_size: int = Field(default=500, ge=1, le=10_000)
     flush_interval_ms: int = Field(default=20, ge=1, le=60_000)
     # Unacked messages the broker may push ahead; more than one batch so that the next batch
-    # fills while the previous one commits.
+    # fills while the previous one is handled.
     prefetch: int = Field(default=2_000, ge=1, le=65_535)
     # Broker-side poison-message guard: after this many deliveries the quorum queue
     # dead-letters the message by itself.
     delivery_limit: int = Field(default=20, ge=1)
-    db_batch_timeout_s: float = Field(default=30.0, gt=0)
     retry_initial_backoff_s: float = Field(default=0.5, gt=0)
     retry_max_backoff_s: float = Field(default=30.0, gt=0)
-    # On stop: how long buffered batches may still commit and ack before the channel closes
+    # On stop: how long buffered batches may still finish and ack before the channel closes
     # and hands the rest back to the broker; keep it below the container's grace period.
     drain_timeout_s: float = Field(default=10.0, gt=0)
 
 
-class TraceSettings(BaseModel):
+class SubscriptionConsumerSettings(ConsumerOptions):
+    """The batch applier of edrone's status changes."""
+
+    db_batch_timeout_s: float = Field(default=30.0, gt=0)
+
+
+class TraceSettings(ConsumerOptions):
     """The forwarder of the shop's changes to edrone's trace API."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
     batch_size: int = Field(default=100, ge=1, le=10_000)
-    flush_interval_ms: int = Field(default=20, ge=1, le=60_000)
     prefetch: int = Field(default=400, ge=1, le=65_535)
-    delivery_limit: int = Field(default=20, ge=1)
     # Requests in flight to edrone at once, over every app.
     concurrency: int = Field(default=20, ge=1, le=1_000)
     # edrone's documented limit for server-side senders; 0 turns the limit off.
@@ -99,9 +100,6 @@ class TraceSettings(BaseModel):
     breaker_initial_pause_s: float = Field(default=1.0, gt=0)
     breaker_max_pause_s: float = Field(default=60.0, gt=0)
     db_timeout_s: float = Field(default=30.0, gt=0)
-    retry_initial_backoff_s: float = Field(default=0.5, gt=0)
-    retry_max_backoff_s: float = Field(default=30.0, gt=0)
-    drain_timeout_s: float = Field(default=10.0, gt=0)
     # Sent as the trace's platform and platform_version (the shop's software, say "magento");
     # `version` is always the bridge's own.
     platform: str = "edrone-bridge"

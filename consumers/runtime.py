@@ -23,6 +23,7 @@ from aio_pika.abc import (
 )
 
 from bridge.amqp import Topology
+from bridge.config import ConsumerOptions
 from consumers.copies import Copy, CopyPlanner, publish_copies
 from consumers.deadletter import DeadLetterPublisher, RetryPublisher
 from consumers.errors import Defer, Reject, RetryLater
@@ -425,6 +426,38 @@ class Consumer:
             self.counters.retries += 1
             await asyncio.sleep(backoff_s)
             backoff_s = min(backoff_s * 2, self.retry_max_backoff_s)
+
+
+def create_consumer(
+    connection: AbstractConnection,
+    *,
+    queue: str,
+    handler: Handler,
+    options: ConsumerOptions,
+    topology: Topology,
+    timeout_s: float,
+    publish_timeout_s: float,
+    retry_tiers_s: Sequence[float] = (),
+) -> Consumer:
+    """A consumer configured from one consumer's settings group."""
+    spec = ConsumerSpec(
+        queue=queue,
+        handler=handler,
+        batch_size=options.batch_size,
+        flush_interval_s=options.flush_interval_ms / 1000,
+        prefetch=options.prefetch,
+        timeout_s=timeout_s,
+    )
+    return Consumer(
+        connection,
+        spec,
+        topology=topology,
+        retry_initial_backoff_s=options.retry_initial_backoff_s,
+        retry_max_backoff_s=options.retry_max_backoff_s,
+        drain_timeout_s=options.drain_timeout_s,
+        publish_timeout_s=publish_timeout_s,
+        retry_tiers_s=retry_tiers_s,
+    )
 
 
 async def consume_until(consumer: Consumer, stopping: asyncio.Event) -> None:

@@ -15,8 +15,9 @@ from pydantic import ValidationError
 from bridge.amqp import connect, declare_topology, topology
 from bridge.config import AppConfig, Settings
 from bridge.db import close_pool, create_pool
+from consumers import runtime
 from consumers.errors import Reject, RetryLater, describe_validation_error
-from consumers.runtime import APPLIED, Consumer, ConsumerSpec, Delivery, Outcome, consume_until
+from consumers.runtime import APPLIED, Consumer, Delivery, Outcome, consume_until
 from schemas.subscription import SubscriptionStatusChanged
 
 log = structlog.get_logger(__name__)
@@ -166,23 +167,13 @@ def create_consumer(
     connection: AbstractConnection, pool: asyncpg.Pool, settings: Settings
 ) -> Consumer:
     """The subscription consumer, configured from ``settings.subscriptions``."""
-    options = settings.subscriptions
-    names = topology(settings)
-    spec = ConsumerSpec(
-        queue=names.subscriptions_queue,
-        handler=SubscriptionApplier(pool, settings.apps),
-        batch_size=options.batch_size,
-        flush_interval_s=options.flush_interval_ms / 1000,
-        prefetch=options.prefetch,
-        timeout_s=options.db_batch_timeout_s,
-    )
-    return Consumer(
+    return runtime.create_consumer(
         connection,
-        spec,
-        topology=names,
-        retry_initial_backoff_s=options.retry_initial_backoff_s,
-        retry_max_backoff_s=options.retry_max_backoff_s,
-        drain_timeout_s=options.drain_timeout_s,
+        queue=topology(settings).subscriptions_queue,
+        handler=SubscriptionApplier(pool, settings.apps),
+        options=settings.subscriptions,
+        topology=topology(settings),
+        timeout_s=settings.subscriptions.db_batch_timeout_s,
         publish_timeout_s=settings.publish_timeout_s,
     )
 

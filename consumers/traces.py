@@ -18,9 +18,10 @@ from pydantic import ValidationError
 from bridge.amqp import connect, declare_trace_topology, topology
 from bridge.config import AppConfig, Settings, TraceSettings
 from bridge.db import close_pool, create_pool
+from consumers import runtime
 from consumers.edrone_state import SEND, decide, load_known, record_sent
 from consumers.errors import Defer, Reject, RetryLater
-from consumers.runtime import APPLIED, Consumer, ConsumerSpec, Delivery, Outcome, consume_until
+from consumers.runtime import APPLIED, Consumer, Delivery, Outcome, consume_until
 from consumers.subscriptions import describe_validation_error
 from consumers.throttle import Breaker, RateLimiter
 from consumers.trace_form import bridge_version, trace_form
@@ -259,25 +260,16 @@ def batch_timeout_s(options: TraceSettings) -> float:
 def create_consumer(
     connection: AbstractConnection, forwarder: TraceForwarder, settings: Settings
 ) -> Consumer:
-    options = settings.traces
-    names = topology(settings)
-    spec = ConsumerSpec(
-        queue=names.traces_queue,
-        handler=forwarder,
-        batch_size=options.batch_size,
-        flush_interval_s=options.flush_interval_ms / 1000,
-        prefetch=options.prefetch,
-        timeout_s=batch_timeout_s(options),
-    )
-    return Consumer(
+    """The trace consumer, configured from ``settings.traces``, with its retry tiers."""
+    return runtime.create_consumer(
         connection,
-        spec,
-        topology=names,
-        retry_initial_backoff_s=options.retry_initial_backoff_s,
-        retry_max_backoff_s=options.retry_max_backoff_s,
-        drain_timeout_s=options.drain_timeout_s,
+        queue=topology(settings).traces_queue,
+        handler=forwarder,
+        options=settings.traces,
+        topology=topology(settings),
+        timeout_s=batch_timeout_s(settings.traces),
         publish_timeout_s=settings.publish_timeout_s,
-        retry_tiers_s=options.retry_tiers_s,
+        retry_tiers_s=settings.traces.retry_tiers_s,
     )
 
 
