@@ -11,7 +11,8 @@ from aiohttp import web
 from bridge.amqp import connect, declare_topology
 from bridge.config import Settings
 from bridge.ingress.handlers import healthz, readyz, update_subscriber_status
-from bridge.ingress.state import SETTINGS, STATE, IngressState
+from bridge.ingress.state import METRICS, SETTINGS, STATE, IngressState
+from bridge.metrics import Metrics, metrics_handler
 from bridge.publisher import ConfirmedPublisher
 from bridge.webhook import WebhookRejected
 
@@ -27,12 +28,14 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
         return await handler(request)
     except WebhookRejected as exc:
         log.info("webhook_rejected", status=exc.status, error=exc.error, detail=exc.detail)
+        request.app[METRICS].webhooks_rejected.labels(exc.error).inc()
         return web.json_response({"error": exc.error, "detail": exc.detail}, status=exc.status)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
         headers = {k: v for k, v in exc.headers.items() if k.lower() == "allow"}
         error = exc.reason.lower().replace(" ", "_")
+        request.app[METRICS].webhooks_rejected.labels(error).inc()
         return web.json_response(
             {"error": error, "detail": exc.reason}, status=exc.status, headers=headers
         )
@@ -52,13 +55,18 @@ async def amqp_context(app: web.Application) -> AsyncIterator[None]:
 
 
 def create_app(
-    settings: Settings, *, publisher: ConfirmedPublisher | None = None
+    settings: Settings,
+    *,
+    publisher: ConfirmedPublisher | None = None,
+    metrics: Metrics | None = None,
 ) -> web.Application:
-    """The ingress app; with ``publisher`` given, it uses that instead of connecting itself."""
+    """The ingress app; with ``publisher`` given, it uses that instead of connecting itself;
+    ``metrics`` is the process's (``run`` shares one between its parts)."""
     # One byte over the limit is enough to tell that a body is too large.
     app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[json_errors])
     app[SETTINGS] = settings
     app[STATE] = IngressState(publisher=publisher)
+    app[METRICS] = metrics if metrics is not None else Metrics()
     if publisher is None:
         app.cleanup_ctx.append(amqp_context)
     app.add_routes(
@@ -66,14 +74,17 @@ def create_app(
             web.post(settings.webhook_path, update_subscriber_status),
             web.get("/healthz", healthz),
             web.get("/readyz", readyz),
+            web.get("/metrics", metrics_handler(app[METRICS])),
         ]
     )
     return app
 
 
-async def serve(settings: Settings, stopping: asyncio.Event) -> None:
+async def serve(
+    settings: Settings, stopping: asyncio.Event, metrics: Metrics | None = None
+) -> None:
     """Serve until ``stopping`` is set; then refuse new webhooks (503) and close gracefully."""
-    app = create_app(settings)
+    app = create_app(settings, metrics=metrics)
     runner = web.AppRunner(app, shutdown_timeout=settings.shutdown_timeout_s, access_log=None)
     await runner.setup()
     try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime
 
 import structlog
@@ -9,7 +10,7 @@ from aiohttp import web
 
 from bridge.amqp import ROUTING_KEY_BY_CHANNEL
 from bridge.ingress.body import read_fields
-from bridge.ingress.state import SETTINGS, STATE
+from bridge.ingress.state import METRICS, SETTINGS, STATE
 from bridge.publisher import PublishFailed
 from bridge.webhook import verify_webhook
 
@@ -26,14 +27,21 @@ def unavailable(request: web.Request, detail: str) -> web.Response:
     )
 
 
+def not_stored(request: web.Request, detail: str) -> web.Response:
+    request.app[METRICS].webhooks_rejected.labels("unavailable").inc()
+    return unavailable(request, detail)
+
+
 async def update_subscriber_status(request: web.Request) -> web.Response:
     """Answer 200 only once the broker has confirmed the event (DESIGN.md promise 1)."""
     settings = request.app[SETTINGS]
     state = request.app[STATE]
+    metrics = request.app[METRICS]
+    metrics.webhooks_received.inc()
     if state.draining:
-        return unavailable(request, "the ingress is shutting down")
+        return not_stored(request, "the ingress is shutting down")
     if state.publisher is None:
-        return unavailable(request, "not connected to the broker")
+        return not_stored(request, "not connected to the broker")
     body = await read_fields(request, settings.max_body_bytes)
     query = {key: value for key, value in request.query.items()}
     message, app = verify_webhook(body, query, settings.apps, datetime.now(UTC))
@@ -43,9 +51,11 @@ async def update_subscriber_status(request: web.Request) -> web.Response:
         if not app.accepts_status(message.status):
             # The shop asked edrone for only some changes; never retry the others.
             log.info("webhook_filtered", sync=app.sync, status=message.status)
+            metrics.webhooks_rejected.labels("filtered").inc()
             return web.json_response(
                 {"status": "ignored", "reason": "filtered", "event_id": message.event_id}
             )
+        started = time.perf_counter()
         try:
             await state.publisher.publish(
                 message.model_dump_json().encode(),
@@ -54,7 +64,9 @@ async def update_subscriber_status(request: web.Request) -> web.Response:
             )
         except PublishFailed as exc:
             log.warning("webhook_not_published", error=str(exc))
-            return unavailable(request, "the event could not be stored; send it again later")
+            return not_stored(request, "the event could not be stored; send it again later")
+        metrics.publish_confirm_seconds.observe(time.perf_counter() - started)
+        metrics.webhooks_accepted.labels(message.channel).inc()
         log.info("webhook_accepted", protocol=message.protocol)
     return web.json_response({"status": "accepted", "event_id": message.event_id})
 

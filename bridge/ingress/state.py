@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from bridge.config import Settings
+from bridge.metrics import Metrics
 from bridge.publisher import ConfirmedPublisher
 
 
@@ -19,4 +20,5 @@ class IngressState:
 
 
 SETTINGS = web.AppKey("settings", Settings)
+METRICS = web.AppKey("metrics", Metrics)
 STATE = web.AppKey("state", IngressState)

@@ -346,3 +346,23 @@ class TestBroker:
         finally:
             proxy.resume()
             await proxy.close()
+
+
+class TestMetrics:
+    async def test_webhooks_are_counted_by_outcome(self, client):
+        """/metrics counts webhooks received, accepted by channel, rejected by reason, and the
+        publish-confirm latency, in Prometheus' text format."""
+        assert (await client.post(PATH, **form_body(VECTOR_A))).status == 200
+        assert (await client.post(PATH, **form_body(VECTOR_B))).status == 200
+        bad = {**VECTOR_A, "signature": VECTOR_B["signature"]}
+        assert (await client.post(PATH, **form_body(bad))).status == 401
+        response = await client.get("/metrics")
+        assert response.status == 200
+        assert response.content_type == "text/plain"
+        text = await response.text()
+        assert "edrone_bridge_webhooks_received_total 3.0" in text
+        assert 'edrone_bridge_webhooks_accepted_total{channel="email"} 1.0' in text
+        assert 'edrone_bridge_webhooks_accepted_total{channel="sms"} 1.0' in text
+        assert 'edrone_bridge_webhooks_rejected_total{reason="bad_signature"} 1.0' in text
+        assert "edrone_bridge_publish_confirm_seconds_count 2.0" in text
+        assert SECRET not in text and EMAIL not in text

@@ -1,0 +1,101 @@
+"""Prometheus metrics of one process: defined once here, registered in a registry of the process's
+own (no global state), exposed on ``/metrics``."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+# Latencies of a publish confirm or a database commit on one machine: milliseconds, rarely more.
+_FAST_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+_BATCH_BUCKETS = (1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000)
+
+
+def _counter(registry: CollectorRegistry, name: str, doc: str, *labels: str) -> Counter:
+    return Counter(name, doc, labels, namespace="edrone_bridge", registry=registry)
+
+
+def _gauge(registry: CollectorRegistry, name: str, doc: str, *labels: str) -> Gauge:
+    return Gauge(name, doc, labels, namespace="edrone_bridge", registry=registry)
+
+
+def _histogram(
+    registry: CollectorRegistry, name: str, doc: str, buckets: tuple[float, ...], *labels: str
+) -> Histogram:
+    return Histogram(
+        name, doc, labels, namespace="edrone_bridge", buckets=buckets, registry=registry
+    )
+
+
+class Metrics:
+    """Every metric the bridge exports, in a registry of its own. Labels never carry secrets,
+    addresses or event ids: only app ids, queue names, channels, outcomes and reasons."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = r = registry if registry is not None else CollectorRegistry()
+        # The ingress
+        self.webhooks_received = _counter(r, "webhooks_received", "Webhook requests")
+        self.webhooks_accepted = _counter(
+            r, "webhooks_accepted", "Webhooks confirmed by the broker", "channel"
+        )
+        self.webhooks_rejected = _counter(
+            r, "webhooks_rejected", "Webhooks answered other than 200, by reason", "reason"
+        )
+        self.publish_confirm_seconds = _histogram(
+            r, "publish_confirm_seconds", "From publish to the broker's confirm", _FAST_BUCKETS
+        )
+        # The consumers
+        self.events = _counter(
+            r, "events", "Messages handled, by queue and outcome", "queue", "outcome"
+        )
+        self.batch_size = _histogram(
+            r, "batch_size", "Messages per handled batch", _BATCH_BUCKETS, "queue"
+        )
+        self.batch_seconds = _histogram(
+            r,
+            "batch_seconds",
+            "Handling one batch (its commit, or its trace calls)",
+            _FAST_BUCKETS,
+            "queue",
+        )
+        self.batch_retries = _counter(
+            r, "batch_retries", "Batches handled again after an error", "queue"
+        )
+        self.retries = _counter(r, "retries", "Messages sent to a retry tier", "queue", "tier")
+        self.dead_lettered = _counter(r, "dead_lettered", "Messages dead-lettered", "queue")
+        # The trace forwarder
+        self.traces = _counter(r, "traces", "Trace calls to edrone by outcome", "outcome")
+        self.rate_limit_waits = _counter(
+            r, "rate_limit_waits", "Trace calls that waited for the rate limit", "app_id"
+        )
+        self.rate_limit_wait_seconds = _counter(
+            r, "rate_limit_wait_seconds", "Time trace calls waited for the rate limit", "app_id"
+        )
+        # Queues and connections, sampled
+        self.queue_messages = _gauge(r, "queue_messages", "Messages ready in a queue", "queue")
+        self.queue_consumers = _gauge(r, "queue_consumers", "Consumers of a queue", "queue")
+        self.queue_oldest_message_age_seconds = _gauge(
+            r,
+            "queue_oldest_message_age_seconds",
+            "Age of the oldest message in a queue (work queues: of those this process holds)",
+            "queue",
+        )
+        self.broker_connected = _gauge(r, "broker_connected", "1 while connected to RabbitMQ")
+        self.database_connected = _gauge(r, "database_connected", "1 while PostgreSQL answers")
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+def metrics_handler(metrics: Metrics) -> Callable[[web.Request], Awaitable[web.Response]]:
+    """A ``GET /metrics`` handler in Prometheus' text format."""
+
+    async def handle(request: web.Request) -> web.Response:
+        response = web.Response(body=metrics.exposition())
+        response.content_type = CONTENT_TYPE_LATEST.split(";")[0]
+        return response
+
+    return handle
