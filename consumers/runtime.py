@@ -9,6 +9,7 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from types import TracebackType
 from typing import TypeVar
 
@@ -24,6 +25,7 @@ from aio_pika.abc import (
 
 from bridge.amqp import Topology
 from bridge.config import ConsumerOptions
+from bridge.metrics import Metrics
 from consumers.copies import Copy, CopyPlanner, publish_copies
 from consumers.deadletter import DeadLetterPublisher, RetryPublisher
 from consumers.errors import Defer, Reject, RetryLater
@@ -59,7 +61,7 @@ class ConsumerSpec:
 
 @dataclass
 class Counters:
-    """What the consumer did since it started."""
+    """What the consumer did since it started; mirrored into ``metrics`` when given."""
 
     applied: int = 0
     skipped: Counter[str] = field(default_factory=Counter)
@@ -70,18 +72,34 @@ class Counters:
     retries: int = 0
     # Deliveries forgotten because their channel was lost; the broker redelivers them.
     dropped: int = 0
+    queue: str = ""
+    metrics: Metrics | None = field(default=None, repr=False)
 
     def record_copy(self, copy: Copy) -> None:
         if copy.tier_s is None:
             self.dead_lettered += 1
+            if self.metrics:
+                self.metrics.dead_lettered.labels(self.queue).inc()
         else:
             self.deferred[copy.tier_s] += 1
+            if self.metrics:
+                self.metrics.retries.labels(self.queue, f"{copy.tier_s:g}s").inc()
 
-    def record(self, outcomes: Sequence[Outcome]) -> None:
+    def record(self, outcomes: Sequence[Outcome], duration_s: float) -> None:
         tally = Counter(o for o in outcomes if isinstance(o, str))
+        if self.metrics:
+            for outcome, count in tally.items():
+                self.metrics.events.labels(self.queue, outcome).inc(count)
+            self.metrics.batch_size.labels(self.queue).observe(len(outcomes))
+            self.metrics.batch_seconds.labels(self.queue).observe(duration_s)
         self.applied += tally.pop(APPLIED, 0)
         self.skipped.update(tally)
         self.batches += 1
+
+    def record_retry(self) -> None:
+        self.retries += 1
+        if self.metrics:
+            self.metrics.batch_retries.labels(self.queue).inc()
 
 
 class Consumer:
@@ -121,6 +139,7 @@ class Consumer:
         drain_timeout_s: float = 10.0,
         publish_timeout_s: float = 5.0,
         retry_tiers_s: Sequence[float] = (),
+        metrics: Metrics | None = None,
     ) -> None:
         self.spec = spec
         self.queue_name = spec.queue
@@ -133,7 +152,8 @@ class Consumer:
         self.retry_max_backoff_s = retry_max_backoff_s
         self.drain_timeout_s = drain_timeout_s
         self.publish_timeout_s = publish_timeout_s
-        self.counters = Counters()
+        self.counters = Counters(queue=spec.queue, metrics=metrics)
+        self._in_flight: list[Delivery] = []
 
         self._connection = connection
         self._dead_letter_exchange_name = topology.dead_letter_exchange
@@ -333,13 +353,31 @@ class Consumer:
         # Deliveries sent before the declare-ok may still be on their way to the callback.
         return not await self._wait_for(1, max(self.flush_interval_s, 0.05))
 
+    def oldest_held_age_s(self) -> float | None:
+        """Age of the oldest message this consumer holds, by its publish timestamp: on a FIFO
+        queue, the queue's oldest message while it has a consumer. None when it holds none."""
+        held = self._in_flight or self._buffer
+        stamp = held[0].timestamp if held else None
+        if stamp is None:
+            return None
+        return max(
+            0.0, (datetime.now(UTC) - stamp.replace(tzinfo=stamp.tzinfo or UTC)).total_seconds()
+        )
+
     async def _process(self, batch: list[Delivery]) -> None:
         started = time.perf_counter()
+        self._in_flight = batch
+        try:
+            await self._process_held(batch, started)
+        finally:
+            self._in_flight = []
+
+    async def _process_held(self, batch: list[Delivery], started: float) -> None:
         handled = await self._handle(batch)
         if handled is None:
             return
         batch, outcomes = handled
-        self.counters.record(outcomes)
+        self.counters.record(outcomes, time.perf_counter() - started)
         assert self._copy_planner is not None
         copies = self._copy_planner.plan(batch, outcomes)
         if copies and not await self._publish_copies(copies):
@@ -380,7 +418,7 @@ class Consumer:
                 # Unexpected, but retrying loses nothing; the traceback tells what to fix.
                 delay_s = backoff_s
                 log.exception("batch_failed", size=len(batch), delay_s=delay_s)
-            self.counters.retries += 1
+            self.counters.record_retry()
             await asyncio.sleep(delay_s)
             backoff_s = min(backoff_s * 2, self.retry_max_backoff_s)
         return None
@@ -423,7 +461,7 @@ class Consumer:
             copies = failed
             if not any(_channel_open(copy.delivery) for copy in copies):
                 return False
-            self.counters.retries += 1
+            self.counters.record_retry()
             await asyncio.sleep(backoff_s)
             backoff_s = min(backoff_s * 2, self.retry_max_backoff_s)
 
@@ -438,6 +476,7 @@ def create_consumer(
     timeout_s: float,
     publish_timeout_s: float,
     retry_tiers_s: Sequence[float] = (),
+    metrics: Metrics | None = None,
 ) -> Consumer:
     """A consumer configured from one consumer's settings group."""
     spec = ConsumerSpec(
@@ -457,6 +496,7 @@ def create_consumer(
         drain_timeout_s=options.drain_timeout_s,
         publish_timeout_s=publish_timeout_s,
         retry_tiers_s=retry_tiers_s,
+        metrics=metrics,
     )
 
 
