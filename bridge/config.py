@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    IPvAnyNetwork,
+    SecretStr,
+    ValidationError,
+    field_validator,
+)
 from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
     EnvSettingsSource,
+    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
@@ -22,6 +32,8 @@ CONFIG_FILE_VARIABLE = f"{ENV_PREFIX}CONFIG"
 ProtocolVersion = Literal["NATIVE_5", "NATIVE_4", "LEGACY_UPDATE", "LEGACY_UNSUBSCRIBE"]
 ConfiguredVersion = Literal["NATIVE_5", "NATIVE_4", "LEGACY_UPDATE", "LEGACY_UNSUBSCRIBE", "auto"]
 SyncFilter = Literal["all", "subscribe", "unsubscribe"]
+# Read from the environment as "10.0.0.0/8, 192.0.2.7" (or a JSON list), from TOML as a list.
+Networks = Annotated[tuple[IPvAnyNetwork, ...], NoDecode]
 
 
 class AppConfig(BaseModel):
@@ -163,6 +175,17 @@ class Settings(BaseSettings):
     # Told to edrone (and to any other caller) in Retry-After when the broker cannot take a webhook.
     retry_after_s: int = Field(default=30, ge=1)
     shutdown_timeout_s: float = Field(default=10.0, gt=0)
+    # aiohttp's request parser limits, set explicitly: a request over one is answered 400 before
+    # any handler runs. edrone sends a short request line and a handful of short headers.
+    max_request_line_bytes: int = Field(default=8190, ge=256)
+    max_header_bytes: int = Field(default=8190, ge=256)
+    max_headers: int = Field(default=64, ge=8)
+    # Source networks that may call the ingress; empty allows every source. /healthz and /readyz
+    # stay open to all, for orchestrators.
+    ingress_allowed_networks: Networks = ()
+    # Peers (a load balancer in front) whose X-Forwarded-For is believed; empty: only the peer
+    # address counts, and X-Forwarded-For is ignored.
+    ingress_trusted_proxies: Networks = ()
 
     # Prefix of every exchange and queue name, so several deployments (and tests) share a broker.
     amqp_prefix: str = Field(default="edrone_bridge", pattern=r"^[A-Za-z0-9_.\-]{1,100}$")
@@ -184,6 +207,16 @@ class Settings(BaseSettings):
         # Settings(apps="a:s") in code and tests reads like the environment variable.
         if isinstance(value, str):
             return _parse_app_pairs(value)
+        return value
+
+    @field_validator("ingress_allowed_networks", "ingress_trusted_proxies", mode="before")
+    @classmethod
+    def _networks_from_text(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                return json.loads(text)
+            return tuple(part.strip() for part in text.split(",") if part.strip())
         return value
 
     @classmethod

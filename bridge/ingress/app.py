@@ -7,9 +7,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import structlog
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from bridge.amqp import connect, declare_topology
 from bridge.config import Settings
+from bridge.ingress.allowlist import source_allowlist
 from bridge.ingress.handlers import healthz, readyz, update_subscriber_status
 from bridge.ingress.state import METRICS, SETTINGS, STATE, IngressState
 from bridge.metrics import Metrics, metrics_handler
@@ -62,8 +64,23 @@ def create_app(
 ) -> web.Application:
     """The ingress app; with ``publisher`` given, it uses that instead of connecting itself;
     ``metrics`` is the process's (``run`` shares one between its parts)."""
-    # One byte over the limit is enough to tell that a body is too large.
-    app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[json_errors])
+    middlewares: list[Middleware] = [json_errors]
+    if settings.ingress_allowed_networks:
+        # Outermost, so that a refused source reaches nothing else, not even the body read.
+        middlewares.insert(
+            0, source_allowlist(settings.ingress_allowed_networks, settings.ingress_trusted_proxies)
+        )
+    app = web.Application(
+        # One byte over the limit is enough to tell that a body is too large.
+        client_max_size=settings.max_body_bytes,
+        middlewares=middlewares,
+        # The parser's limits, so an oversized request line or header is a 400 from the parser.
+        handler_args={
+            "max_line_size": settings.max_request_line_bytes,
+            "max_field_size": settings.max_header_bytes,
+            "max_headers": settings.max_headers,
+        },
+    )
     app[SETTINGS] = settings
     app[STATE] = IngressState(publisher=publisher)
     app[METRICS] = metrics if metrics is not None else Metrics()
