@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
@@ -127,10 +128,17 @@ async def run_all(settings: Settings, args: argparse.Namespace) -> int:
     """Migrate, then the ingress and both consumers side by side; each declares the topology it
     needs. A crash in one cancels the others; a part that returns before a stop was asked for
     stops the others gracefully and makes the exit code non-zero."""
-    parts = {
-        "ingress": ingress_part(),
-        "consume subscriptions": subscriptions_part(),
-        "consume traces": traces_part(),
+    from bridge.metrics import Metrics
+
+    # One registry for the process, exposed on the ingress's /metrics.
+    metrics = Metrics()
+    consume_subscriptions, consume_traces = subscriptions_part(), traces_part()
+    parts: dict[str, Part] = {
+        "ingress": functools.partial(ingress_part(), metrics=metrics),
+        "consume subscriptions": functools.partial(
+            consume_subscriptions, metrics=metrics, expose_metrics=False
+        ),
+        "consume traces": functools.partial(consume_traces, metrics=metrics, expose_metrics=False),
     }
     await apply_migrations(settings)
     stopping = stop_on_signals()

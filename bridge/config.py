@@ -175,6 +175,11 @@ class Settings(BaseSettings):
     # Told to edrone (and to any other caller) in Retry-After when the broker cannot take a webhook.
     retry_after_s: int = Field(default=30, ge=1)
     shutdown_timeout_s: float = Field(default=10.0, gt=0)
+    # /metrics, /healthz and /readyz of a consumer process (`consume ...`; 0: any free port).
+    # The ingress and `run` serve them on http_port.
+    metrics_port: int = Field(default=9100, ge=0, le=65_535)
+    # How often queue depths, ages and connections are sampled into the metrics.
+    monitor_interval_s: float = Field(default=15.0, gt=0)
     # aiohttp's request parser limits, set explicitly: a request over one is answered 400 before
     # any handler runs. edrone sends a short request line and a handful of short headers.
     max_request_line_bytes: int = Field(default=8190, ge=256)

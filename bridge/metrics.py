@@ -3,7 +3,8 @@ own (no global state), exposed on ``/metrics``."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -99,3 +100,37 @@ def metrics_handler(metrics: Metrics) -> Callable[[web.Request], Awaitable[web.R
         return response
 
     return handle
+
+
+def observability_app(metrics: Metrics, ready: Callable[[], bool]) -> web.Application:
+    """``/metrics``, ``/healthz`` and ``/readyz`` for a process that serves no other HTTP."""
+
+    async def healthz(request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def readyz(request: web.Request) -> web.Response:
+        if ready():
+            return web.json_response({"status": "ready"})
+        return web.json_response({"status": "not ready"}, status=503)
+
+    app = web.Application()
+    app.add_routes(
+        [
+            web.get("/metrics", metrics_handler(metrics)),
+            web.get("/healthz", healthz),
+            web.get("/readyz", readyz),
+        ]
+    )
+    return app
+
+
+@asynccontextmanager
+async def serving(app: web.Application, host: str, port: int) -> AsyncIterator[int]:
+    """Serve ``app`` for the block; yields the bound port (``port`` 0 picks a free one)."""
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, host, port).start()
+        yield runner.addresses[0][1]
+    finally:
+        await runner.cleanup()

@@ -4,7 +4,8 @@ transaction per batch, idempotent on ``event_id`` and newest-wins per subscriber
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
 from typing import Any
 
 import asyncpg
@@ -12,12 +13,13 @@ import structlog
 from aio_pika.abc import AbstractConnection
 from pydantic import ValidationError
 
-from bridge.amqp import connect, declare_topology, topology
+from bridge.amqp import declare_topology, topology
 from bridge.config import AppConfig, Settings
-from bridge.db import close_pool, create_pool
+from bridge.metrics import Metrics
 from consumers import runtime
 from consumers.errors import Reject, RetryLater, describe_validation_error
-from consumers.runtime import APPLIED, Consumer, Delivery, Outcome, consume_until
+from consumers.runtime import APPLIED, Consumer, Delivery, Outcome
+from consumers.service import serve_consumer
 from schemas.subscription import SubscriptionStatusChanged
 
 log = structlog.get_logger(__name__)
@@ -164,7 +166,10 @@ class SubscriptionApplier:
 
 
 def create_consumer(
-    connection: AbstractConnection, pool: asyncpg.Pool, settings: Settings
+    connection: AbstractConnection,
+    pool: asyncpg.Pool,
+    settings: Settings,
+    metrics: Metrics | None = None,
 ) -> Consumer:
     """The subscription consumer, configured from ``settings.subscriptions``."""
     return runtime.create_consumer(
@@ -175,20 +180,36 @@ def create_consumer(
         topology=topology(settings),
         timeout_s=settings.subscriptions.db_batch_timeout_s,
         publish_timeout_s=settings.publish_timeout_s,
+        metrics=metrics,
     )
 
 
-async def serve(settings: Settings, stopping: asyncio.Event) -> None:
+async def serve(
+    settings: Settings,
+    stopping: asyncio.Event,
+    metrics: Metrics | None = None,
+    *,
+    expose_metrics: bool = True,
+) -> None:
     """Apply edrone's status changes until ``stopping`` is set, then drain and close
     (``edrone-bridge consume subscriptions``; migrations are the CLI's job)."""
-    pool = await create_pool(settings)
-    try:
-        connection = await connect(settings, "consume subscriptions")
-        async with connection:
-            channel = await connection.channel()
-            async with channel:
-                await declare_topology(channel, settings)
-            async with create_consumer(connection, pool, settings) as consumer:
-                await consume_until(consumer, stopping)
-    finally:
-        await close_pool(pool, settings.subscriptions.drain_timeout_s)
+    names = topology(settings)
+
+    @asynccontextmanager
+    async def build(
+        connection: AbstractConnection, pool: asyncpg.Pool, metrics: Metrics
+    ) -> AsyncIterator[Consumer]:
+        async with create_consumer(connection, pool, settings, metrics) as consumer:
+            yield consumer
+
+    await serve_consumer(
+        settings,
+        stopping,
+        name="consume subscriptions",
+        declare=declare_topology,
+        build=build,
+        drain_timeout_s=settings.subscriptions.drain_timeout_s,
+        metrics=metrics,
+        expose_metrics=expose_metrics,
+        dead_letter_queues=[names.dead_letter_queue(names.subscriptions_queue)],
+    )

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
 
@@ -15,14 +16,14 @@ import structlog
 from aio_pika.abc import AbstractConnection
 from pydantic import ValidationError
 
-from bridge.amqp import connect, declare_trace_topology, topology
+from bridge.amqp import declare_trace_topology, topology
 from bridge.config import AppConfig, Settings, TraceSettings
-from bridge.db import close_pool, create_pool
+from bridge.metrics import Metrics
 from consumers import runtime
 from consumers.edrone_state import SEND, decide, load_known, record_sent
-from consumers.errors import Defer, Reject, RetryLater
-from consumers.runtime import APPLIED, Consumer, Delivery, Outcome, consume_until
-from consumers.subscriptions import describe_validation_error
+from consumers.errors import Defer, Reject, RetryLater, describe_validation_error
+from consumers.runtime import APPLIED, Consumer, Delivery, Outcome
+from consumers.service import serve_consumer
 from consumers.throttle import Breaker, RateLimiter
 from consumers.trace_form import bridge_version, trace_form
 from schemas.platform_event import CustomerSubscriptionChanged
@@ -72,9 +73,14 @@ class TraceForwarder:
     """The batch handler: decode, coalesce, drop what edrone already knows, send the rest."""
 
     def __init__(
-        self, session: aiohttp.ClientSession, pool: asyncpg.Pool, settings: Settings
+        self,
+        session: aiohttp.ClientSession,
+        pool: asyncpg.Pool,
+        settings: Settings,
+        metrics: Metrics | None = None,
     ) -> None:
         options = settings.traces
+        self._metrics = metrics if metrics is not None else Metrics()
         self._session = session
         self._pool = pool
         self._apps = settings.apps
@@ -165,10 +171,8 @@ class TraceForwarder:
             async with self._slots:
                 paused_s = self.breaker.paused_for_s
                 if paused_s > 0:
-                    # Not the message's fault: this retry does not use up a tier.
-                    return Defer(
-                        "edrone is failing; sending paused", after_s=paused_s, counts=False
-                    ), None
+                    self._metrics.traces.labels("paused").inc()
+                    return _paused(paused_s), None
                 await self._pace(app_id)
                 form = trace_form(
                     event,
@@ -189,26 +193,35 @@ class TraceForwarder:
                 edrone_id = response.headers.get(_EDRONE_EVENT_ID)
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             self.breaker.failed()
+            self._metrics.traces.labels("no_answer").inc()
             log.warning("trace_failed", error=repr(exc))
             return Defer(f"no answer from edrone: {exc!r}"), None
         answer = f"edrone answered {status}: {body[:_EXCERPT_CHARS]}"
         if 200 <= status < 300:
             self.breaker.succeeded()
+            self._metrics.traces.labels("sent").inc()
             log.debug("trace_sent", edrone_event_id=edrone_id)
             return APPLIED, edrone_id
         if status in _RETRYABLE_STATUSES or status >= 500:
             self.breaker.failed()
+            self._metrics.traces.labels("retryable_status").inc()
             log.warning("trace_retry", status=status)
             return Defer(answer, after_s=after_s), None
         # edrone is up and refuses this request for good: retrying cannot help.
         self.breaker.succeeded()
+        self._metrics.traces.labels("refused").inc()
         log.warning("trace_refused", status=status)
         return Reject(answer), None
 
     async def _pace(self, app_id: str) -> None:
         limiter = self._limiter(app_id)
-        if limiter is not None and await limiter.acquire() > 0:
+        if limiter is None:
+            return
+        waited_s = await limiter.acquire()
+        if waited_s > 0:
             self.rate_limit_waits += 1
+            self._metrics.rate_limit_waits.labels(app_id).inc()
+            self._metrics.rate_limit_wait_seconds.labels(app_id).inc(waited_s)
 
     def _limiter(self, app_id: str) -> RateLimiter | None:
         rate = self._apps[app_id].rate_limit_per_s or self._options.rate_limit_per_s
@@ -258,7 +271,10 @@ def batch_timeout_s(options: TraceSettings) -> float:
 
 
 def create_consumer(
-    connection: AbstractConnection, forwarder: TraceForwarder, settings: Settings
+    connection: AbstractConnection,
+    forwarder: TraceForwarder,
+    settings: Settings,
+    metrics: Metrics | None = None,
 ) -> Consumer:
     """The trace consumer, configured from ``settings.traces``, with its retry tiers."""
     return runtime.create_consumer(
@@ -270,21 +286,39 @@ def create_consumer(
         timeout_s=batch_timeout_s(settings.traces),
         publish_timeout_s=settings.publish_timeout_s,
         retry_tiers_s=settings.traces.retry_tiers_s,
+        metrics=metrics,
     )
 
 
-async def serve(settings: Settings, stopping: asyncio.Event) -> None:
+async def serve(
+    settings: Settings,
+    stopping: asyncio.Event,
+    metrics: Metrics | None = None,
+    *,
+    expose_metrics: bool = True,
+) -> None:
     """Forward the shop's changes until ``stopping`` is set, then drain and close
     (``edrone-bridge consume traces``; migrations are the CLI's job)."""
-    pool = await create_pool(settings)
-    try:
-        connection = await connect(settings, "consume traces")
-        async with connection, create_session(settings) as session:
-            channel = await connection.channel()
-            async with channel:
-                await declare_trace_topology(channel, settings)
-            forwarder = TraceForwarder(session, pool, settings)
-            async with create_consumer(connection, forwarder, settings) as consumer:
-                await consume_until(consumer, stopping)
-    finally:
-        await close_pool(pool, settings.traces.drain_timeout_s)
+    names = topology(settings)
+
+    @asynccontextmanager
+    async def build(
+        connection: AbstractConnection, pool: asyncpg.Pool, metrics: Metrics
+    ) -> AsyncIterator[Consumer]:
+        async with create_session(settings) as session:
+            forwarder = TraceForwarder(session, pool, settings, metrics)
+            async with create_consumer(connection, forwarder, settings, metrics) as consumer:
+                yield consumer
+
+    await serve_consumer(
+        settings,
+        stopping,
+        name="consume traces",
+        declare=declare_trace_topology,
+        build=build,
+        drain_timeout_s=settings.traces.drain_timeout_s,
+        metrics=metrics,
+        expose_metrics=expose_metrics,
+        dead_letter_queues=[names.dead_letter_queue(names.traces_queue)],
+        other_queues=names.retry_queues(settings.traces.retry_tiers_s),
+    )

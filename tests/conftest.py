@@ -96,6 +96,7 @@ async def make_settings(amqp_url: str, database_url: str) -> AsyncIterator[Calla
             "amqp_connect_attempts": 1,
             "amqp_reconnect_interval_s": 0.5,
             "http_port": 0,
+            "metrics_port": 0,
         }
         values.update(overrides)
         made.append(Settings(**values))
