@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from typing import Any
 
 import aio_pika
@@ -75,6 +76,8 @@ class ConfirmedPublisher:
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
             message_id=message_id,
             headers=dict(headers) if headers else None,
+            # The consumers read a message's age from it (queue_oldest_message_age_seconds).
+            timestamp=datetime.now(UTC),
         )
         try:
             # mandatory: an unroutable message (topology missing) is an error, not a silent drop.
