@@ -84,7 +84,7 @@ class DeadLetterPublisher:
         log.info(
             "message_dead_lettered",
             queue=self._queue,
-            message_id=delivery.message_id,
+            event_id=delivery.message_id,
             error=error[:_MAX_ERROR_CHARS],
         )
 
@@ -138,7 +138,7 @@ class RetryPublisher:
         log.info(
             "message_retry_scheduled",
             queue=self._queue,
-            message_id=delivery.message_id,
+            event_id=delivery.message_id,
             attempts=attempts,
             delay_s=tier[0],
             error=error[:_MAX_ERROR_CHARS],
