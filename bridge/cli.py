@@ -224,9 +224,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_command(commands, "migrate", run_migrate, "apply the pending SQL migrations and print them")
     # Imported here, not at the top: both modules build on this one.
-    from bridge import cli_dlq, cli_tools
+    from bridge import cli_dlq, cli_status, cli_tools
 
     cli_dlq.add_commands(commands)
+    cli_status.add_commands(commands)
     cli_tools.add_commands(commands)
     return parser
 
