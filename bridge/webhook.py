@@ -195,7 +195,9 @@ def _channel_and_address(
 ) -> tuple[str, str, str | None, str | None]:
     """(channel, address, email, phone); the address is the identifier the signature covers."""
     if version == "NATIVE_5":
-        type_id = fields["subscription_status_type_id"].strip()
+        # Exactly as signed: the signature chooses the e-mail only for "1" (signing.py), so a
+        # trimmed " 1" would read a signed SMS change as a change of the unsigned e-mail.
+        type_id = fields["subscription_status_type_id"]
         if type_id == "2":
             if "phone" not in fields:
                 raise _bad("missing field(s) for NATIVE_5 SMS: phone", "missing_field")
