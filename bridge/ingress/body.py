@@ -28,6 +28,11 @@ async def read_fields(request: web.Request, limit: int) -> dict[str, str]:
         raw = await request.read()  # bounded by the app's client_max_size
     except web.HTTPRequestEntityTooLarge:
         raise too_large(limit) from None
+    except web.RequestPayloadError:
+        # A gzip body that does not decompress, or broken chunked framing: the caller's mistake.
+        raise WebhookRejected(
+            400, "malformed_body", "the body does not decode as its headers say"
+        ) from None
     if not raw:
         return {}
     content_type = request.content_type
