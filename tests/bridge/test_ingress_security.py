@@ -12,12 +12,17 @@ from bridge.ingress.allowlist import parse_address, source_address
 from bridge.ingress.app import create_app
 from bridge.ingress.state import METRICS
 from tests.bridge.test_ingress import FORM, PATH, depth, form_body
-from tests.vectors import VECTOR_A, VECTOR_D
+from tests.vectors import VECTOR_A, VECTOR_B, VECTOR_D
 
 LOCAL = ip_network("127.0.0.0/8")
 PROXY = ip_network("127.0.0.1/32")
 EDRONE = ip_network("203.0.113.0/24")  # documentation ranges stand in for edrone and strangers
 ELSEWHERE = ip_network("10.0.0.0/8")
+
+
+@pytest.fixture
+async def client(aiohttp_client, settings):
+    return await aiohttp_client(create_app(settings))
 
 
 class TestSourceAddress:
@@ -160,10 +165,6 @@ class TestAllowList:
 
 
 class TestHeaderLimits:
-    @pytest.fixture
-    async def client(self, aiohttp_client, settings):
-        return await aiohttp_client(create_app(settings))
-
     async def test_oversized_header_by_default(self, client, settings, amqp_connection):
         """A header line over 8190 bytes, aiohttp's and the bridge's default, is a 400."""
         request = form_body(VECTOR_A)
@@ -207,3 +208,23 @@ class TestHeaderLimits:
         response = await client.post(f"{PATH}?{urlencode(VECTOR_D)}")
         assert response.status == 200, await response.text()
         assert await depth(settings, amqp_connection) == 1
+
+
+class TestFoundByFuzzing:
+    @pytest.mark.parametrize("type_id", [" 1", "1 ", " 2", "2\t"])
+    async def test_type_id_is_read_as_signed(self, client, settings, amqp_connection, type_id):
+        """A signed SMS change cannot be turned into a change of the unsigned e-mail beside it:
+        the type id is read exactly as the signature chose its address (padded ones are 400)."""
+        fields = {**VECTOR_B, "subscription_status_type_id": type_id, "email": "x@example.org"}
+        response = await client.post(PATH, **form_body(fields))
+        assert response.status in (400, 401), await response.text()
+        assert await depth(settings, amqp_connection) == 0
+
+    async def test_body_that_does_not_decompress(self, client, settings, amqp_connection):
+        """A gzip Content-Encoding over a body that is no gzip is a 400, not a 500."""
+        request = form_body(VECTOR_A)
+        request["headers"]["Content-Encoding"] = "gzip"
+        response = await client.post(PATH, **request)
+        assert response.status == 400
+        assert (await response.json())["error"] == "malformed_body"
+        assert await depth(settings, amqp_connection) == 0
