@@ -83,6 +83,9 @@ class ConsumerOptions(BaseModel):
     # On stop: how long buffered batches may still finish and ack before the channel closes
     # and hands the rest back to the broker; keep it below the container's grace period.
     drain_timeout_s: float = Field(default=10.0, gt=0)
+    # How often the consumer checks that the broker still delivers to it; a consumer found
+    # lost at two checks in a row is registered again on fresh channels.
+    watchdog_interval_s: float = Field(default=5.0, gt=0)
 
 
 class SubscriptionConsumerSettings(ConsumerOptions):

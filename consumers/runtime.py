@@ -4,6 +4,7 @@ backoff and per-message dead-lettering; the handlers in ``consumers/`` supply on
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
 import time
 from collections import Counter
@@ -14,12 +15,14 @@ from types import TracebackType
 from typing import TypeVar
 
 import aio_pika
+import aiormq
 import structlog
 from aio_pika.abc import (
     AbstractChannel,
     AbstractConnection,
     AbstractIncomingMessage,
     AbstractQueue,
+    AbstractRobustChannel,
     ConsumerTag,
 )
 
@@ -72,6 +75,8 @@ class Counters:
     retries: int = 0
     # Deliveries forgotten because their channel was lost; the broker redelivers them.
     dropped: int = 0
+    # Times the watchdog found the consumer lost and registered it again.
+    reregistered: int = 0
     queue: str = ""
     metrics: Metrics | None = field(default=None, repr=False)
 
@@ -122,6 +127,8 @@ class Consumer:
     :param drain_timeout_s: how long :meth:`stop` lets buffered batches commit and ack.
     :param publish_timeout_s: bound on each dead-letter confirm, on opening the channels and
         on each ack, cancel and close.
+    :param watchdog_interval_s: how often the consumer checks that the broker still delivers
+        to it (see :attr:`ready`).
     """
 
     def __init__(
@@ -140,6 +147,7 @@ class Consumer:
         publish_timeout_s: float = 5.0,
         retry_tiers_s: Sequence[float] = (),
         metrics: Metrics | None = None,
+        watchdog_interval_s: float = 5.0,
     ) -> None:
         self.spec = spec
         self.queue_name = spec.queue
@@ -152,6 +160,7 @@ class Consumer:
         self.retry_max_backoff_s = retry_max_backoff_s
         self.drain_timeout_s = drain_timeout_s
         self.publish_timeout_s = publish_timeout_s
+        self.watchdog_interval_s = watchdog_interval_s
         self.counters = Counters(queue=spec.queue, metrics=metrics)
         self._in_flight: list[Delivery] = []
 
@@ -165,6 +174,10 @@ class Consumer:
         self._queue: AbstractQueue | None = None
         self._dead_letter_channel: AbstractChannel | None = None
         self._consumer_tag: ConsumerTag | None = None
+        # Whether the broker delivered to our consumer tag at the last look (see `ready`).
+        self._registered = False
+        self._recheck = asyncio.Event()
+        self._watchdog: asyncio.Task[None] | None = None
 
         # Filled by the consume callback; a plain list and one event, so that a delivery
         # costs an append and no await of ours.
@@ -182,7 +195,19 @@ class Consumer:
             f"<Consumer queue={self.queue_name!r} applied={c.applied} skipped={dict(c.skipped)}"
             f" dead_lettered={c.dead_lettered} deferred={dict(c.deferred)}"
             f" batches={c.batches} retries={c.retries}"
-            f" dropped={c.dropped} buffered={len(self._buffer)}>"
+            f" dropped={c.dropped} reregistered={c.reregistered} buffered={len(self._buffer)}>"
+        )
+
+    @property
+    def ready(self) -> bool:
+        """Consuming: not stopping, the consume channel open (false at once while the broker
+        is unreachable) and the broker delivering to our consumer tag at the last check."""
+        channel = self._channel
+        return (
+            self._registered
+            and not self._stopping.is_set()
+            and channel is not None
+            and not channel.is_closed
         )
 
     async def __aenter__(self) -> Consumer:
@@ -192,6 +217,7 @@ class Consumer:
         except BaseException:
             await self._close()
             raise
+        self._watchdog = asyncio.create_task(self._watch(), name=f"watchdog {self.queue_name}")
         log.info(
             "consumer_started",
             queue=self.queue_name,
@@ -238,16 +264,75 @@ class Consumer:
         self._consumer_tag = await self._queue.consume(
             self._on_message, timeout=self.publish_timeout_s
         )
+        self._registered = True
+        self._channel.close_callbacks.add(self._on_channel_change)
+        if isinstance(self._channel, AbstractRobustChannel):
+            self._channel.reopen_callbacks.add(self._on_channel_change)
 
     async def _close(self) -> None:
         for channel in (self._dead_letter_channel, self._channel):
-            if channel is None or channel.is_closed:
+            # A robust channel that is closed only because the connection is down is closed
+            # too: else aio-pika would reopen it once the connection is back.
+            if channel is None:
                 continue
             try:
                 # Closing the consume channel hands unacked deliveries back to the broker.
                 await asyncio.wait_for(channel.close(), self.publish_timeout_s)
             except _CHANNEL_ERRORS as exc:
                 log.warning("channel_close_failed", queue=self.queue_name, error=repr(exc))
+
+    def _on_channel_change(self, *_: object) -> None:
+        # Closed (not ready until a check says so) or reopened by aio-pika (check at once).
+        self._registered = False
+        self._recheck.set()
+
+    async def _watch(self) -> None:
+        """Every ``watchdog_interval_s``, and at once after the consume channel closed or
+        reopened: is the broker delivering to us? aio-pika restores channels and consumers
+        after a reconnect; a consumer found lost at two checks in a row while the connection
+        is up (a restore gone wrong, a cancel it missed) is registered again."""
+        lost = 0
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.watchdog_interval_s):
+                    await self._recheck.wait()
+            self._recheck.clear()
+            self._registered = await self._consuming()
+            if self._registered or not self._connection.connected.is_set():
+                lost = 0
+                continue
+            lost += 1
+            # One check of grace: aio-pika may be restoring the channel right now.
+            if lost >= 2:
+                lost = 0
+                await self._register_again()
+
+    async def _consuming(self) -> bool:
+        channel, tag = self._channel, self._consumer_tag
+        if channel is None or tag is None or channel.is_closed:
+            return False
+        try:
+            async with asyncio.timeout(self.publish_timeout_s):
+                underlay = await channel.get_underlay_channel()
+        except _CHANNEL_ERRORS:
+            return False
+        return isinstance(underlay, aiormq.Channel) and tag in underlay.consumers
+
+    async def _register_again(self) -> None:
+        """Fresh channels and a new consumer; the old tag is cancelled first, so that aio-pika
+        cannot restore it beside the new one. Deliveries of the old channel are dropped (the
+        broker redelivers them)."""
+        log.warning("consumer_lost", queue=self.queue_name, action="registering again")
+        await self._cancel_consumer()
+        await self._close()
+        try:
+            async with asyncio.timeout(self.publish_timeout_s):
+                await self._open()
+        except _CHANNEL_ERRORS as exc:
+            log.warning("consumer_register_failed", queue=self.queue_name, error=repr(exc))
+            return
+        self.counters.reregistered += 1
+        log.info("consumer_registered_again", queue=self.queue_name)
 
     async def _on_message(self, message: Delivery) -> None:
         self._buffer.append(message)
@@ -289,6 +374,7 @@ class Consumer:
             self._stopping.set()
             self._arrived.set()
             self._start_drain_clock()
+            await self._stop_watchdog()
             await self._cancel_consumer()
         try:
             # The drain clock ends run(); the extra second covers its own cleanup.
@@ -297,6 +383,13 @@ class Consumer:
         except TimeoutError:
             log.error("consumer_stop_timeout", queue=self.queue_name)
         await self._close()
+
+    async def _stop_watchdog(self) -> None:
+        task, self._watchdog = self._watchdog, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
     def _start_drain_clock(self) -> None:
         if self._drain is not None:
@@ -497,6 +590,7 @@ def create_consumer(
         publish_timeout_s=publish_timeout_s,
         retry_tiers_s=retry_tiers_s,
         metrics=metrics,
+        watchdog_interval_s=options.watchdog_interval_s,
     )
 
 
