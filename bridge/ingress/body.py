@@ -58,7 +58,18 @@ def parse_json(raw: bytes) -> dict[str, str]:
             raise WebhookRejected(400, "invalid_field", f"field {key!r} must be a scalar")
         # edrone may send 1 or "1", null or "": both sign the same (PHP concatenation).
         fields[key] = php_string(value)
+        if not is_text(key) or not is_text(fields[key]):
+            # A lone \ud800-style escape is valid JSON but no text: it cannot even be hashed.
+            raise WebhookRejected(400, "malformed_body", f"field {key!r} is not valid Unicode")
     return fields
+
+
+def is_text(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def parse_form(raw: bytes) -> dict[str, str]:
