@@ -3,6 +3,7 @@ against the real broker: a refused request publishes nothing."""
 
 from __future__ import annotations
 
+import json
 from ipaddress import ip_address, ip_network
 from urllib.parse import urlencode
 
@@ -225,6 +226,15 @@ class TestFoundByFuzzing:
         request = form_body(VECTOR_A)
         request["headers"]["Content-Encoding"] = "gzip"
         response = await client.post(PATH, **request)
+        assert response.status == 400
+        assert (await response.json())["error"] == "malformed_body"
+        assert await depth(settings, amqp_connection) == 0
+
+    @pytest.mark.parametrize("field", ["signature", "event_id", "app_id"])
+    async def test_lone_surrogate_in_json(self, client, settings, amqp_connection, field):
+        """A lone \\ud800 escape is valid JSON but no text: a 400, not a 500 from the hashing."""
+        body = json.dumps({**VECTOR_A, field: "\ud800"})
+        response = await client.post(PATH, data=body, headers={"Content-Type": "application/json"})
         assert response.status == 400
         assert (await response.json())["error"] == "malformed_body"
         assert await depth(settings, amqp_connection) == 0
