@@ -144,14 +144,18 @@ def _queue_problems(queue: QueueStatus, limits: Limits, prefix: str) -> list[Pro
             Problem(
                 "dead_letters",
                 queue.name,
-                f"holds {messages} dead-lettered message{'s' if messages != 1 else ''} "
+                f"holds {_plural(messages, 'dead-lettered message')} "
                 f"(allowed: {limits.max_dlq}), oldest {_age_text(queue.oldest_age_s)}; "
                 f"see `edrone-bridge dlq list {short}`",
             )
         )
     if queue.kind == "work" and (queue.ready or 0) > 0 and queue.consumers == 0:
         found.append(
-            Problem("no_consumer", queue.name, f"{queue.ready} ready messages and no consumer")
+            Problem(
+                "no_consumer",
+                queue.name,
+                f"{_plural(queue.ready, 'ready message')} and no consumer",
+            )
         )
     age, limit = queue.oldest_age_s, queue.age_limit_s
     if age is not None and limit is not None and age > limit:
@@ -177,8 +181,8 @@ def _database_problems(database: DatabaseStatus) -> list[Problem]:
             Problem(
                 "migrations_pending",
                 "database",
-                f"{len(database.pending)} migration(s) pending in schema {database.schema}: "
-                f"{', '.join(database.pending)}; run `edrone-bridge migrate`",
+                f"{_plural(len(database.pending), 'migration')} pending in schema "
+                f"{database.schema}: {', '.join(database.pending)}; run `edrone-bridge migrate`",
             )
         )
     for name in database.changed:
@@ -211,6 +215,10 @@ def _notes(status: Status) -> list[str]:
     if status.database.unknown:
         notes.append("migrations applied by a newer bridge: " + ", ".join(status.database.unknown))
     return notes
+
+
+def _plural(count: int | None, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
 def _age_text(seconds: float | None) -> str:

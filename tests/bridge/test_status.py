@@ -283,7 +283,7 @@ class TestManagementPath:
         document = json.loads(stdout)
         assert code == 1
         assert document["problems"] == [
-            {"code": "no_consumer", "subject": work, "reason": "1 ready messages and no consumer"}
+            {"code": "no_consumer", "subject": work, "reason": "1 ready message and no consumer"}
         ]
         [queue] = [q for q in document["queues"] if q["name"] == work]
         assert (queue["ready"], queue["oldest_age_s"]) == (1, None)
