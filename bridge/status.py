@@ -210,7 +210,8 @@ def _notes(status: Status) -> list[str]:
     if any(q.kind == "work" and q.messages and q.oldest_age_s is None for q in status.queues):
         notes.append(
             "work queues are never peeked (a read would count toward their delivery limit): "
-            "the age of their oldest message is unknown"
+            "their oldest age is unknown here; each consumer's /metrics has the age of what it "
+            "holds"
         )
     if status.database.unknown:
         notes.append("migrations applied by a newer bridge: " + ", ".join(status.database.unknown))
