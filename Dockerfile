@@ -8,7 +8,8 @@ ARG PYTHON_IMAGE=python:3.11-slim
 # --- builder: the bridge and every dependency as wheels ----------------------------------------
 FROM ${PYTHON_IMAGE} AS builder
 ENV PIP_NO_CACHE_DIR=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_ROOT_USER_ACTION=ignore
 WORKDIR /src
 # Only what the package is built from: no tests, benchmarks or CI files (see .dockerignore too).
 COPY pyproject.toml README.md ./
@@ -24,7 +25,8 @@ FROM ${PYTHON_IMAGE}
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_ROOT_USER_ACTION=ignore
 
 # The wheels are mounted for the install only, so they take no layer of the image.
 RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
