@@ -46,10 +46,11 @@ async def serve_consumer(
     pool = await create_pool(settings)
     try:
         connection = await connect(settings, name)
-        async with connection:
-            channel = await connection.channel()
-            async with channel:
-                await declare(channel, settings)
+        # The declaring channel stays open while consuming: aio-pika declares the topology
+        # again on it after a reconnect, so a broker that came back without its queues and
+        # exchanges gets them back before the consumer's channel is restored.
+        async with connection, connection.channel() as channel:
+            await declare(channel, settings)
             async with (
                 build(connection, pool, metrics) as consumer,
                 _exposed(settings, metrics, connection, consumer, expose_metrics),
