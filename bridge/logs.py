@@ -9,6 +9,7 @@ import sys
 from typing import Any, TextIO
 
 import structlog
+from aiohttp.http_exceptions import HttpProcessingError
 from structlog.typing import Processor
 
 from bridge.config import Settings
@@ -69,6 +70,15 @@ def _renderer(log_format: str, stream: TextIO) -> list[Processor]:
     return [structlog.processors.dict_tracebacks, structlog.processors.JSONRenderer()]
 
 
+class DropClientProtocolErrors(logging.Filter):
+    """aiohttp logs every malformed request (a header over the limit, a bad request line) at
+    ERROR with a traceback: anyone could fill the logs. The client got its 400; keep quiet."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return not isinstance(error, HttpProcessingError)
+
+
 def configure_logging(settings: Settings, *, stream: TextIO | None = None) -> None:
     """Route structlog and stdlib logging to ``stream`` (stderr by default, so that stdout
     stays free for command output) at ``settings.log_level``; libraries at WARNING or above."""
@@ -98,3 +108,6 @@ def configure_logging(settings: Settings, *, stream: TextIO | None = None) -> No
     root.setLevel(max(level, LIBRARY_LEVEL))
     for name in OWN_LOGGERS:
         logging.getLogger(name).setLevel(level)
+    server_log = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, DropClientProtocolErrors) for f in server_log.filters):
+        server_log.addFilter(DropClientProtocolErrors())

@@ -36,3 +36,29 @@ def test_configured_logs_mask_personal_data():
     assert line["phone"] == "+********200"
     assert line["address"] == "o***@example.com"
     assert "jan@example.com" not in stream.getvalue()
+
+
+def test_malformed_requests_do_not_flood_the_logs():
+    """A client's malformed request (aiohttp's protocol errors) is not logged; a real server
+    error still is."""
+    import logging
+
+    from aiohttp.http_exceptions import LineTooLong
+
+    stream = io.StringIO()
+    configure_logging(Settings(log_format="json"), stream=stream)
+    server_log = logging.getLogger("aiohttp.server")
+    try:
+        try:
+            raise LineTooLong("x" * 10, "8190")
+        except LineTooLong:
+            server_log.exception("Error handling request")
+        try:
+            raise RuntimeError("a bug")
+        except RuntimeError:
+            server_log.exception("Error handling request")
+    finally:
+        structlog.reset_defaults()
+    lines = [json.loads(line) for line in stream.getvalue().strip().splitlines()]
+    assert len(lines) == 1
+    assert "a bug" in json.dumps(lines[0])
