@@ -1,0 +1,21 @@
+# Benchmarks run against the local RabbitMQ and PostgreSQL (the tests' services); see the
+# README's "Benchmarks" section.
+PYTHON ?= .venv/bin/python
+BENCH_ARGS ?=
+
+.PHONY: test bench bench-quick soak
+
+test:
+	.venv/bin/pytest
+
+# Every benchmark, 3 repeats, the issue's sizes: about 6 minutes on the 2-core machine.
+bench:
+	$(PYTHON) -m benchmarks $(BENCH_ARGS)
+
+# Small sizes, for trying a change on a busy machine (about 2 minutes).
+bench-quick:
+	$(PYTHON) -m benchmarks --quick $(BENCH_ARGS)
+
+# The 5-minute memory soak (with the ingress run first, for its maximum rate).
+soak:
+	$(PYTHON) -m benchmarks --only ingress,endtoend --soak-s 300 $(BENCH_ARGS)

@@ -1,0 +1,184 @@
+"""Ingress: accepted webhooks/s from the real ``edrone-bridge ingress`` process under the
+load generator, beside raw confirmed publishing at the same concurrency and a bare aiohttp
+server under the same generator; the three interleaved, repeat by repeat."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+from pamqp.commands import Basic
+
+from benchmarks import deployment as d
+from benchmarks.loadgen import LoadGenerator, Result
+from benchmarks.report import Row, Target
+from benchmarks.worker import Worker
+from bridge.amqp import ROUTING_KEY_BY_CHANNEL, topology
+from bridge.config import AppConfig, Settings
+from bridge.simulate import build_webhook
+from bridge.webhook import verify_webhook
+
+PATH = "/update_subscriber_status"
+
+
+@dataclass
+class IngressFigures:
+    ingress: list[float] = field(default_factory=list)
+    raw_publish: list[float] = field(default_factory=list)
+    bare_http: list[float] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def max_rate(self) -> float:
+        ordered = sorted(self.ingress)
+        return ordered[len(ordered) // 2] if ordered else 0.0
+
+
+def published_body() -> bytes:
+    """What the ingress publishes for one NATIVE_5 webhook: the raw baseline sends the same."""
+    fields = build_webhook("NATIVE_5", d.APP_ID, d.SECRET)
+    apps = {d.APP_ID: AppConfig(secret=d.SECRET)}
+    message, _ = verify_webhook(fields, {}, apps, datetime.now(UTC))
+    return message.model_dump_json().encode()
+
+
+async def raw_publish(amqp_url: str, exchange_name: str, count: int, concurrency: int) -> float:
+    """Persistent, mandatory, confirmed publishes with ``concurrency`` in flight; messages/s."""
+    body = published_body()
+    connection = await aio_pika.connect(amqp_url, timeout=10)
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        exchange = await channel.get_exchange(exchange_name)
+        routing_key = ROUTING_KEY_BY_CHANNEL["email"]
+        tag = uuid.uuid4().hex[:8]
+        numbers = iter(range(count))
+        failed = 0
+
+        async def publisher() -> None:
+            nonlocal failed
+            for number in numbers:
+                message = aio_pika.Message(
+                    body,
+                    content_type="application/json",
+                    delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                    message_id=f"raw-{tag}-{number}",
+                    timestamp=datetime.now(UTC),
+                )
+                confirmation = await exchange.publish(
+                    message, routing_key, mandatory=True, timeout=10
+                )
+                if not isinstance(confirmation, Basic.Ack):
+                    failed += 1
+
+        started = time.perf_counter()
+        await asyncio.gather(*(publisher() for _ in range(concurrency)))
+        elapsed = time.perf_counter() - started
+    return (count - failed) / elapsed
+
+
+async def _load(
+    generator: LoadGenerator, port: int, count: int, concurrency: int, tag: str
+) -> Result:
+    await generator.prepare(
+        host="127.0.0.1",
+        port=port,
+        path=PATH,
+        count=count,
+        tag=tag,
+        app_id=d.APP_ID,
+        secret=d.SECRET,
+    )
+    return await generator.closed(host="127.0.0.1", port=port, concurrency=concurrency)
+
+
+def ingress_environment(settings: Settings, workers: int) -> dict[str, str]:
+    extra = {"EDRONE_BRIDGE_INGRESS_WORKERS": str(workers)} if workers > 1 else {}
+    return d.environment(settings, **extra)
+
+
+async def run(
+    *, repeats: int, requests: int, concurrency: int, workers: int, log_dir: Path
+) -> tuple[list[Row], IngressFigures]:
+    figures = IngressFigures()
+    settings = d.make_settings("ingress", http_port=d.free_port())
+    queue = topology(settings).subscriptions_queue
+    bare_port = d.free_port()
+    async with d.deployment(settings, database=False):
+        ingress = d.start_child(
+            "ingress",
+            d.bridge_command("ingress"),
+            ingress_environment(settings, workers),
+            log_dir,
+        )
+        bare = d.start_child(
+            "bare-aiohttp", d.bare_command(bare_port), d.environment(settings), log_dir
+        )
+        generator = LoadGenerator()
+        try:
+            with Worker() as publisher:
+                await d.wait_http(f"http://127.0.0.1:{settings.http_port}/readyz", ingress)
+                await d.wait_http(f"http://127.0.0.1:{bare_port}/readyz", bare)
+                # One untimed round each, so that every run below finds warm processes.
+                await _load(generator, settings.http_port, min(500, requests), concurrency, "warm")
+                await _load(generator, bare_port, min(500, requests), concurrency, "warm")
+                await d.purge(settings, queue)
+                for repeat in range(repeats):
+                    tag = f"ing-{repeat}-{uuid.uuid4().hex[:6]}"
+                    result = await _load(generator, bare_port, requests, concurrency, tag)
+                    figures.bare_http.append(result.accepted_per_s)
+                    figures.raw_publish.append(
+                        await publisher.run(
+                            raw_publish,
+                            settings.amqp_url.get_secret_value(),
+                            topology(settings).webhook_exchange,
+                            requests,
+                            concurrency,
+                        )
+                    )
+                    await d.purge(settings, queue)
+                    result = await _load(generator, settings.http_port, requests, concurrency, tag)
+                    figures.ingress.append(result.accepted_per_s)
+                    if result.accepted != requests:
+                        figures.failures.append(f"repeat {repeat}: {dict(result.statuses)}")
+                    await d.purge(settings, queue)
+        finally:
+            generator.close()
+            await d.stop_child(ingress)
+            await d.stop_child(bare)
+    return rows(figures, concurrency, workers, requests), figures
+
+
+def rows(figures: IngressFigures, concurrency: int, workers: int, requests: int) -> list[Row]:
+    setup = f"{requests:,} signed NATIVE_5 webhooks per repeat, {concurrency} connections"
+    if workers > 1:
+        setup += f", {workers} ingress worker processes"
+    if figures.failures:
+        setup += "; NOT ALL ACCEPTED: " + "; ".join(figures.failures)
+    return [
+        Row(
+            "ingress: accepted webhooks/s",
+            "/s",
+            figures.ingress,
+            baseline="raw confirmed publish",
+            baseline_samples=figures.raw_publish,
+            target=Target("≥ 0.6 x raw publish", min_ratio=0.6),
+            note=setup,
+        ),
+        Row(
+            "ingress vs bare aiohttp 200",
+            "/s",
+            figures.ingress,
+            baseline="bare aiohttp",
+            baseline_samples=figures.bare_http,
+        ),
+    ]
+
+
+def summary(figures: IngressFigures) -> dict[str, Any]:
+    return {"max_rate": figures.max_rate}
