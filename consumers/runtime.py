@@ -399,10 +399,17 @@ class Consumer:
         tag, self._consumer_tag = self._consumer_tag, None
         if tag is None or self._queue is None:
             return
+        # aio-pika's own timeout bounds only the RPC: before it, a robust channel waits for a
+        # lost connection to come back, however long that takes. With the channel down the
+        # broker has already forgotten the consumer, so the call gets no time at all; it still
+        # tells aio-pika not to restore the consumer (it forgets the tag before awaiting).
+        lost = self._channel is None or self._channel.is_closed
         try:
-            await self._queue.cancel(tag, timeout=self.publish_timeout_s)
+            async with asyncio.timeout(0 if lost else self.publish_timeout_s):
+                await self._queue.cancel(tag)
         except _CHANNEL_ERRORS as exc:
-            log.warning("consumer_cancel_failed", queue=self.queue_name, error=repr(exc))
+            if not lost:
+                log.warning("consumer_cancel_failed", queue=self.queue_name, error=repr(exc))
 
     async def _next_batch(self, burst: bool) -> list[Delivery] | None:
         """The next batch: the first buffered message and whatever follows it within
@@ -437,7 +444,9 @@ class Consumer:
     async def _queue_is_idle(self) -> bool:
         assert self._queue is not None
         try:
-            declared = await self._queue.declare(timeout=self.publish_timeout_s)
+            # Bounded as a whole: a robust channel waits for a lost connection to come back.
+            async with asyncio.timeout(self.publish_timeout_s):
+                declared = await self._queue.declare()
         except _CHANNEL_ERRORS as exc:
             log.warning("queue_check_failed", queue=self.queue_name, error=repr(exc))
             return False
