@@ -7,6 +7,8 @@ import sys
 
 from aiohttp import web
 
+from bridge.cli import event_loop_factory
+
 
 async def accept(request: web.Request) -> web.Response:
     await request.read()
@@ -16,7 +18,12 @@ async def accept(request: web.Request) -> web.Response:
 def main() -> None:
     app = web.Application()
     app.add_routes([web.post("/update_subscriber_status", accept), web.get("/readyz", accept)])
-    web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), access_log=None, print=None)
+    # The bridge's own choice of loop (uvloop where installed), as the ingress runs on it.
+    factory = event_loop_factory()
+    loop = factory() if factory is not None else None
+    web.run_app(
+        app, host="127.0.0.1", port=int(sys.argv[1]), access_log=None, print=None, loop=loop
+    )
 
 
 if __name__ == "__main__":

@@ -9,6 +9,8 @@ import multiprocessing
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
+from bridge.cli import event_loop_factory
+
 _T = TypeVar("_T")
 
 
@@ -22,7 +24,9 @@ def quiet() -> None:
 
 
 def _run(func: Callable[..., Coroutine[Any, Any, _T]], args: tuple[Any, ...]) -> _T:
-    return asyncio.run(func(*args))
+    # The bridge's own choice of loop, so that baselines and the code under test share it.
+    with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
+        return runner.run(func(*args))
 
 
 class Worker:
