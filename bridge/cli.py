@@ -111,8 +111,57 @@ def traces_part() -> Part:
 
 
 async def run_ingress(settings: Settings, args: argparse.Namespace) -> int:
-    await ingress_part()(settings, stop_on_signals())
-    return 0
+    stopping = stop_on_signals()
+    if args.worker or settings.ingress_workers == 1:
+        from bridge.ingress.app import serve
+
+        await serve(settings, stopping, reuse_port=args.worker)
+        return 0
+    if settings.http_port == 0:
+        raise UsageError("ingress_workers above 1 needs a fixed http_port (0 picks one each)")
+    return await serve_ingress_workers(settings, stopping)
+
+
+async def serve_ingress_workers(settings: Settings, stopping: asyncio.Event) -> int:
+    """Serve as one of ``ingress_workers`` processes on one port; the others are ``ingress
+    --worker`` children (same environment, so the same settings). A stop reaches them all; a
+    worker that exits unasked stops the rest, and the exit code is then 1."""
+    workers = [
+        await asyncio.create_subprocess_exec(sys.executable, "-m", "bridge", "ingress", "--worker")
+        for _ in range(settings.ingress_workers - 1)
+    ]
+    log.info("ingress_workers_started", pids=[worker.pid for worker in workers])
+    failed: list[int] = []
+
+    async def watch(worker: asyncio.subprocess.Process) -> None:
+        code = await worker.wait()
+        if not stopping.is_set():
+            log.error("ingress_worker_exited", pid=worker.pid, code=code)
+            failed.append(worker.pid)
+            stopping.set()
+
+    async def relay_stop() -> None:
+        await stopping.wait()
+        for worker in workers:
+            if worker.returncode is None:
+                worker.send_signal(signal.SIGTERM)
+
+    watchers = [asyncio.create_task(watch(worker)) for worker in workers]
+    relay = asyncio.create_task(relay_stop())
+    from bridge.ingress.app import serve
+
+    try:
+        await serve(settings, stopping, reuse_port=True)
+    finally:
+        stopping.set()
+        await relay
+        # The workers drain within the same shutdown timeout as this process.
+        await asyncio.wait(watchers, timeout=settings.shutdown_timeout_s + 5.0)
+        for worker in workers:
+            if worker.returncode is None:
+                worker.kill()
+        await asyncio.gather(*watchers, return_exceptions=True)
+    return EXIT_FAILED if failed else 0
 
 
 async def run_consume_subscriptions(settings: Settings, args: argparse.Namespace) -> int:
@@ -214,9 +263,11 @@ def build_parser() -> argparse.ArgumentParser:
         run_all,
         "migrate, then serve the ingress and both consumers in one process (until SIGTERM/SIGINT)",
     )
-    add_command(
+    ingress = add_command(
         commands, "ingress", run_ingress, "serve only the webhook ingress (HTTP → RabbitMQ)"
     )
+    # Set by the first process for the others when ingress_workers is above 1.
+    ingress.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     consume = commands.add_parser(
         "consume", help="run one consumer", description="Run one consumer until SIGTERM/SIGINT."
     )

@@ -194,6 +194,9 @@ class Settings(BaseSettings):
     # Peers (a load balancer in front) whose X-Forwarded-For is believed; empty: only the peer
     # address counts, and X-Forwarded-For is ignored.
     ingress_trusted_proxies: Networks = ()
+    # Processes of `ingress` that share http_port (SO_REUSEPORT: the kernel spreads the
+    # connections): one process tops out at one core (benchmarks/). Each has its own /metrics.
+    ingress_workers: int = Field(default=1, ge=1, le=64)
 
     # Prefix of every exchange and queue name, so several deployments (and tests) share a broker.
     amqp_prefix: str = Field(default="edrone_bridge", pattern=r"^[A-Za-z0-9_.\-]{1,100}$")

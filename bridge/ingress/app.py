@@ -98,14 +98,19 @@ def create_app(
 
 
 async def serve(
-    settings: Settings, stopping: asyncio.Event, metrics: Metrics | None = None
+    settings: Settings,
+    stopping: asyncio.Event,
+    metrics: Metrics | None = None,
+    *,
+    reuse_port: bool = False,
 ) -> None:
-    """Serve until ``stopping`` is set; then refuse new webhooks (503) and close gracefully."""
+    """Serve until ``stopping`` is set; then refuse new webhooks (503) and close gracefully.
+    ``reuse_port`` lets the other ingress workers listen on the same port."""
     app = create_app(settings, metrics=metrics)
     runner = web.AppRunner(app, shutdown_timeout=settings.shutdown_timeout_s, access_log=None)
     await runner.setup()
     try:
-        site = web.TCPSite(runner, settings.http_host, settings.http_port)
+        site = web.TCPSite(runner, settings.http_host, settings.http_port, reuse_port=reuse_port)
         await site.start()
         log.info("ingress_listening", host=settings.http_host, port=settings.http_port)
         await stopping.wait()
