@@ -297,15 +297,22 @@ class Consumer:
                 async with asyncio.timeout(self.watchdog_interval_s):
                     await self._recheck.wait()
             self._recheck.clear()
-            self._registered = await self._consuming()
-            if self._registered or not self._connection.connected.is_set():
-                lost = 0
-                continue
-            lost += 1
-            # One check of grace: aio-pika may be restoring the channel right now.
-            if lost >= 2:
-                lost = 0
-                await self._register_again()
+            try:
+                lost = await self._check(lost)
+            except Exception:
+                # A watchdog that died would leave `ready` stuck; the traceback tells what to fix.
+                log.exception("consumer_watchdog_failed", queue=self.queue_name)
+
+    async def _check(self, lost: int) -> int:
+        """One look; returns how many checks in a row found the consumer lost."""
+        self._registered = await self._consuming()
+        if self._registered or not self._connection.connected.is_set():
+            return 0
+        lost += 1
+        if lost < 2:  # one check of grace: aio-pika may be restoring the channel right now
+            return lost
+        await self._register_again()
+        return 0
 
     async def _consuming(self) -> bool:
         channel, tag = self._channel, self._consumer_tag
