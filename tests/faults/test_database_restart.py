@@ -69,6 +69,7 @@ class TestDatabaseRestart:
             capsys,
             "3,000 queued events, PostgreSQL cut 2x",
             sent=len(changes),
+            acked=counters.applied + counters.skipped.total(),
             stored=stored,
             acked_applied=counters.applied,
             acked_older=counters.skipped["older"],
