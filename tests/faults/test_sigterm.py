@@ -61,10 +61,12 @@ async def settled(connection, queues: list[str], target: int, held: int) -> int:
 
 
 class TestIngress:
+    @pytest.mark.parametrize("workers", [1, 2], ids=["one-process", "two-workers"])
     async def test_no_200_for_an_event_not_stored(
-        self, settings, amqp_connection, db, aiohttp_client, tmp_path, capsys
+        self, workers, settings, amqp_connection, db, aiohttp_client, tmp_path, capsys
     ):
-        """SIGTERM to ``python -m bridge ingress`` in the middle of 3,000 webhooks: it exits 0;
+        """SIGTERM to ``python -m bridge ingress`` (one process, or the first of two workers
+        sharing the port, which passes the stop on) in the middle of 3,000 webhooks: it exits 0;
         every answer is a 200, a 503 or a connection error, never another status; every 200'd
         event is stored once a consumer drains the queue; and every other event, resent to a
         fresh ingress, lands too: each of the 3,000 is in the inbox exactly once."""
@@ -73,7 +75,10 @@ class TestIngress:
             tmp_path / "ingress.log",
             "ingress",
             env=bridge_env(
-                settings, EDRONE_BRIDGE_HTTP_PORT=str(port), EDRONE_BRIDGE_SHUTDOWN_TIMEOUT_S="5"
+                settings,
+                EDRONE_BRIDGE_HTTP_PORT=str(port),
+                EDRONE_BRIDGE_SHUTDOWN_TIMEOUT_S="5",
+                EDRONE_BRIDGE_INGRESS_WORKERS=str(workers),
             ),
         )
         base = f"http://127.0.0.1:{port}"
@@ -114,7 +119,7 @@ class TestIngress:
         check = await check_ledger(db, changes)
         report(
             capsys,
-            "ingress SIGTERM mid-load",
+            f"ingress ({workers} process(es)) SIGTERM mid-load",
             sent=len(changes),
             exit_code=code,
             ok_200=counts["200"],
