@@ -86,7 +86,10 @@ class ConfirmedPublisher:
             )
         except TimeoutError:
             raise PublishFailed(f"no confirm within {self._timeout_s}s") from None
-        except (aio_pika.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
+        except Exception as exc:
+            # Not only aio-pika's errors, ConnectionError and RuntimeError: aiormq fails a
+            # pending publish with the bare Exception class when its channel closes without an
+            # error of its own. Unconfirmed either way: a 503, never a 500 (promise 1).
             raise PublishFailed(repr(exc)) from exc
         # Basic.Ack is the only answer that means stored; a returned message means unroutable.
         if not isinstance(confirmation, Basic.Ack):

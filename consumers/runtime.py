@@ -14,7 +14,6 @@ from datetime import UTC, datetime
 from types import TracebackType
 from typing import TypeVar
 
-import aio_pika
 import aiormq
 import structlog
 from aio_pika.abc import (
@@ -43,9 +42,11 @@ Handler = Callable[[Sequence[Delivery]], Awaitable[Sequence[Outcome]]]
 
 APPLIED = "applied"
 _T = TypeVar("_T")
-# What a failed ack/cancel/close on a lost channel raises (ChannelInvalidStateError is a
-# RuntimeError); the broker redelivers whatever was not acked.
-_CHANNEL_ERRORS = (aio_pika.exceptions.AMQPError, ConnectionError, RuntimeError, TimeoutError)
+# What a failed ack/cancel/close on a lost channel raises: aio-pika's and aiormq's errors,
+# ConnectionError, RuntimeError (ChannelInvalidStateError), TimeoutError, and even the bare
+# Exception class, with which aiormq fails whatever was pending when a channel closes without
+# an error of its own. So any Exception; the broker redelivers whatever was not acked.
+_CHANNEL_ERRORS = (Exception,)
 
 
 @dataclass(frozen=True)
