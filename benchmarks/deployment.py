@@ -298,6 +298,67 @@ class RssSampler:
         self.sample()
 
 
+# --- CPU accounting --------------------------------------------------------------------------
+
+
+def cpu_s(pids: list[int]) -> float:
+    """User plus system CPU seconds used so far by ``pids`` (those still alive)."""
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def machine_busy_s() -> float:
+    """CPU seconds the whole machine spent busy so far (every core, every process)."""
+    with open("/proc/stat", encoding="ascii") as stat:
+        values = [int(v) for v in stat.readline().split()[1:]]
+    idle = values[3] + values[4]  # idle, iowait
+    return (sum(values[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def pids_named(*names: str) -> list[int]:
+    """Processes whose command name is one of ``names`` (the broker's beam.smp, postgres)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if (entry / "comm").read_text(encoding="ascii").strip() in names:
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+class CpuMeter:
+    """CPU used by named groups of processes, and by the whole machine, over a measured span:
+    what shows which process had the cores and which limit a figure ran into."""
+
+    def __init__(self, groups: dict[str, list[int]]) -> None:
+        self.groups = groups
+        self._start: dict[str, float] = {}
+        self._wall = 0.0
+
+    def start(self) -> None:
+        self._wall = time.monotonic()
+        self._start = {name: cpu_s(pids) for name, pids in self.groups.items()}
+        self._start["machine"] = machine_busy_s()
+
+    def stop(self) -> dict[str, float]:
+        """Cores used per group over the span (1.0 = one core all the time)."""
+        wall = max(time.monotonic() - self._wall, 1e-9)
+        used = {
+            name: (cpu_s(pids) - self._start[name]) / wall for name, pids in self.groups.items()
+        }
+        used["machine"] = (machine_busy_s() - self._start["machine"]) / wall
+        return used
+
+
 def slope_mb_per_min(points: list[tuple[float, float]]) -> float:
     """Least-squares slope of (time s, RSS MB) points, in MB per minute."""
     if len(points) < 3:

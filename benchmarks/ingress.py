@@ -17,8 +17,8 @@ from pamqp.commands import Basic
 
 from benchmarks import deployment as d
 from benchmarks.loadgen import LoadGenerator, Result
-from benchmarks.report import Row, Target
-from benchmarks.worker import Worker
+from benchmarks.report import Row, Target, median
+from benchmarks.worker import Worker, ping
 from bridge.amqp import ROUTING_KEY_BY_CHANNEL, topology
 from bridge.config import AppConfig, Settings
 from bridge.simulate import build_webhook
@@ -33,6 +33,10 @@ class IngressFigures:
     raw_publish: list[float] = field(default_factory=list)
     bare_http: list[float] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
+    # Per run kind, per repeat: cores used by each process group and by the whole machine.
+    cpu: dict[str, list[dict[str, float]]] = field(
+        default_factory=lambda: {"ingress": [], "raw": [], "bare": []}
+    )
 
     @property
     def max_rate(self) -> float:
@@ -102,23 +106,60 @@ def ingress_environment(settings: Settings, workers: int) -> dict[str, str]:
     return d.environment(settings, **extra)
 
 
+@dataclass
+class Setup:
+    settings: Settings
+    bare_port: int
+    requests: int
+    concurrency: int
+    generator: LoadGenerator
+    publisher: Worker
+    groups: dict[str, dict[str, list[int]]]
+
+
+async def _repeat(setup: Setup, repeat: int, figures: IngressFigures) -> None:
+    """One bare run, one raw publish run, one ingress run, each with its CPU accounted."""
+    settings, requests = setup.settings, setup.requests
+    tag = f"ing-{repeat}-{uuid.uuid4().hex[:6]}"
+    meter = d.CpuMeter(setup.groups["bare"])
+    meter.start()
+    result = await _load(setup.generator, setup.bare_port, requests, setup.concurrency, tag)
+    figures.cpu["bare"].append(meter.stop())
+    figures.bare_http.append(result.accepted_per_s)
+    meter = d.CpuMeter(setup.groups["raw"])
+    meter.start()
+    figures.raw_publish.append(
+        await setup.publisher.run(
+            raw_publish,
+            settings.amqp_url.get_secret_value(),
+            topology(settings).webhook_exchange,
+            requests,
+            setup.concurrency,
+        )
+    )
+    figures.cpu["raw"].append(meter.stop())
+    await d.purge(settings, topology(settings).subscriptions_queue)
+    meter = d.CpuMeter(setup.groups["ingress"])
+    meter.start()
+    result = await _load(setup.generator, settings.http_port, requests, setup.concurrency, tag)
+    figures.cpu["ingress"].append(meter.stop())
+    figures.ingress.append(result.accepted_per_s)
+    if result.accepted != requests:
+        figures.failures.append(f"repeat {repeat}: {dict(result.statuses)}")
+    await d.purge(settings, topology(settings).subscriptions_queue)
+
+
 async def run(
     *, repeats: int, requests: int, concurrency: int, workers: int, log_dir: Path
 ) -> tuple[list[Row], IngressFigures]:
     figures = IngressFigures()
     settings = d.make_settings("ingress", http_port=d.free_port())
-    queue = topology(settings).subscriptions_queue
     bare_port = d.free_port()
     async with d.deployment(settings, database=False):
-        ingress = d.start_child(
-            "ingress",
-            d.bridge_command("ingress"),
-            ingress_environment(settings, workers),
-            log_dir,
-        )
-        bare = d.start_child(
-            "bare-aiohttp", d.bare_command(bare_port), d.environment(settings), log_dir
-        )
+        env = ingress_environment(settings, workers)
+        ingress = d.start_child("ingress", d.bridge_command("ingress"), env, log_dir)
+        bare_env = d.environment(settings)
+        bare = d.start_child("bare-aiohttp", d.bare_command(bare_port), bare_env, log_dir)
         generator = LoadGenerator()
         try:
             with Worker() as publisher:
@@ -127,31 +168,48 @@ async def run(
                 # One untimed round each, so that every run below finds warm processes.
                 await _load(generator, settings.http_port, min(500, requests), concurrency, "warm")
                 await _load(generator, bare_port, min(500, requests), concurrency, "warm")
-                await d.purge(settings, queue)
+                await d.purge(settings, topology(settings).subscriptions_queue)
+                broker = d.pids_named("beam.smp")
+                load = [generator.process.pid or 0]
+                setup = Setup(
+                    settings,
+                    bare_port,
+                    requests,
+                    concurrency,
+                    generator,
+                    publisher,
+                    groups={
+                        "bare": {"server": [bare.pid], "generator": load},
+                        "raw": {"publisher": [await publisher.run(ping)], "broker": broker},
+                        "ingress": {"server": ingress.pids(), "broker": broker, "generator": load},
+                    },
+                )
                 for repeat in range(repeats):
-                    tag = f"ing-{repeat}-{uuid.uuid4().hex[:6]}"
-                    result = await _load(generator, bare_port, requests, concurrency, tag)
-                    figures.bare_http.append(result.accepted_per_s)
-                    figures.raw_publish.append(
-                        await publisher.run(
-                            raw_publish,
-                            settings.amqp_url.get_secret_value(),
-                            topology(settings).webhook_exchange,
-                            requests,
-                            concurrency,
-                        )
-                    )
-                    await d.purge(settings, queue)
-                    result = await _load(generator, settings.http_port, requests, concurrency, tag)
-                    figures.ingress.append(result.accepted_per_s)
-                    if result.accepted != requests:
-                        figures.failures.append(f"repeat {repeat}: {dict(result.statuses)}")
-                    await d.purge(settings, queue)
+                    await _repeat(setup, repeat, figures)
         finally:
             generator.close()
             await d.stop_child(ingress)
             await d.stop_child(bare)
     return rows(figures, concurrency, workers, requests), figures
+
+
+def _cpu_note(figures: IngressFigures) -> str:
+    """Cores each process group used (median over repeats), and CPU per message."""
+    parts = []
+    for run_name, rates in (
+        ("ingress", figures.ingress),
+        ("raw", figures.raw_publish),
+        ("bare", figures.bare_http),
+    ):
+        samples = figures.cpu[run_name]
+        if not samples:
+            continue
+        cores = {name: median([s[name] for s in samples]) for name in samples[0]}
+        main = "publisher" if run_name == "raw" else "server"
+        per_message_us = cores[main] / median(rates) * 1e6 if median(rates) else float("nan")
+        used = ", ".join(f"{name} {value:.2f}" for name, value in cores.items())
+        parts.append(f"{run_name} run: {used} cores ({main} {per_message_us:.0f} us/message)")
+    return "CPU: " + "; ".join(parts)
 
 
 def rows(figures: IngressFigures, concurrency: int, workers: int, requests: int) -> list[Row]:
@@ -176,6 +234,7 @@ def rows(figures: IngressFigures, concurrency: int, workers: int, requests: int)
             figures.ingress,
             baseline="bare aiohttp",
             baseline_samples=figures.bare_http,
+            note=_cpu_note(figures),
         ),
     ]
 

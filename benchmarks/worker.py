@@ -29,6 +29,13 @@ def _run(func: Callable[..., Coroutine[Any, Any, _T]], args: tuple[Any, ...]) ->
         return runner.run(func(*args))
 
 
+async def ping() -> int:
+    """The worker's pid (and the first call starts the process)."""
+    import os
+
+    return os.getpid()
+
+
 class Worker:
     """One long-lived process (imports paid once) that runs one coroutine at a time."""
 
