@@ -8,7 +8,6 @@ import time
 from collections import deque
 from collections.abc import Callable
 
-
 # How late a sleeper may wake and still have its slot's own time logged (see acquire).
 _OVERSHOOT_S = 0.005
 
