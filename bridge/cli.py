@@ -60,6 +60,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CommandFailed as exc:
         print(f"edrone-bridge {args.command}: {exc}", file=sys.stderr)
         return EXIT_FAILED
+    except ConfigError as exc:
+        # Found at start, say a shop target that does not fit its table: one line.
+        print(f"edrone-bridge {args.command}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except (KeyboardInterrupt, asyncio.CancelledError):
         return EXIT_INTERRUPTED
     except OPERATIONAL_ERRORS as exc:

@@ -20,6 +20,13 @@ from consumers import runtime
 from consumers.errors import Reject, RetryLater, describe_validation_error
 from consumers.runtime import APPLIED, Consumer, Delivery, Outcome
 from consumers.service import serve_consumer
+from consumers.shop_target import (
+    UNKNOWN_CUSTOMER,
+    Change,
+    ShopTarget,
+    apply_changes,
+    resolve_targets,
+)
 from schemas.subscription import SubscriptionStatusChanged
 
 log = structlog.get_logger(__name__)
@@ -69,7 +76,8 @@ WITH incoming AS (
         > (s.event_date, s.event_id COLLATE "C")
     RETURNING app_id, event_id
 )
-SELECT f.app_id, f.event_id, f.outcome, u.event_id IS NOT NULL AS upserted
+SELECT f.app_id, f.event_id, f.outcome, f.channel, f.address, f.status,
+       u.event_id IS NOT NULL AS upserted
 FROM fresh AS f
 LEFT JOIN upserted AS u ON u.app_id = f.app_id AND u.event_id = f.event_id
 """
@@ -99,11 +107,18 @@ def decode(body: bytes, apps: Mapping[str, AppConfig]) -> SubscriptionStatusChan
 
 
 class SubscriptionApplier:
-    """The batch handler: decode, drop in-batch duplicates, apply in one transaction."""
+    """The batch handler: decode, drop in-batch duplicates, apply in one transaction (the
+    ledger, the inbox and the shops' own tables of ``targets``)."""
 
-    def __init__(self, pool: asyncpg.Pool, apps: Mapping[str, AppConfig]) -> None:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        apps: Mapping[str, AppConfig],
+        targets: Mapping[str, ShopTarget] | None = None,
+    ) -> None:
         self._pool = pool
         self._apps = apps
+        self._targets = targets or {}
 
     async def __call__(self, deliveries: Sequence[Delivery]) -> list[Outcome]:
         outcomes: list[Outcome] = [DUPLICATE] * len(deliveries)
@@ -137,14 +152,32 @@ class SubscriptionApplier:
                         [row["app_id"] for row in older],
                         [row["event_id"] for row in older],
                     )
+                unknown = await self._apply_to_shops(conn, rows)
         except _RETRYABLE as exc:
             raise RetryLater(f"database: {type(exc).__name__}") from exc
         return {
             (row["app_id"], row["event_id"]): (
-                OLDER if row["outcome"] == APPLIED and not row["upserted"] else row["outcome"]
+                OLDER
+                if row["outcome"] == APPLIED and not row["upserted"]
+                else UNKNOWN_CUSTOMER
+                if (row["app_id"], row["event_id"]) in unknown
+                else row["outcome"]
             )
             for row in rows
         }
+
+    async def _apply_to_shops(
+        self, conn: asyncpg.Connection, rows: Sequence[asyncpg.Record]
+    ) -> set[tuple[str, str]]:
+        """Only what the ledger took goes to the shop (promise 3); the keys left unknown."""
+        if not self._targets:
+            return set()
+        changes = [
+            Change((row["app_id"], row["event_id"]), row["channel"], row["address"], row["status"])
+            for row in rows
+            if row["outcome"] == APPLIED and row["upserted"]
+        ]
+        return await apply_changes(conn, self._targets, changes)
 
     def _columns(self, events: list[SubscriptionStatusChanged]) -> list[list[Any]]:
         # Sorted by subscriber, so competing replicas lock rows in one order (fewer deadlocks).
@@ -170,12 +203,14 @@ def create_consumer(
     pool: asyncpg.Pool,
     settings: Settings,
     metrics: Metrics | None = None,
+    targets: Mapping[str, ShopTarget] | None = None,
 ) -> Consumer:
-    """The subscription consumer, configured from ``settings.subscriptions``."""
+    """The subscription consumer, configured from ``settings.subscriptions``; ``targets`` (from
+    :func:`resolve_targets`) are the shops' own tables it writes to as well."""
     return runtime.create_consumer(
         connection,
         queue=topology(settings).subscriptions_queue,
-        handler=SubscriptionApplier(pool, settings.apps),
+        handler=SubscriptionApplier(pool, settings.apps, targets),
         options=settings.subscriptions,
         topology=topology(settings),
         timeout_s=settings.subscriptions.db_batch_timeout_s,
@@ -199,7 +234,9 @@ async def serve(
     async def build(
         connection: AbstractConnection, pool: asyncpg.Pool, metrics: Metrics
     ) -> AsyncIterator[Consumer]:
-        async with create_consumer(connection, pool, settings, metrics) as consumer:
+        # Checked before consuming: a mapping that does not fit the table stops the start.
+        targets = await resolve_targets(pool, settings.apps)
+        async with create_consumer(connection, pool, settings, metrics, targets) as consumer:
             yield consumer
 
     await serve_consumer(

@@ -1,0 +1,241 @@
+"""The shop's own table as a target of edrone's changes, on a Magento-like and a PrestaShop-like
+schema created in the test's database: updated in the ledger's transaction, unknown customers
+counted (or created on request), and a mapping that does not fit the table stops the start."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+
+import pytest
+
+from bridge.config import AppConfig
+from consumers.shop_target import TargetMismatch, resolve_targets
+from consumers.subscriptions import create_consumer, serve
+from tests.conftest import TEST_APP_ID, TEST_SECRET
+from tests.consumers.support import make_event, publish, run_burst
+
+MAGENTO_TABLE = """
+CREATE TABLE newsletter_subscriber (
+    subscriber_id     serial PRIMARY KEY,
+    store_id          smallint NOT NULL DEFAULT 0,
+    subscriber_email  varchar(150),
+    subscriber_status integer NOT NULL DEFAULT 0,
+    change_status_at  timestamp
+)"""
+MAGENTO_TARGET = {
+    "table": "newsletter_subscriber",
+    "address_column": "subscriber_email",
+    "email_status_column": "subscriber_status",
+    "email_status_values": {"subscribed": 1, "unsubscribed": 3},
+    "set_now": ["change_status_at"],
+}
+PRESTASHOP_TABLE = """
+CREATE TABLE ps_customer (
+    id_customer serial PRIMARY KEY,
+    id_shop     integer NOT NULL,
+    email       varchar(255) NOT NULL,
+    newsletter  boolean NOT NULL DEFAULT false,
+    date_upd    timestamp NOT NULL
+)"""
+PRESTASHOP_TARGET = {
+    "table": "ps_customer",
+    "address_column": "email",
+    "email_status_column": "newsletter",
+    # PrestaShop's 0/1 flag, here in a boolean column: 1 and 0 are cast to true and false.
+    "email_status_values": {"subscribed": 1, "unsubscribed": 0},
+    "set_now": ["date_upd"],
+}
+
+
+def with_target(make_consumer_settings, **target):
+    return make_consumer_settings(apps={TEST_APP_ID: AppConfig(secret=TEST_SECRET, target=target)})
+
+
+async def consume(broker, pool, settings, events):
+    """Publish ``events``, check the mapping as ``serve`` does, handle them all."""
+    await publish(broker, settings, events)
+    targets = await resolve_targets(pool, settings.apps)
+    return await run_burst(create_consumer(broker, pool, settings, targets=targets))
+
+
+async def magento(db):
+    await db.execute(MAGENTO_TABLE)
+    await db.execute(
+        "INSERT INTO newsletter_subscriber (subscriber_email, subscriber_status) "
+        "VALUES ('jan@example.com', 1), ('anna@example.com', 3), ('ewa@example.com', 1)"
+    )
+
+
+async def magento_rows(db):
+    rows = await db.fetch(
+        "SELECT subscriber_email, subscriber_status, change_status_at IS NOT NULL AS changed "
+        "FROM newsletter_subscriber ORDER BY subscriber_id"
+    )
+    return [tuple(row) for row in rows]
+
+
+class TestMagento:
+    async def test_webhook_updates_the_shop_row(self, broker, db, pool, make_consumer_settings):
+        """edrone's unsubscribe and subscribe end in the shop's own column (3 and 1), with its
+        change time set, in the same transaction as the ledger."""
+        await magento(db)
+        settings = with_target(make_consumer_settings, **MAGENTO_TARGET)
+        events = [make_event("jan@example.com", status=0), make_event("anna@example.com", status=1)]
+
+        consumer = await consume(broker, pool, settings, events)
+
+        assert await magento_rows(db) == [
+            ("jan@example.com", 3, True),
+            ("anna@example.com", 1, True),
+            ("ewa@example.com", 1, False),
+        ]
+        assert consumer.counters.applied == 2
+        assert await db.fetchval("SELECT count(*) FROM subscribers") == 2
+
+    async def test_unknown_address_is_counted_not_created(
+        self, broker, db, pool, make_consumer_settings
+    ):
+        """An address without a shop row is acked as unknown_customer and no row is created;
+        the ledger still records what edrone said and the inbox says applied."""
+        await magento(db)
+        settings = with_target(make_consumer_settings, **MAGENTO_TARGET)
+        stranger = make_event("stranger@example.com", status=1)
+
+        consumer = await consume(broker, pool, settings, [stranger])
+
+        assert consumer.counters.skipped["unknown_customer"] == 1
+        assert consumer.counters.applied == 0
+        assert await db.fetchval("SELECT count(*) FROM newsletter_subscriber") == 3
+        assert (
+            await db.fetchval(
+                "SELECT status FROM subscribers WHERE address = 'stranger@example.com'"
+            )
+            == 1
+        )
+        assert await db.fetchval("SELECT outcome FROM inbox") == "applied"
+
+    async def test_older_and_duplicate_events_leave_the_shop_alone(
+        self, broker, db, pool, make_consumer_settings
+    ):
+        """Only what the ledger takes (newest wins) reaches the shop: a late older event and a
+        replay change nothing there."""
+        await magento(db)
+        settings = with_target(make_consumer_settings, **MAGENTO_TARGET)
+        newer = make_event("jan@example.com", status=0, at=timedelta(minutes=5))
+        older = make_event("jan@example.com", status=1, at=timedelta(minutes=1))
+        await consume(broker, pool, settings, [newer])
+        await db.execute("UPDATE newsletter_subscriber SET change_status_at = NULL")
+
+        consumer = await consume(broker, pool, settings, [older, newer])
+
+        assert (consumer.counters.skipped["older"], consumer.counters.skipped["duplicate"]) == (
+            1,
+            1,
+        )
+        assert (await magento_rows(db))[0] == ("jan@example.com", 3, False)
+
+    async def test_unknown_status_is_written_only_when_mapped(
+        self, broker, db, pool, make_consumer_settings
+    ):
+        """edrone's UNKNOWN leaves the shop's value unless `unknown` is mapped (Magento's 2)."""
+        await magento(db)
+        plain = with_target(make_consumer_settings, **MAGENTO_TARGET)
+        await consume(broker, pool, plain, [make_event("jan@example.com", status=None)])
+        assert (await magento_rows(db))[0] == ("jan@example.com", 1, False)
+
+        values = {"subscribed": 1, "unsubscribed": 3, "unknown": 2}
+        mapped = with_target(
+            make_consumer_settings, **{**MAGENTO_TARGET, "email_status_values": values}
+        )
+        later = make_event("jan@example.com", status=None, at=timedelta(minutes=1))
+        await consume(broker, pool, mapped, [later])
+        assert (await magento_rows(db))[0] == ("jan@example.com", 2, True)
+
+
+class TestPrestaShop:
+    async def test_webhook_updates_a_boolean_flag_matching_case_insensitively(
+        self, broker, db, pool, make_consumer_settings
+    ):
+        """A 0/1 mapping on a boolean column, and an address stored as typed in the shop
+        (mixed case) found by edrone's lower-cased one."""
+        await db.execute(PRESTASHOP_TABLE)
+        await db.execute(
+            "INSERT INTO ps_customer (id_shop, email, newsletter, date_upd) "
+            "VALUES (1, 'Jan.Kowalski@Example.com', false, '2020-01-01')"
+        )
+        settings = with_target(make_consumer_settings, **PRESTASHOP_TARGET)
+
+        await consume(broker, pool, settings, [make_event("jan.kowalski@example.com", status=1)])
+
+        row = await db.fetchrow(
+            "SELECT newsletter, date_upd > '2020-01-01' AS touched FROM ps_customer"
+        )
+        assert (row["newsletter"], row["touched"]) == (True, True)
+
+    async def test_create_missing_inserts_the_customer(
+        self, broker, db, pool, make_consumer_settings
+    ):
+        """With create_missing = true an unknown address gets a row, with the fixed values
+        given for the table's required columns."""
+        await db.execute(PRESTASHOP_TABLE)
+        settings = with_target(
+            make_consumer_settings,
+            **PRESTASHOP_TARGET,
+            create_missing=True,
+            set_values={"id_shop": 7},
+        )
+
+        consumer = await consume(broker, pool, settings, [make_event("new@example.com", status=1)])
+
+        rows = await db.fetch("SELECT id_shop, email, newsletter FROM ps_customer")
+        assert [tuple(r) for r in rows] == [(7, "new@example.com", True)]
+        assert consumer.counters.applied == 1
+
+
+class TestValidation:
+    @pytest.mark.parametrize(
+        ("override", "named"),
+        [
+            ({"email_status_column": "subscriber_stat"}, "'subscriber_stat' does not exist"),
+            ({"set_now": ["updated"]}, "set_now.updated: column 'updated' does not exist"),
+            ({"table": "newsletter"}, "target.table: no table 'newsletter'"),
+            (
+                {"email_status_values": {"subscribed": "yes", "unsubscribed": 3}},
+                "subscribed: 'yes' does not fit column 'subscriber_status' (integer)",
+            ),
+            ({"set_now": ["subscriber_email"]}, "'subscriber_email' is character varying(150)"),
+            (
+                {"create_missing": True, "address_column": "subscriber_email"},
+                None,  # every required column of Magento's table has a default: fits
+            ),
+        ],
+    )
+    async def test_a_mismatch_stops_the_start_naming_the_column(
+        self, broker, db, make_consumer_settings, override, named
+    ):
+        """serve() checks each app's mapping against the live table before consuming; a
+        mismatch raises with a message that names the option and the column."""
+        await magento(db)
+        settings = with_target(make_consumer_settings, **{**MAGENTO_TARGET, **override})
+        task = asyncio.create_task(serve(settings, asyncio.Event(), expose_metrics=False))
+        if named is None:
+            await asyncio.sleep(1.0)
+            assert not task.done()
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            return
+        with pytest.raises(TargetMismatch) as raised:
+            await asyncio.wait_for(task, 15)
+        assert named in str(raised.value)
+        assert f"apps.{TEST_APP_ID}.target" in str(raised.value)
+
+    async def test_create_missing_needs_every_required_column(
+        self, db, pool, make_consumer_settings
+    ):
+        """create_missing on a table with a NOT NULL column left unmapped names that column."""
+        await db.execute(PRESTASHOP_TABLE)
+        settings = with_target(make_consumer_settings, **PRESTASHOP_TARGET, create_missing=True)
+        with pytest.raises(TargetMismatch, match="create_missing: column 'id_shop' is NOT NULL"):
+            await resolve_targets(pool, settings.apps)
