@@ -200,6 +200,18 @@ class TraceSettings(ConsumerOptions):
         return tiers
 
 
+class RelaySettings(BaseModel):
+    """``edrone-bridge relay``: the shop's changes recorded by the outbox trigger, published."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    # Outbox rows read, coalesced per customer and published per transaction.
+    batch_size: int = Field(default=500, ge=1, le=10_000)
+    # The relay wakes on the trigger's NOTIFY; this poll is the fallback (a lost LISTEN
+    # connection, another relay holding the turn) and the pause after a failed batch.
+    poll_interval_s: float = Field(default=5.0, gt=0)
+
+
 def _parse_app_pairs(value: str) -> dict[str, dict[str, str]]:
     """``"app1:secret1,app2:secret2"`` → ``{"app1": {"secret": "secret1"}, ...}``."""
     apps: dict[str, dict[str, str]] = {}
@@ -280,6 +292,7 @@ class Settings(BaseSettings):
 
     subscriptions: SubscriptionConsumerSettings = SubscriptionConsumerSettings()
     traces: TraceSettings = TraceSettings()
+    relay: RelaySettings = RelaySettings()
 
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "json", "console"] = "auto"
