@@ -4,22 +4,17 @@ backoff and per-message dead-lettering; the handlers in ``consumers/`` supply on
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import sys
 import time
-from collections import Counter
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from types import TracebackType
 from typing import TypeVar
 
-import aiormq
 import structlog
 from aio_pika.abc import (
     AbstractChannel,
     AbstractConnection,
-    AbstractIncomingMessage,
     AbstractQueue,
     AbstractRobustChannel,
     ConsumerTag,
@@ -30,17 +25,21 @@ from bridge.config import ConsumerOptions
 from bridge.metrics import Metrics
 from consumers.copies import Copy, CopyPlanner, publish_copies
 from consumers.deadletter import DeadLetterPublisher, RetryPublisher
-from consumers.errors import Defer, Reject, RetryLater
+from consumers.errors import RetryLater
+from consumers.spec import (
+    APPLIED as APPLIED,  # re-exported: handlers import the runtime's vocabulary from here
+)
+from consumers.spec import (
+    ConsumerSpec,
+    Counters,
+    Delivery,
+    Handler,
+    Outcome,
+)
+from consumers.watchdog import WatchdogMixin
 
 log = structlog.get_logger(__name__)
 
-Delivery = AbstractIncomingMessage
-# Per message: the name of what happened ("applied", or a skip reason such as "duplicate"),
-# the Reject that sends it to the dead-letter queue, or the Defer that sends it to a retry tier.
-Outcome = str | Reject | Defer
-Handler = Callable[[Sequence[Delivery]], Awaitable[Sequence[Outcome]]]
-
-APPLIED = "applied"
 _T = TypeVar("_T")
 # What a failed ack/cancel/close on a lost channel raises: aio-pika's and aiormq's errors,
 # ConnectionError, RuntimeError (ChannelInvalidStateError), TimeoutError, and even the bare
@@ -49,66 +48,7 @@ _T = TypeVar("_T")
 _CHANNEL_ERRORS = (Exception,)
 
 
-@dataclass(frozen=True)
-class ConsumerSpec:
-    """What to consume and how to handle it; ``None`` fields take the :class:`Consumer`'s
-    defaults, as arq's ``func()`` options fall back to the worker's."""
-
-    queue: str
-    handler: Handler
-    batch_size: int | None = None
-    flush_interval_s: float | None = None
-    prefetch: int | None = None
-    # Bound on one handler call (one database transaction); past it the batch is retried.
-    timeout_s: float | None = None
-
-
-@dataclass
-class Counters:
-    """What the consumer did since it started; mirrored into ``metrics`` when given."""
-
-    applied: int = 0
-    skipped: Counter[str] = field(default_factory=Counter)
-    dead_lettered: int = 0
-    # Messages sent to a retry tier, by the tier's delay in seconds.
-    deferred: Counter[float] = field(default_factory=Counter)
-    batches: int = 0
-    retries: int = 0
-    # Deliveries forgotten because their channel was lost; the broker redelivers them.
-    dropped: int = 0
-    # Times the watchdog found the consumer lost and registered it again.
-    reregistered: int = 0
-    queue: str = ""
-    metrics: Metrics | None = field(default=None, repr=False)
-
-    def record_copy(self, copy: Copy) -> None:
-        if copy.tier_s is None:
-            self.dead_lettered += 1
-            if self.metrics:
-                self.metrics.dead_lettered.labels(self.queue).inc()
-        else:
-            self.deferred[copy.tier_s] += 1
-            if self.metrics:
-                self.metrics.retries.labels(self.queue, f"{copy.tier_s:g}s").inc()
-
-    def record(self, outcomes: Sequence[Outcome], duration_s: float) -> None:
-        tally = Counter(o for o in outcomes if isinstance(o, str))
-        if self.metrics:
-            for outcome, count in tally.items():
-                self.metrics.events.labels(self.queue, outcome).inc(count)
-            self.metrics.batch_size.labels(self.queue).observe(len(outcomes))
-            self.metrics.batch_seconds.labels(self.queue).observe(duration_s)
-        self.applied += tally.pop(APPLIED, 0)
-        self.skipped.update(tally)
-        self.batches += 1
-
-    def record_retry(self) -> None:
-        self.retries += 1
-        if self.metrics:
-            self.metrics.batch_retries.labels(self.queue).inc()
-
-
-class Consumer:
+class Consumer(WatchdogMixin):
     """Consumes ``spec.queue`` in micro-batches and hands each batch to ``spec.handler``.
 
     One batch is handled at a time while the next one fills from the prefetch. A batch is acked
@@ -282,66 +222,6 @@ class Consumer:
             except _CHANNEL_ERRORS as exc:
                 log.warning("channel_close_failed", queue=self.queue_name, error=repr(exc))
 
-    def _on_channel_change(self, *_: object) -> None:
-        # Closed (not ready until a check says so) or reopened by aio-pika (check at once).
-        self._registered = False
-        self._recheck.set()
-
-    async def _watch(self) -> None:
-        """Every ``watchdog_interval_s``, and at once after the consume channel closed or
-        reopened: is the broker delivering to us? aio-pika restores channels and consumers
-        after a reconnect; a consumer found lost at two checks in a row while the connection
-        is up (a restore gone wrong, a cancel it missed) is registered again."""
-        lost = 0
-        while True:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.watchdog_interval_s):
-                    await self._recheck.wait()
-            self._recheck.clear()
-            try:
-                lost = await self._check(lost)
-            except Exception:
-                # A watchdog that died would leave `ready` stuck; the traceback tells what to fix.
-                log.exception("consumer_watchdog_failed", queue=self.queue_name)
-
-    async def _check(self, lost: int) -> int:
-        """One look; returns how many checks in a row found the consumer lost."""
-        self._registered = await self._consuming()
-        if self._registered or not self._connection.connected.is_set():
-            return 0
-        lost += 1
-        if lost < 2:  # one check of grace: aio-pika may be restoring the channel right now
-            return lost
-        await self._register_again()
-        return 0
-
-    async def _consuming(self) -> bool:
-        channel, tag = self._channel, self._consumer_tag
-        if channel is None or tag is None or channel.is_closed:
-            return False
-        try:
-            async with asyncio.timeout(self.publish_timeout_s):
-                underlay = await channel.get_underlay_channel()
-        except _CHANNEL_ERRORS:
-            return False
-        return isinstance(underlay, aiormq.Channel) and tag in underlay.consumers
-
-    async def _register_again(self) -> None:
-        """Fresh channels and a new consumer; the old tag is cancelled first, so that aio-pika
-        cannot restore it beside the new one. Deliveries of the old channel are dropped (the
-        broker redelivers them)."""
-        log.warning("consumer_lost", queue=self.queue_name, action="registering again")
-        await self._cancel_consumer()
-        await self._close()
-        try:
-            async with asyncio.timeout(self.publish_timeout_s):
-                await self._open()
-        except _CHANNEL_ERRORS as exc:
-            log.warning("consumer_register_failed", queue=self.queue_name, error=repr(exc))
-            return
-        self.counters.reregistered += 1
-        log.info("consumer_registered_again", queue=self.queue_name)
-
     async def _on_message(self, message: Delivery) -> None:
         self._buffer.append(message)
         if len(self._buffer) >= self._wanted:
@@ -391,13 +271,6 @@ class Consumer:
         except TimeoutError:
             log.error("consumer_stop_timeout", queue=self.queue_name)
         await self._close()
-
-    async def _stop_watchdog(self) -> None:
-        task, self._watchdog = self._watchdog, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
 
     def _start_drain_clock(self) -> None:
         if self._drain is not None:

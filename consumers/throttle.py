@@ -6,28 +6,27 @@ import asyncio
 import math
 import time
 from collections import deque
-from collections.abc import Callable
-
-# How late a sleeper may wake and still have its slot's own time logged (see acquire).
-_OVERSHOOT_S = 0.005
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 
 
 class RateLimiter:
-    """At most ``rate_per_s`` call starts in any window of one second (plus ``margin_s``).
+    """At most ``rate_per_s`` requests reach edrone in any one-second window.
 
-    A sliding log, not a token bucket: a bucket lets a full burst follow a full second, which
-    puts twice the limit into one window; edrone's limit is per window. Waiters go in order.
+    edrone counts a request when it arrives, some time between our start and its answer. So a
+    slot is held from the start until the answer, and for a window after it: then, whatever the
+    delays, no window of arrivals can hold more than the limit. (Counting starts alone lets a
+    delayed request land less than a second before a prompt one: on a busy machine the
+    benchmark's fake-edrone saw 118 in one second.) A sliding log, not a token bucket, which
+    would let a full burst follow a full second. Waiters go in order.
 
-    A start is logged when the slot is taken, but edrone counts a request when it arrives, and
-    the delay between the two varies; ``margin_s`` is the variation allowed for. At 20 ms the
-    benchmark's fake-edrone, on a busy machine, saw up to 118 requests in one second (arrivals
-    up to 42 ms closer than their starts); 40 ms still keeps the rate above 95/s."""
+    With answers taking L seconds a slot turns over every 1 + L seconds: 98/s at 20 ms."""
 
     def __init__(
         self,
         rate_per_s: float,
         *,
-        margin_s: float = 0.04,
+        margin_s: float = 0.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if rate_per_s <= 0:
@@ -35,31 +34,46 @@ class RateLimiter:
         self._calls = max(1, math.floor(rate_per_s))
         # A rate below one per second becomes one call per 1/rate seconds.
         self._window_s = self._calls / rate_per_s + margin_s
-        self._starts: deque[float] = deque()
+        self._in_flight = 0
+        self._ends: deque[float] = deque()
+        self._ended = asyncio.Event()
         self._lock = asyncio.Lock()
         self._clock = clock
 
+    @asynccontextmanager
+    async def slot(self) -> AsyncIterator[float]:
+        """Hold a slot for one request; yields how long it waited (exactly 0.0 when a slot
+        was free at once: callers count the calls that had to wait)."""
+        waited = await self.acquire()
+        try:
+            yield waited
+        finally:
+            self.release()
+
     async def acquire(self) -> float:
-        """Wait for a slot; return how long that took, in seconds: exactly 0.0 when a slot
-        was free at once (callers count the calls that had to wait)."""
+        """Take a slot (give it back with :meth:`release` once the answer came)."""
         started = self._clock()
         # Queued behind a caller that sleeps for a slot is waiting too.
         waited = self._lock.locked()
         async with self._lock:
-            slot = 0.0
             while True:
                 now = self._clock()
-                while self._starts and now - self._starts[0] >= self._window_s:
-                    self._starts.popleft()
-                if len(self._starts) < self._calls:
-                    # Logged at the slot's own time, not at the (later) wake-up: otherwise each
-                    # sleep's overshoot adds up, window after window, and the rate sags. A wake-up
-                    # later than _OVERSHOOT_S is logged as it happened, so the margin covers it.
-                    self._starts.append(max(slot, now - _OVERSHOOT_S) if slot else now)
+                while self._ends and now - self._ends[0] >= self._window_s:
+                    self._ends.popleft()
+                if self._in_flight + len(self._ends) < self._calls:
+                    self._in_flight += 1
                     return now - started if waited else 0.0
                 waited = True
-                slot = self._starts[0] + self._window_s
-                await asyncio.sleep(slot - now)
+                if self._ends:
+                    await asyncio.sleep(self._ends[0] + self._window_s - now)
+                else:  # every slot is in flight: the next answer starts the clock
+                    self._ended.clear()
+                    await self._ended.wait()
+
+    def release(self) -> None:
+        self._in_flight -= 1
+        self._ends.append(self._clock())
+        self._ended.set()
 
 
 class Breaker:

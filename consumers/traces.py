@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
+from urllib.parse import urlencode
 
 import aiohttp
 import asyncpg
@@ -37,6 +38,7 @@ COALESCED = "coalesced"  # a newer change of the same customer came in the same 
 _RETRYABLE_STATUSES = frozenset({408, 425, 429})
 _EXCERPT_CHARS = 300
 _EDRONE_EVENT_ID = "x-edrone-event-id"
+_FORM_HEADERS = {"Content-Type": "application/x-www-form-urlencoded"}
 
 
 def decode(body: bytes, apps: Mapping[str, AppConfig]) -> tuple[str, CustomerSubscriptionChanged]:
@@ -173,7 +175,6 @@ class TraceForwarder:
                 if paused_s > 0:
                     self._metrics.traces.labels("paused").inc()
                     return _paused(paused_s), None
-                await self._pace(app_id)
                 form = trace_form(
                     event,
                     app_id,
@@ -182,11 +183,17 @@ class TraceForwarder:
                     platform_version=self._options.platform_version or self._version,
                     version=self._version,
                 )
-                return await self._post(form)
+                async with self._paced(app_id):
+                    return await self._post(form)
 
     async def _post(self, form: dict[str, str]) -> tuple[Outcome, str | None]:
         try:
-            async with self._session.post(self._url, data=form) as response:
+            # Encoded here, exactly as aiohttp's FormData would, without its per-call machinery
+            # (a tenth of the forwarder's CPU per trace, benchmarks/).
+            encoded = urlencode(form, doseq=True, encoding="utf-8").encode()
+            async with self._session.post(
+                self._url, data=encoded, headers=_FORM_HEADERS
+            ) as response:
                 body = await response.text(errors="replace")
                 status = response.status
                 after_s = retry_after_s(response.headers.get("Retry-After"))
@@ -213,15 +220,19 @@ class TraceForwarder:
         log.warning("trace_refused", status=status)
         return Reject(answer), None
 
-    async def _pace(self, app_id: str) -> None:
+    @asynccontextmanager
+    async def _paced(self, app_id: str) -> AsyncIterator[None]:
+        """Within the app's rate limit, for the whole call (see RateLimiter)."""
         limiter = self._limiter(app_id)
         if limiter is None:
+            yield
             return
-        waited_s = await limiter.acquire()
-        if waited_s > 0:
-            self.rate_limit_waits += 1
-            self._metrics.rate_limit_waits.labels(app_id).inc()
-            self._metrics.rate_limit_wait_seconds.labels(app_id).inc(waited_s)
+        async with limiter.slot() as waited_s:
+            if waited_s > 0:
+                self.rate_limit_waits += 1
+                self._metrics.rate_limit_waits.labels(app_id).inc()
+                self._metrics.rate_limit_wait_seconds.labels(app_id).inc(waited_s)
+            yield
 
     def _limiter(self, app_id: str) -> RateLimiter | None:
         rate = self._apps[app_id].rate_limit_per_s or self._options.rate_limit_per_s

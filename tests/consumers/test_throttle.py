@@ -28,8 +28,8 @@ class TestRateLimiter:
         starts: list[float] = []
 
         async def call() -> None:
-            await limiter.acquire()
-            starts.append(time.monotonic())
+            async with limiter.slot():
+                starts.append(time.monotonic())
 
         began = time.monotonic()
         await asyncio.gather(*(call() for _ in range(120)))
@@ -39,10 +39,24 @@ class TestRateLimiter:
 
     async def test_a_full_window_waits_for_its_oldest_call(self):
         """At 5/s five calls go at once; the sixth waits until the first leaves the window."""
-        limiter = RateLimiter(5, margin_s=0.0)
-        waits = [await limiter.acquire() for _ in range(6)]
+        limiter = RateLimiter(5)
+        waits = []
+        for _ in range(6):
+            async with limiter.slot() as waited:
+                waits.append(waited)
         assert waits[:5] == pytest.approx([0.0] * 5, abs=0.01)
         assert waits[5] == pytest.approx(1.0, abs=0.05)
+
+    async def test_a_slow_answer_holds_its_slot(self):
+        """A request counts until its answer and a window after: one that edrone receives
+        late can never land less than a second before the next one."""
+        limiter = RateLimiter(1)
+        async with limiter.slot():
+            await asyncio.sleep(0.3)  # edrone is slow to answer
+        began = time.monotonic()
+        async with limiter.slot() as waited:
+            assert waited > 0
+        assert time.monotonic() - began == pytest.approx(1.0, abs=0.05)
 
     def test_rate_must_be_positive(self):
         """A zero or negative rate is a configuration error, not an endless wait."""

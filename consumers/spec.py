@@ -1,0 +1,81 @@
+"""The runtime's vocabulary: what a handler gets and returns, what to consume, and what the
+consumer counted."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+
+from aio_pika.abc import AbstractIncomingMessage
+
+from bridge.metrics import Metrics
+from consumers.copies import Copy
+from consumers.errors import Defer, Reject
+
+Delivery = AbstractIncomingMessage
+# Per message: the name of what happened ("applied", or a skip reason such as "duplicate"),
+# the Reject that sends it to the dead-letter queue, or the Defer that sends it to a retry tier.
+Outcome = str | Reject | Defer
+Handler = Callable[[Sequence[Delivery]], Awaitable[Sequence[Outcome]]]
+
+APPLIED = "applied"
+
+
+@dataclass(frozen=True)
+class ConsumerSpec:
+    """What to consume and how to handle it; ``None`` fields take the :class:`Consumer`'s
+    defaults, as arq's ``func()`` options fall back to the worker's."""
+
+    queue: str
+    handler: Handler
+    batch_size: int | None = None
+    flush_interval_s: float | None = None
+    prefetch: int | None = None
+    # Bound on one handler call (one database transaction); past it the batch is retried.
+    timeout_s: float | None = None
+
+
+@dataclass
+class Counters:
+    """What the consumer did since it started; mirrored into ``metrics`` when given."""
+
+    applied: int = 0
+    skipped: Counter[str] = field(default_factory=Counter)
+    dead_lettered: int = 0
+    # Messages sent to a retry tier, by the tier's delay in seconds.
+    deferred: Counter[float] = field(default_factory=Counter)
+    batches: int = 0
+    retries: int = 0
+    # Deliveries forgotten because their channel was lost; the broker redelivers them.
+    dropped: int = 0
+    # Times the watchdog found the consumer lost and registered it again.
+    reregistered: int = 0
+    queue: str = ""
+    metrics: Metrics | None = field(default=None, repr=False)
+
+    def record_copy(self, copy: Copy) -> None:
+        if copy.tier_s is None:
+            self.dead_lettered += 1
+            if self.metrics:
+                self.metrics.dead_lettered.labels(self.queue).inc()
+        else:
+            self.deferred[copy.tier_s] += 1
+            if self.metrics:
+                self.metrics.retries.labels(self.queue, f"{copy.tier_s:g}s").inc()
+
+    def record(self, outcomes: Sequence[Outcome], duration_s: float) -> None:
+        tally = Counter(o for o in outcomes if isinstance(o, str))
+        if self.metrics:
+            for outcome, count in tally.items():
+                self.metrics.events.labels(self.queue, outcome).inc(count)
+            self.metrics.batch_size.labels(self.queue).observe(len(outcomes))
+            self.metrics.batch_seconds.labels(self.queue).observe(duration_s)
+        self.applied += tally.pop(APPLIED, 0)
+        self.skipped.update(tally)
+        self.batches += 1
+
+    def record_retry(self) -> None:
+        self.retries += 1
+        if self.metrics:
+            self.metrics.batch_retries.labels(self.queue).inc()
