@@ -178,6 +178,13 @@ async def run_consume_traces(settings: Settings, args: argparse.Namespace) -> in
     return 0
 
 
+async def run_relay(settings: Settings, args: argparse.Namespace) -> int:
+    from bridge.relay import serve
+
+    await serve(settings, stop_on_signals())
+    return 0
+
+
 async def run_all(settings: Settings, args: argparse.Namespace) -> int:
     """Migrate, then the ingress and both consumers side by side; each declares the topology it
     needs. A crash in one cancels the others; a part that returns before a stop was asked for
@@ -289,6 +296,13 @@ def build_parser() -> argparse.ArgumentParser:
         "forward the shop's subscription changes to edrone's trace API (RabbitMQ → edrone)",
     )
     add_command(commands, "migrate", run_migrate, "apply the pending SQL migrations and print them")
+    add_command(
+        commands,
+        "relay",
+        run_relay,
+        "install the outbox trigger on each app's target table, then publish the shop's changes "
+        "it records as platform events (PostgreSQL outbox → RabbitMQ), until SIGTERM/SIGINT",
+    )
     # Imported here, not at the top: both modules build on this one.
     from bridge import cli_dlq, cli_status, cli_tools
 
