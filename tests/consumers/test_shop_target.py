@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import asyncio
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 
-from bridge.config import AppConfig
+from bridge.config import AppConfig, load_settings
 from consumers.shop_target import TargetMismatch, resolve_targets
 from consumers.subscriptions import create_consumer, serve
 from tests.conftest import TEST_APP_ID, TEST_SECRET
@@ -239,3 +240,30 @@ class TestValidation:
         settings = with_target(make_consumer_settings, **PRESTASHOP_TARGET, create_missing=True)
         with pytest.raises(TargetMismatch, match="create_missing: column 'id_shop' is NOT NULL"):
             await resolve_targets(pool, settings.apps)
+
+
+def readme_target_examples() -> list[str]:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    blocks = [part.split("```", 1)[0] for part in readme.split("```toml\n")[1:]]
+    return [block for block in blocks if ".target]" in block]
+
+
+def load_example(block: str, tmp_path: Path) -> dict[str, AppConfig]:
+    app_id = block.split("[apps.", 1)[1].split(".target]", 1)[0]
+    path = tmp_path / f"{app_id}.toml"
+    body = block.replace('"public.ps_customer"', '"ps_customer"')
+    path.write_text(f'[apps.{app_id}]\nsecret = "s"\n{body}')
+    return load_settings(path).apps
+
+
+async def test_readme_examples_fit_their_tables(db, pool, tmp_path):
+    """The README's Magento and PrestaShop target examples load and pass the start's check
+    against the tables these tests create (PrestaShop's in the test's schema, not public)."""
+    blocks = readme_target_examples()
+    assert len(blocks) == 2
+    await magento(db)
+    await db.execute(PRESTASHOP_TABLE)
+    for block in blocks:
+        apps = load_example(block, tmp_path)
+        targets = await resolve_targets(pool, apps)
+        assert list(targets) == list(apps)
