@@ -225,3 +225,62 @@ class TestCommand:
             f"edrone-bridge {command[0]}: apps.{TEST_APP_ID}.target.email_status_column: "
             "column 'status' does not exist in newsletter_subscriber"
         ]
+
+
+async def test_sms_columns_are_applied_and_relayed(make_settings, db, amqp_connection):
+    """With an SMS mapping, edrone's SMS change finds its row by phone and sets the SMS flag
+    without echo; a shop change of that flag is relayed with phone and sms_subscriber_status."""
+    await db.execute(
+        "CREATE TABLE ps_customer (id_customer serial PRIMARY KEY, email text NOT NULL, "
+        "newsletter boolean NOT NULL DEFAULT false, phone_mobile text, sms_optin boolean)"
+    )
+    await db.execute(
+        "INSERT INTO ps_customer (email, phone_mobile) VALUES ('jan@example.com', '+48500100200')"
+    )
+    target = {
+        "table": "ps_customer",
+        "address_column": "email",
+        "email_status_column": "newsletter",
+        "sms_status_column": "sms_optin",
+        "phone_column": "phone_mobile",
+        "sms_status_values": {"subscribed": True, "unsubscribed": False},
+    }
+    settings = make_settings(
+        apps={TEST_APP_ID: AppConfig(secret=TEST_SECRET, target=target)},
+        subscriptions=SUBSCRIPTIONS,
+    )
+    pool = await create_pool(settings)
+    try:
+        targets = await resolve_targets(pool, settings.apps)
+        await install_triggers(db, settings, targets)
+        channel = await amqp_connection.channel(publisher_confirms=True)
+        async with channel:
+            await declare_topology(channel, settings)
+            await declare_trace_topology(channel, settings)
+            sms = make_event("+48500100200", channel="sms", status=1, reason=5)
+            await publish(amqp_connection, settings, [sms])
+            await run_burst(create_consumer(amqp_connection, pool, settings, targets=targets))
+            assert await db.fetchval("SELECT sms_optin FROM ps_customer") is True
+            assert await db.fetchval("SELECT count(*) FROM outbox") == 0
+
+            await db.execute("UPDATE ps_customer SET sms_optin = false")
+            exchange = await channel.get_exchange(settings.platform_exchange)
+            relay = Relay(pool, ConfirmedPublisher(channel, exchange, 5.0), settings)
+            assert await relay.publish_batch() == 1
+        [event] = await published(amqp_connection, settings)
+        assert (event["email"], event["subscriber_status"]) == ("jan@example.com", 0)
+        assert (event["phone"], event["sms_subscriber_status"]) == ("+48500100200", 0)
+    finally:
+        await asyncio.wait_for(pool.close(), 10)
+
+
+async def test_one_relay_at_a_time(db, relay, pool):
+    """While one relay holds the outbox's turn, another publishes nothing (the order per
+    address would not survive two at once); it takes over once the turn is free."""
+    await db.execute("UPDATE newsletter_subscriber SET subscriber_status = 3")
+    async with pool.acquire() as holder, holder.transaction():
+        assert await holder.fetchval(
+            "SELECT pg_try_advisory_xact_lock(hashtext(current_schema() || '.outbox'))"
+        )
+        assert await relay.publish_batch() == 0
+    assert await relay.publish_batch() == 2
