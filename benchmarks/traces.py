@@ -12,13 +12,14 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 import aio_pika
 import aiohttp
 
 from benchmarks import deployment as d
-from benchmarks.report import Row, Target
-from benchmarks.worker import Worker
+from benchmarks.report import Row, Target, median
+from benchmarks.worker import Worker, ping
 from bridge.amqp import connect, topology
 from bridge.config import Settings
 from bridge.db import create_pool
@@ -27,6 +28,7 @@ from consumers.traces import TraceForwarder, create_consumer, create_session
 from schemas.platform_event import CustomerSubscriptionChanged
 
 LATENCY_MS = 20
+FORM_HEADERS = {"Content-Type": "application/x-www-form-urlencoded"}
 
 
 def shop_events(count: int, tag: str) -> list[bytes]:
@@ -119,8 +121,10 @@ async def bare_posts(url: str, count: int, concurrency: int) -> float:
         async def poster() -> None:
             nonlocal ok
             for number in numbers:
+                # The body built per request, as the forwarder builds it.
                 fields = {**form, "email": f"bare-{number}@example.com"}
-                async with session.post(url, data=fields) as response:
+                body = urlencode(fields, doseq=True, encoding="utf-8").encode()
+                async with session.post(url, data=body, headers=FORM_HEADERS) as response:
                     await response.text()
                     ok += 200 <= response.status < 300
 
@@ -171,6 +175,21 @@ class TraceFigures:
     limited_busiest: list[float] = field(default_factory=list)
     # The shortest time that held 101 requests at the fake: under 1 s means a window above 100.
     tightest_s: list[float] = field(default_factory=list)
+    groups: dict[str, list[int]] = field(default_factory=dict)
+    cpu: dict[str, list[dict[str, float]]] = field(
+        default_factory=lambda: {"forwarder": [], "bare": []}
+    )
+
+    def cpu_note(self) -> str:
+        parts = []
+        for name, rates in (("forwarder", self.forwarder), ("bare", self.bare)):
+            if self.cpu[name]:
+                cores = {k: median([c[k] for c in self.cpu[name]]) for k in self.cpu[name][0]}
+                used = ", ".join(f"{k} {v:.2f}" for k, v in cores.items())
+                per_trace = cores["client"] / median(rates) * 1e6 if median(rates) else 0.0
+                parts.append(f"{name} run: {used} cores (client {per_trace:.0f} us/trace)")
+        return "CPU: " + "; ".join(parts)
+
     failures: list[str] = field(default_factory=list)
 
 
@@ -203,6 +222,7 @@ async def run(*, repeats: int, traces: int, limited_s: float, log_dir: Path) -> 
         await d.wait_http(f"{base_url}/healthz", fake)
         async with d.deployment(unlimited, traces=True):
             with Worker() as worker:
+                figures.groups = {"client": [await worker.run(ping)], "fake": [fake.pid]}
                 for repeat in range(repeats):
                     tag = f"tr{repeat}-{uuid.uuid4().hex[:6]}"
                     await _unlimited(worker, unlimited, traces, tag, figures)
@@ -217,13 +237,18 @@ async def _unlimited(
 ) -> None:
     base_url = settings.trace_url.removesuffix("/trace")
     await worker.run(preload, settings, traces, tag)
+    meter = d.CpuMeter(figures.groups)
+    meter.start()
     result = await worker.run(forward, settings, traces, None)
+    figures.cpu["forwarder"].append(meter.stop())
     figures.forwarder.append(result["rate"])
     if result["applied"] != traces:
         figures.failures.append(str(result))
+    meter.start()
     figures.bare.append(
         await worker.run(bare_posts, settings.trace_url, traces, settings.traces.concurrency)
     )
+    figures.cpu["bare"].append(meter.stop())
     await clear_fake(base_url)
 
 
@@ -251,6 +276,7 @@ def rows(figures: TraceFigures, traces: int, concurrency: int, limited_s: float)
         f"{traces:,} shop events per repeat, fake-edrone in its own process with"
         f" {LATENCY_MS} ms latency, concurrency {concurrency}"
     )
+    note += "; " + figures.cpu_note()
     if figures.failures:
         note += "; NOT ALL SENT: " + "; ".join(figures.failures)
     return [
