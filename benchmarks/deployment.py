@@ -101,7 +101,11 @@ def _env_value(value: Any) -> str:
 
 @asynccontextmanager
 async def deployment(
-    settings: Settings, *, traces: bool = False, database: bool = True
+    settings: Settings,
+    *,
+    traces: bool = False,
+    database: bool = True,
+    extra_queues: tuple[str, ...] = (),
 ) -> AsyncIterator[Settings]:
     """Declare the topology and migrate the schema; remove both on exit, whatever happened."""
     try:
@@ -120,7 +124,7 @@ async def deployment(
                 await conn.close()
         yield settings
     finally:
-        await remove(settings, extra_queues=())
+        await remove(settings, extra_queues=extra_queues)
 
 
 async def remove(settings: Settings, extra_queues: tuple[str, ...] = ()) -> None:

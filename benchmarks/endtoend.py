@@ -27,6 +27,7 @@ import asyncpg
 from benchmarks import deployment as d
 from benchmarks.loadgen import LoadGenerator
 from benchmarks.report import Row, Target, median
+from benchmarks.worker import Worker
 from bridge.config import Settings
 
 PATH = "/update_subscriber_status"
@@ -43,6 +44,7 @@ class Latencies:
     http_p50_ms: list[float] = field(default_factory=list)
     http_p99_ms: list[float] = field(default_factory=list)
     rejected: list[str] = field(default_factory=list)
+    raw: list[dict[str, float]] = field(default_factory=list)
 
     def add(
         self, p50: float, p99: float, http_p50: float, http_p99: float, statuses: dict[str, int]
@@ -185,6 +187,62 @@ async def measure_latency(
     )
 
 
+async def raw_latency(amqp_url: str, queue_name: str, rate_per_s: float, seconds: float) -> dict:
+    """The broker alone at the same rate: persistent confirmed publishes, open loop, to a quorum
+    queue that a raw consumer drains; (due -> confirm, due -> delivered) percentiles in ms."""
+    count = max(10, int(rate_per_s * seconds))
+    confirmed: list[float] = []
+    delivered: list[float] = []
+    connection = await aio_pika.connect(amqp_url, timeout=10)
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True)
+        consume_channel = await connection.channel()
+        await consume_channel.set_qos(prefetch_count=2000)
+        queue = await consume_channel.get_queue(queue_name)
+        due_at: dict[str, float] = {}
+        done = asyncio.Event()
+
+        async def on_message(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+            delivered.append((time.monotonic() - due_at[message.message_id or ""]) * 1000)
+            await message.ack()
+            if len(delivered) >= count:
+                done.set()
+
+        await queue.consume(on_message)
+
+        async def publish(number: int, due: float) -> None:
+            message = aio_pika.Message(
+                b"x" * 400, delivery_mode=aio_pika.DeliveryMode.PERSISTENT, message_id=str(number)
+            )
+            await channel.default_exchange.publish(message, queue_name, timeout=10)
+            confirmed.append((time.monotonic() - due) * 1000)
+
+        start = time.monotonic() + 0.2
+        tasks = set()
+        for number in range(count):
+            due = due_at[str(number)] = start + number / rate_per_s
+            delay = due - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            task = asyncio.create_task(publish(number, due))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+        await asyncio.gather(*list(tasks))
+        await asyncio.wait_for(done.wait(), 30)
+    return {
+        "confirm_p99": percentile(confirmed, 99),
+        "delivered_p50": percentile(delivered, 50),
+        "delivered_p99": percentile(delivered, 99),
+    }
+
+
+async def declare_raw_queue(settings: Settings, name: str) -> None:
+    connection = await aio_pika.connect(settings.amqp_url.get_secret_value(), timeout=10)
+    async with connection:
+        channel = await connection.channel()
+        await channel.declare_queue(name, durable=True, arguments={"x-queue-type": "quorum"})
+
+
 @dataclass
 class Processes:
     children: list[d.Child] = field(default_factory=list)
@@ -252,11 +310,14 @@ async def run(
     sampler = d.RssSampler(interval_s=1.0)
     generator = LoadGenerator()
     watcher = InboxWatcher(settings)
+    worker = Worker()
     stop_feed = asyncio.Event()
     soak_start = 0.0
+    raw_queue = f"{settings.amqp_prefix}.rawlat"
     try:
-        async with d.deployment(settings, traces=True):
+        async with d.deployment(settings, traces=True, extra_queues=(raw_queue,)):
             try:
+                await declare_raw_queue(settings, raw_queue)
                 await watcher.start()
                 await start_bridge(settings, workers, log_dir, processes)
                 for child in processes.children:
@@ -264,6 +325,15 @@ async def run(
                 sampler.start()
                 feeder = asyncio.create_task(feed_shop_events(settings, stop_feed))
                 for repeat in range(repeats):
+                    latencies.raw.append(
+                        await worker.run(
+                            raw_latency,
+                            settings.amqp_url.get_secret_value(),
+                            raw_queue,
+                            rate_per_s,
+                            latency_s,
+                        )
+                    )
                     found = await measure_latency(
                         generator,
                         watcher,
@@ -285,6 +355,7 @@ async def run(
                 await watcher.close()
     finally:
         generator.close()
+        worker.close()
     return rows(settings, latencies, sampler, soak_start, rate_per_s, latency_s, soak_s)
 
 
@@ -341,7 +412,13 @@ def rows(
             "end to end: p99 webhook → ledger",
             "ms",
             latencies.p99_ms,
+            baseline="broker alone, publish→deliver p99",
+            baseline_samples=[r["delivered_p99"] for r in latencies.raw],
             target=Target(f"≤ flush {flush_ms} + 25 = {limit_ms} ms", max_value=limit_ms),
+            note=f"the broker alone (raw confirmed publishes at the same rate, open loop, to a"
+            f" quorum queue a raw consumer drains, just before each repeat): confirm p99"
+            f" {median([r['confirm_p99'] for r in latencies.raw]):.1f} ms, delivered p50"
+            f" {median([r['delivered_p50'] for r in latencies.raw]):.1f} ms",
         ),
     ]
     half = soak_start + soak_s / 2
