@@ -123,6 +123,10 @@ class Consumer(WatchdogMixin):
         # Filled by the consume callback; a plain list and one event, so that a delivery
         # costs an append and no await of ours.
         self._buffer: list[Delivery] = []
+        # When the oldest buffered message came: the flush interval runs from then, so a
+        # message that arrived while the last batch committed does not wait a whole interval
+        # more (benchmarks/: end-to-end p99 was about flush + 2 commits, now flush + 1).
+        self._first_arrival = 0.0
         self._wanted = sys.maxsize
         self._arrived = asyncio.Event()
         self._stopping = asyncio.Event()
@@ -223,6 +227,8 @@ class Consumer(WatchdogMixin):
                 log.warning("channel_close_failed", queue=self.queue_name, error=repr(exc))
 
     async def _on_message(self, message: Delivery) -> None:
+        if not self._buffer:
+            self._first_arrival = time.monotonic()
         self._buffer.append(message)
         if len(self._buffer) >= self._wanted:
             self._arrived.set()
@@ -302,9 +308,12 @@ class Consumer(WatchdogMixin):
             if not await self._wait_for(1, idle_s) and burst and await self._queue_is_idle():
                 return None
         if not self._stopping.is_set():
-            await self._wait_for(self.batch_size, self.flush_interval_s)
+            left_s = self._first_arrival + self.flush_interval_s - time.monotonic()
+            await self._wait_for(self.batch_size, max(left_s, 0.0))
         batch = self._buffer[: self.batch_size]
         del self._buffer[: self.batch_size]
+        # Whatever stays behind came before now; its interval is counted from now, at worst.
+        self._first_arrival = time.monotonic()
         return batch
 
     async def _wait_for(self, count: int, timeout_s: float | None) -> bool:
