@@ -16,6 +16,6 @@ bench:
 bench-quick:
 	$(PYTHON) -m benchmarks --quick $(BENCH_ARGS)
 
-# The 5-minute memory soak (with the ingress run first, for its maximum rate).
+# The 5-minute memory soak (with the ingress run first, for its maximum rate): about 7 minutes.
 soak:
 	$(PYTHON) -m benchmarks --only ingress,endtoend --soak-s 300 $(BENCH_ARGS)
