@@ -160,8 +160,9 @@ async def run(
         ingress = d.start_child("ingress", d.bridge_command("ingress"), env, log_dir)
         bare_env = d.environment(settings)
         bare = d.start_child("bare-aiohttp", d.bare_command(bare_port), bare_env, log_dir)
-        generator = LoadGenerator()
+        generator: LoadGenerator | None = None
         try:
+            generator = LoadGenerator()
             with Worker() as publisher:
                 await d.wait_http(f"http://127.0.0.1:{settings.http_port}/readyz", ingress)
                 await d.wait_http(f"http://127.0.0.1:{bare_port}/readyz", bare)
@@ -187,7 +188,8 @@ async def run(
                 for repeat in range(repeats):
                     await _repeat(setup, repeat, figures)
         finally:
-            generator.close()
+            if generator is not None:
+                generator.close()
             await d.stop_child(ingress)
             await d.stop_child(bare)
     return rows(figures, concurrency, workers, requests), figures
