@@ -119,7 +119,7 @@ def describe(
     death = broker_death(headers)
     attempts = _as_int(headers.get(HEADER_ATTEMPTS))
     error = _as_str(headers.get(HEADER_ERROR))
-    when = _as_datetime(headers.get(HEADER_DEAD_LETTERED_AT))
+    when = as_datetime(headers.get(HEADER_DEAD_LETTERED_AT))
     if death is not None and HEADER_DEAD_LETTERED_AT not in headers:
         attempts, error, when = _broker_story(death, attempts, error, limits)
     original = _as_str(headers.get(HEADER_ORIGINAL_QUEUE))
@@ -133,7 +133,7 @@ def describe(
         attempts=attempts,
         error=error,
         original_queue=original,
-        dead_lettered_at=when or _as_datetime(delivery.timestamp),
+        dead_lettered_at=when or as_datetime(delivery.timestamp),
     )
 
 
@@ -149,7 +149,7 @@ def _broker_story(
     else:
         deliveries = _as_int(death.get("count")) or 1
     story = f"{reason} (dead-lettered by the broker)" + (f"; before: {error}" if error else "")
-    return (recorded or 0) + deliveries, story, _as_datetime(death.get("time"))
+    return (recorded or 0) + deliveries, story, as_datetime(death.get("time"))
 
 
 def broker_death(headers: Mapping[str, Any]) -> dict[str, Any] | None:
@@ -221,7 +221,11 @@ def _as_str(value: Any) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
-def _as_datetime(value: Any) -> datetime | None:
+def as_datetime(value: Any) -> datetime | None:
+    """A header's time (an ISO string, its bytes, or an AMQP timestamp) as an aware datetime;
+    None when it is none of those."""
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", errors="replace")
     if isinstance(value, str):
         try:
             value = datetime.fromisoformat(value)

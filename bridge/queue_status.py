@@ -21,7 +21,7 @@ from aio_pika.exceptions import AMQPError, ChannelInvalidStateError, ChannelNotF
 from yarl import URL
 
 from bridge.amqp import HEADER_DEAD_LETTERED_AT, HEADER_FIRST_FAILURE
-from bridge.dlq_messages import broker_death
+from bridge.dlq_messages import as_datetime, broker_death
 
 MANAGEMENT_PORT = 15672
 MANAGEMENT_TLS_PORT = 15671
@@ -274,7 +274,7 @@ def head_age(
         ]
     candidates += [("first_failure", headers.get(HEADER_FIRST_FAILURE)), ("published", timestamp)]
     for since, value in candidates:
-        when = _as_datetime(value)
+        when = as_datetime(value)
         if when is not None:
             return max((now - when).total_seconds(), 0.0), since
     return None, None
@@ -293,16 +293,3 @@ def error_text(exc: BaseException, timeout_s: float) -> str:
     if isinstance(exc, TimeoutError):
         return f"no answer within {timeout_s:g} s"
     return str(exc) or type(exc).__name__
-
-
-def _as_datetime(value: Any) -> datetime | None:
-    if isinstance(value, bytes):
-        value = value.decode("utf-8", errors="replace")
-    if isinstance(value, str):
-        try:
-            value = datetime.fromisoformat(value)
-        except ValueError:
-            return None
-    if not isinstance(value, datetime):
-        return None
-    return value if value.tzinfo else value.replace(tzinfo=UTC)
