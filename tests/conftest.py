@@ -117,7 +117,7 @@ async def make_settings(amqp_url: str, database_url: str) -> AsyncIterator[Calla
             platform_exchange=platform_exchange,
             traces={"retry_tiers_s": tiers},
         )
-        await _remove_amqp(base)
+        await remove_amqp(base)
         await _drop_schema(base)
 
 
@@ -127,7 +127,8 @@ def settings(make_settings: Callable[..., Settings]) -> Settings:
     return make_settings()
 
 
-async def _remove_amqp(settings: Settings) -> None:
+async def remove_amqp(settings: Settings) -> None:
+    """Delete every queue and exchange of the settings' deployment (and its platform exchange)."""
     names = topology(settings)
     connection = await aio_pika.connect(settings.amqp_url.get_secret_value(), timeout=10)
     async with connection:

@@ -12,88 +12,29 @@ from hypothesis import strategies as st
 
 from bridge import signing
 from bridge.simulate import build_webhook, signature_parts
+from tests.vectors import APP_ID, SECRET, VECTOR_A
+from tests.vectors import VECTORS as ALL_VECTORS
 
-APP_ID = "5f3e1a2b3c4d5"
-SECRET = "s3cr3t-app-secret"
-EMAIL = "jan.kowalski@example.com"
-PHONE = "+48500100200"
-SIG_A = "MjFkYWM4NDEzMTc0YmY1MTlhOWFhNDI5OTUwZGM2N2E4NjExYzYzMDE0NjI2N2Q5N2NjMzgyZGU3ZTQwMGNjOQ=="
+VERSIONS = {
+    "A": "NATIVE_5",
+    "B": "NATIVE_5",
+    "C": "NATIVE_5",
+    "D": "LEGACY_UPDATE",
+    "E": "LEGACY_UNSUBSCRIBE",
+    "F": "NATIVE_5",
+}
 
-# (vector, version, fields as edrone sends them, expected signature or token)
-VECTORS = [
-    (
-        "A",
-        "NATIVE_5",
-        {
-            "subscription_status_type_id": "1",
-            "email": EMAIL,
-            "phone": PHONE,
-            "subscriber_status": "0",
-            "subscription_status_reason": "1",
-            "event_date": "2024-01-15 10:30:00",
-            "event_id": "evt-123",
-        },
-        SIG_A,
-    ),
-    (
-        "B",
-        "NATIVE_5",
-        {
-            "subscription_status_type_id": "2",
-            "email": EMAIL,
-            "phone": PHONE,
-            "subscriber_status": "1",
-            "subscription_status_reason": "5",
-            "event_date": "2024-01-15T10:30:00.123Z",
-            "event_id": "9f1c2e7a-1b2c-4d3e-8f90-aa11bb22cc33",
-        },
-        "NTY2NmVjNzFjYzdjNWU2NmM1YTg1ZWU5YjYwNDc2ZmM0Zjc5MmMwZTVjNjIwYjI2M2U5NGVmZmVmMDM2YTJlMA==",
-    ),
-    (
-        "C",
-        "NATIVE_5",
-        {
-            "subscription_status_type_id": "1",
-            "email": EMAIL,
-            "phone": PHONE,
-            "subscriber_status": "",
-            "subscription_status_reason": "13",
-            "event_date": "2024-01-15 10:30:00",
-            "event_id": "evt-125",
-        },
-        "MTAyNzViZjAwOWYyMzg1ZjdhOWRiYmE4N2IwNTMyMTdhZWZjY2I5OTdkZDViOWZkOTQzZTJkMGI1ODcwMGNkZg==",
-    ),
-    (
-        "D",
-        "LEGACY_UPDATE",
-        {
-            "email": EMAIL,
-            "subscriber_status": "1",
-            "event_date": "2024-01-15 10:30:00",
-            "event_id": "evt-126",
-        },
-        "ZTVjNTMyMmEyZDk4ODAwYmUxNzYzODU1MjM4YmEzZmFlZjJjOWYyYTI4NGNlMzQ4YWY5YTk5ZjM2ZjQ2NzNmZA==",
-    ),
-    (
-        "E",
-        "LEGACY_UNSUBSCRIBE",
-        {"email": EMAIL},
-        "7a8585bb3931f7a23c905314519624b5326c75b73c76f34ed4762820338fbbbc",
-    ),
-    (
-        "F",
-        "NATIVE_5",
-        {
-            "subscription_status_type_id": "1",
-            "email": "zażółć@example.pl",
-            "subscriber_status": "1",
-            "subscription_status_reason": "10",
-            "event_date": "2024-01-15 10:30:00",
-            "event_id": "evt-127",
-        },
-        "ZjZjMDBiMDk1MTYzYzFlYzg2YTU4YzUzNzM3OWI1YzdlYTkyNmI1NTc0NmQyMmY0NDNhYmE1ZGQyYTA4YzdiZQ==",
-    ),
-]
+
+def _vector(name: str, sent: dict[str, str]) -> tuple[str, str, dict[str, str], str]:
+    """(vector, version, the signed fields as edrone sends them, its signature or token)."""
+    proof = sent.get("signature") or sent["token"]
+    fields = {k: v for k, v in sent.items() if k not in ("signature", "token", "app_id")}
+    return name, VERSIONS[name], fields, proof
+
+
+# The vectors themselves are quoted once, in tests/vectors.py.
+VECTORS = [_vector(name, sent) for name, (sent, *_) in sorted(ALL_VECTORS.items())]
+SIG_A = VECTOR_A["signature"]
 VECTOR_IDS = [vector[0] for vector in VECTORS]
 
 

@@ -16,6 +16,7 @@ from bridge.db import create_pool
 from bridge.ingress.app import create_app
 from consumers import subscriptions, traces
 from consumers.runtime import Consumer
+from tests.conftest import remove_amqp
 from tests.consumers.support import (
     make_event,
     publish,
@@ -184,19 +185,6 @@ class TestTraceConsumer:
         assert duplicated == 0
 
 
-async def forget_topology(settings) -> None:
-    """Delete every queue and exchange of the test's deployment: a broker that comes back
-    without its definitions (a new node, a container without its volume)."""
-    names = topology(settings)
-    connection = await aio_pika.connect(settings.amqp_url.get_secret_value(), timeout=10)
-    async with connection:
-        channel = await connection.channel()
-        for queue in names.queues(settings.traces.retry_tiers_s):
-            await channel.queue_delete(queue, if_unused=False, if_empty=False)
-        for exchange in [*names.exchanges(), settings.platform_exchange]:
-            await channel.exchange_delete(exchange, if_unused=False)
-
-
 class TestTopologyRestore:
     async def test_every_process_declares_its_topology_again(
         self,
@@ -230,7 +218,9 @@ class TestTopologyRestore:
             await wait_for_count(db, "SELECT count(*) FROM inbox", 50, 10)
             await wait_until(lambda: [c.ready for c in consumers_made] == [True, True], 10)
             await amqp_proxy.cut()
-            await forget_topology(direct)
+            # A broker that comes back without its definitions (a new node, a container
+            # without its volume): every queue and exchange of the deployment is gone.
+            await remove_amqp(direct)
             await amqp_proxy.restore()
             await wait_ready(str(client.make_url("")).rstrip("/"))
             after = history(200, addresses=200, seed=7, tag="after")
