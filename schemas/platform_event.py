@@ -6,7 +6,17 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+)
+
+from schemas.fields import Email, PlainText, StorableText, check_floor
 
 SCHEMA_FILE = Path(__file__).with_name("customer_subscription_changed.schema.json")
 EXAMPLE_FILE = Path(__file__).parent / "examples" / "customer_subscription_changed.json"
@@ -16,11 +26,10 @@ def _as_utc(value: datetime) -> datetime:
     # A shop that leaves out the offset means UTC, as edrone's own dates do.
     if value.utcoffset() is None:
         return value.replace(tzinfo=UTC)
-    return value.astimezone(UTC)
-
-
-def _normalise_email(value: object) -> object:
-    return value.strip().lower() if isinstance(value, str) else value
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:  # year 1 east of UTC, year 9999 west of it
+        raise ValueError("is out of the range of dates") from None
 
 
 def _tags(value: object) -> object:
@@ -38,22 +47,27 @@ class CustomerSubscriptionChanged(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="ignore")
 
-    event_id: str = Field(min_length=1, max_length=255)
+    event_id: PlainText = Field(min_length=1, max_length=255)
+    # When the change was made; never before the date floor (2000-01-01 unless configured). A
+    # date in the future is ordered as if no later than its consumption plus the clock skew.
     occurred_at: Annotated[datetime, AfterValidator(_as_utc)]
-    email: Annotated[
-        str,
-        BeforeValidator(_normalise_email),
-        Field(min_length=3, max_length=254, pattern=r"^[^@\s]+@[^@\s]+$"),
-    ]
+    # Normalised as the ingress normalises edrone's: trimmed, lower-cased, the domain in
+    # IDNA's Unicode form, so that one mailbox is one address on both paths.
+    email: Email
     # 1 subscribed, 0 unsubscribed, null unknown; the key itself is required.
     subscriber_status: Status
     # Which edrone app (shop) the change belongs to; the only configured app when left out.
-    app_id: str | None = Field(default=None, min_length=1, max_length=255)
-    phone: str | None = Field(default=None, max_length=64)
+    app_id: PlainText | None = Field(default=None, min_length=1, max_length=255)
+    phone: PlainText | None = Field(default=None, max_length=64)
     sms_subscriber_status: Status = None
-    first_name: str | None = Field(default=None, max_length=255)
-    last_name: str | None = Field(default=None, max_length=255)
-    customer_tags: Annotated[list[str] | None, BeforeValidator(_tags)] = None
+    first_name: StorableText | None = Field(default=None, max_length=255)
+    last_name: StorableText | None = Field(default=None, max_length=255)
+    customer_tags: Annotated[list[StorableText] | None, BeforeValidator(_tags)] = None
+
+    @field_validator("occurred_at")
+    @classmethod
+    def _after_floor(cls, value: datetime, info: ValidationInfo) -> datetime:
+        return check_floor(value, info)
 
 
 def json_schema() -> dict[str, object]:
@@ -63,3 +77,9 @@ def json_schema() -> dict[str, object]:
         "$id": "edrone-bridge/customer_subscription_changed.schema.json",
         **CustomerSubscriptionChanged.model_json_schema(),
     }
+
+
+if __name__ == "__main__":  # regenerate the shipped file: python -m schemas.platform_event
+    import json
+
+    SCHEMA_FILE.write_text(json.dumps(json_schema(), indent=2, ensure_ascii=False) + "\n")

@@ -6,7 +6,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+
+from schemas.fields import Int4, PlainText, check_floor
 
 SCHEMA_FILE = Path(__file__).with_name("subscription_status_changed.schema.json")
 
@@ -17,35 +19,50 @@ Protocol = Literal["NATIVE_5", "NATIVE_4", "LEGACY_UPDATE", "LEGACY_UNSUBSCRIBE"
 def _must_be_utc(value: datetime) -> datetime:
     if value.utcoffset() is None:
         raise ValueError("timestamp must carry a UTC offset")
-    return value.astimezone(UTC)
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:  # year 1 east of UTC, year 9999 west of it
+        raise ValueError("is out of the range of dates") from None
 
 
 UtcDatetime = Annotated[datetime, AfterValidator(_must_be_utc)]
 
 
 class SubscriptionStatusChanged(BaseModel):
-    """A verified, normalised status change for one address on one channel of one app."""
+    """A verified, normalised status change for one address on one channel of one app.
+
+    The ingress builds it and the consumer reads it with the same rules (``schemas.fields``):
+    whatever the ingress accepted, the consumer can store."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     schema_version: Literal[1] = 1
-    app_id: str = Field(min_length=1, max_length=255)
+    app_id: PlainText = Field(min_length=1, max_length=255)
     channel: Channel
-    # The e-mail (trimmed, lower-cased) for the e-mail channel, the phone (trimmed) for SMS.
-    address: str = Field(min_length=1, max_length=320)
+    # The e-mail (trimmed, lower-cased, its domain in IDNA's Unicode form) for the e-mail
+    # channel, the phone (trimmed) for SMS.
+    address: PlainText = Field(min_length=1, max_length=320)
     # The other identifier edrone sent along, if any (the e-mail of an SMS change, say).
-    email: str | None = Field(default=None, max_length=320)
-    phone: str | None = Field(default=None, max_length=64)
+    email: PlainText | None = Field(default=None, max_length=320)
+    phone: PlainText | None = Field(default=None, max_length=64)
     # 1 subscribed, 0 unsubscribed, None when edrone has no information (its UNKNOWN).
     status: Literal[0, 1] | None
-    reason: int | None = None
-    reason_name: str | None = None
-    event_id: str = Field(min_length=1, max_length=255)
+    reason: Int4 | None = None
+    reason_name: PlainText | None = None
+    event_id: PlainText = Field(min_length=1, max_length=255)
+    # When edrone says the change happened; never before the date floor (2000-01-01 unless
+    # configured). A date in the future is kept as stated: the consumer orders it as if made
+    # no later than received_at plus the allowed clock skew.
     event_date: UtcDatetime
     # As received: the signature covers this exact string.
-    event_date_raw: str = Field(max_length=64)
+    event_date_raw: PlainText = Field(max_length=64)
     received_at: UtcDatetime
     protocol: Protocol
+
+    @field_validator("event_date")
+    @classmethod
+    def _after_floor(cls, value: datetime, info: ValidationInfo) -> datetime:
+        return check_floor(value, info)
 
 
 def json_schema() -> dict[str, object]:
