@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from datetime import UTC, date, datetime, time, timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -158,6 +159,9 @@ class ConsumerOptions(BaseModel):
     # How often the consumer checks that the broker still delivers to it; a consumer found
     # lost at two checks in a row is registered again on fresh channels.
     watchdog_interval_s: float = Field(default=5.0, gt=0)
+    # A message in this many failed batches is dead-lettered whatever the cause (DESIGN.md
+    # promise 7); only failures while the database answered count, so an outage does not.
+    max_batch_failures: int = Field(default=10, ge=1, le=1_000)
 
 
 class SubscriptionConsumerSettings(ConsumerOptions):
@@ -212,6 +216,9 @@ class RelaySettings(BaseModel):
     # The relay wakes on the trigger's NOTIFY; this poll is the fallback (a lost LISTEN
     # connection, another relay holding the turn) and the pause after a failed batch.
     poll_interval_s: float = Field(default=5.0, gt=0)
+    # Batches failing this many times in a row while the database answers are taken apart
+    # row by row, and the row that fails alone is set aside with its error.
+    max_batch_failures: int = Field(default=10, ge=1, le=1_000)
 
 
 def _parse_app_pairs(value: str) -> dict[str, dict[str, str]]:
@@ -264,6 +271,13 @@ class Settings(BaseSettings):
     # Told to edrone (and to any other caller) in Retry-After when the broker cannot take a webhook.
     retry_after_s: int = Field(default=30, ge=1)
     shutdown_timeout_s: float = Field(default=10.0, gt=0)
+    # A webhook's event_date (or a shop event's occurred_at) before this day is refused: no
+    # clock that is right says so (400 at the ingress, dead-lettered on the trace path).
+    event_date_floor: date = date(2000, 1, 1)
+    # A change dated later than its receipt by more than this is ordered (newest wins) as if
+    # made at receipt plus this, so that a wrong zone or clock holds an address this long at
+    # most, instead of for ever; each such date is counted and logged.
+    max_clock_skew_s: float = Field(default=300.0, ge=0)
     # /metrics, /healthz and /readyz of a consumer process (`consume ...`; 0: any free port).
     # The ingress and `run` serve them on http_port.
     metrics_port: int = Field(default=9100, ge=0, le=65_535)
@@ -274,6 +288,16 @@ class Settings(BaseSettings):
     max_request_line_bytes: int = Field(default=8190, ge=256)
     max_header_bytes: int = Field(default=8190, ge=256)
     max_headers: int = Field(default=64, ge=8)
+    # Slow and idle clients (a connection each, until file descriptors run out): a request head
+    # must arrive within http_head_timeout_s of its first byte (or of the connection), a body
+    # within http_body_timeout_s of the handler starting to read it; a keep-alive connection
+    # with no new request for http_idle_timeout_s is closed (behind a load balancer, keep it
+    # above the balancer's own idle timeout). Over http_max_connections open in one process,
+    # a new connection gets 503 and is closed.
+    http_head_timeout_s: float = Field(default=5.0, gt=0, le=300)
+    http_body_timeout_s: float = Field(default=5.0, gt=0, le=300)
+    http_idle_timeout_s: float = Field(default=15.0, gt=0, le=3_600)
+    http_max_connections: int = Field(default=1000, ge=1, le=1_000_000)
     # Source networks that may call the ingress; empty allows every source. /healthz and /readyz
     # stay open to all, for orchestrators.
     ingress_allowed_networks: Networks = ()
@@ -295,6 +319,15 @@ class Settings(BaseSettings):
     subscriptions: SubscriptionConsumerSettings = SubscriptionConsumerSettings()
     traces: TraceSettings = TraceSettings()
     relay: RelaySettings = RelaySettings()
+
+    @property
+    def date_floor(self) -> datetime:
+        """``event_date_floor`` as the UTC instant the message models compare with."""
+        return datetime.combine(self.event_date_floor, time(), tzinfo=UTC)
+
+    @property
+    def clock_skew(self) -> timedelta:
+        return timedelta(seconds=self.max_clock_skew_s)
 
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "json", "console"] = "auto"

@@ -48,6 +48,15 @@ class Metrics:
         self.publish_confirm_seconds = _histogram(
             r, "publish_confirm_seconds", "From publish to the broker's confirm", _FAST_BUCKETS
         )
+        self.ingress_connections = _gauge(
+            r, "ingress_connections", "HTTP connections open to this ingress process"
+        )
+        self.ingress_connections_cut = _counter(
+            r,
+            "ingress_connections_cut",
+            "HTTP connections closed or refused for being slow, idle or too many, by reason",
+            "reason",
+        )
         # The consumers
         self.events = _counter(
             r, "events", "Messages handled, by queue and outcome", "queue", "outcome"
@@ -67,6 +76,18 @@ class Metrics:
         )
         self.retries = _counter(r, "retries", "Messages sent to a retry tier", "queue", "tier")
         self.dead_lettered = _counter(r, "dead_lettered", "Messages dead-lettered", "queue")
+        self.batch_splits = _counter(
+            r,
+            "batch_splits",
+            "Failing batches split in halves to find the message that fails them",
+            "queue",
+        )
+        self.dates_clamped = _counter(
+            r,
+            "dates_clamped",
+            "Changes dated later than their receipt plus the clock skew, ordered as if not",
+            "queue",
+        )
         # The trace forwarder
         self.traces = _counter(r, "traces", "Trace calls to edrone by outcome", "outcome")
         self.rate_limit_waits = _counter(

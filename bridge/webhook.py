@@ -4,18 +4,24 @@ edrone-protocol.md §1 is the reference for every field, version and formula use
 
 from __future__ import annotations
 
-import functools
 import re
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from email_validator import EmailNotValidError, validate_email
 from pydantic import ValidationError
 
 from bridge import signing
 from bridge.config import AppConfig, ProtocolVersion
+from schemas.fields import (
+    DATE_FLOOR_CONTEXT,
+    DEFAULT_DATE_FLOOR,
+    INT4_MAX,
+    INT4_MIN,
+    control_character,
+)
+from schemas.fields import normalise_email as canonical_email
 from schemas.reasons import reason_name
 from schemas.subscription import SubscriptionStatusChanged
 
@@ -43,11 +49,17 @@ REQUIRED_FIELDS: dict[str, tuple[str, ...]] = {
     "LEGACY_UNSUBSCRIBE": ("email", "token"),
 }
 LEGACY_VERSIONS = ("LEGACY_UPDATE", "LEGACY_UNSUBSCRIBE")
+# Signed fields that must also carry a value: an empty event_id would be no key for the inbox
+# (edrone's retries applied twice), an empty event_date no date to order by.
+NON_EMPTY_FIELDS: dict[str, tuple[str, ...]] = {
+    "NATIVE_5": ("event_date", "event_id", "app_id"),
+    "NATIVE_4": ("event_date", "event_id", "app_id"),
+    "LEGACY_UPDATE": ("event_date", "event_id"),
+    "LEGACY_UNSUBSCRIBE": (),
+}
 
 _PHONE = re.compile(r"^\+?[0-9][0-9 ()\-]{3,30}$")
-# RFC 5322 dot-atom in ASCII, as email_validator reads an unquoted local part (its DOT_ATOM_TEXT).
-_DOT_ATOM = re.compile(r"[a-zA-Z0-9_!#$%&'*+\-/=?^`{|}~]+(?:\.[a-zA-Z0-9_!#$%&'*+\-/=?^`{|}~]+)*\Z")
-_EMAIL_MAX_LENGTH = 254
+_INTEGER = re.compile(r"-?[0-9]{1,19}\Z")
 _MAX_EVENT_ID = 255
 
 
@@ -94,7 +106,7 @@ def _configured_version(
     body: Mapping[str, str], query: Mapping[str, str], apps: Mapping[str, AppConfig]
 ) -> str:
     """The version the shop chose in edrone's panel, when the webhook says which app it is for."""
-    app_id = (body.get("app_id") or query.get("app_id") or "").strip()
+    app_id = body.get("app_id") or query.get("app_id") or ""
     app = apps.get(app_id) if app_id else None
     if app is None and len(apps) == 1:
         app = next(iter(apps.values()))
@@ -105,6 +117,21 @@ def _require(fields: Mapping[str, str], version: str) -> None:
     missing = [name for name in REQUIRED_FIELDS[version] if name not in fields]
     if missing:
         raise _bad(f"missing field(s) for {version}: {', '.join(missing)}", "missing_field")
+    empty = [name for name in NON_EMPTY_FIELDS[version] if not fields[name].strip()]
+    if empty:
+        raise _bad(f"empty field(s) for {version}: {', '.join(empty)}", "missing_field")
+
+
+def _check_text(fields: Mapping[str, str]) -> None:
+    """No field, signed or not, may hold a control character or a lone surrogate: no edrone
+    value does, and PostgreSQL cannot store a NUL (the consumer would dead-letter it)."""
+    for name, value in fields.items():
+        problem = control_character(name)
+        if problem is not None:
+            raise _bad(f"a field name contains a control character ({problem})")
+        problem = control_character(value)
+        if problem is not None:
+            raise _bad(f"field {name!r} contains a control character ({problem})")
 
 
 def _find_app(
@@ -114,9 +141,12 @@ def _find_app(
     unless the shop's URL adds one, so without it every app that may speak the version is tried."""
     proof_field = "token" if version == "LEGACY_UNSUBSCRIBE" else "signature"
     proof = fields[proof_field]
-    app_id = fields.get("app_id", "").strip()
+    app_id = fields.get("app_id", "")
     if app_id:
         app = apps.get(app_id)
+        if app is None and app_id.strip() in apps:
+            # Exactly as configured or not at all: " shop1" would sign and store as another app.
+            raise _bad(f"app_id {app_id!r} has white space around a configured app id")
         if app is None:
             raise WebhookRejected(403, "unknown_app", f"app_id {app_id!r} is not configured")
         _check_version(app, version, app_id)
@@ -146,35 +176,17 @@ def parse_event_date(raw: str) -> datetime:
     text = raw.strip()
     try:
         parsed = datetime.fromisoformat(text)
-    except ValueError:
+        return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
+    except (ValueError, OverflowError):  # Overflow: year 1 east of UTC, 9999 west of it
         raise _bad(f"event_date {raw!r} is not a date edrone sends") from None
-    if parsed.tzinfo is None:
-        return parsed.replace(tzinfo=UTC)
-    return parsed.astimezone(UTC)
 
 
 def normalise_email(raw: str) -> str:
-    address = raw.strip().lower()
-    local, _, domain = address.rpartition("@")
-    # The common shape, a plain ASCII local part at a plain ASCII domain, is valid exactly when
-    # its domain is: that check (most of email_validator's time) is made once per domain.
-    if len(address) <= _EMAIL_MAX_LENGTH and _DOT_ATOM.match(local) and _plain_domain(domain):
-        return address
+    """The address's one form (``schemas.fields.normalise_email``); 400 when invalid."""
     try:
-        validate_email(address, check_deliverability=False)
-    except EmailNotValidError as exc:
-        raise _bad(f"email {raw!r} is not a valid e-mail address: {exc}", "invalid_email") from None
-    return address
-
-
-@functools.lru_cache(maxsize=4096)
-def _plain_domain(domain: str) -> bool:
-    """email_validator accepts the domain, and it is its own normalised and IDNA form."""
-    try:
-        info = validate_email(f"a@{domain}", check_deliverability=False)
-    except EmailNotValidError:
-        return False
-    return info.domain == domain and info.ascii_domain == domain
+        return canonical_email(raw)
+    except ValueError as exc:
+        raise _bad(f"email {raw!r}: {exc}", "invalid_email") from None
 
 
 def normalise_phone(raw: str) -> str:
@@ -185,28 +197,33 @@ def normalise_phone(raw: str) -> str:
 
 
 def _status(raw: str) -> int | None:
-    value = raw.strip()
-    if value == "":
+    # Exactly as signed: " 1" is no status edrone sends, and reading it as 1 would store a
+    # value the signature never said.
+    if raw == "":
         return None  # edrone's UNKNOWN: "information not available"
-    if value in ("0", "1"):
-        return int(value)
+    if raw in ("0", "1"):
+        return int(raw)
     raise _bad(f"subscriber_status must be 0, 1 or empty, got {raw!r}")
 
 
 def _reason(raw: str | None) -> int | None:
-    if raw is None or raw.strip() == "":
+    if raw is None or raw == "":
         return None
-    try:
-        return int(raw.strip())
-    except ValueError:
-        raise _bad(f"subscription_status_reason must be an integer, got {raw!r}") from None
+    if not _INTEGER.match(raw) or not INT4_MIN <= int(raw) <= INT4_MAX:
+        raise _bad(
+            f"subscription_status_reason must be an integer from {INT4_MIN} to {INT4_MAX}, "
+            f"got {raw[:40]!r}"
+        )
+    return int(raw)
 
 
 def _event_id(raw: str) -> str:
-    value = raw.strip()
-    if not value or len(value) > _MAX_EVENT_ID:
+    # The inbox's key, exactly as signed: a padded id would be another event than edrone's.
+    if not raw or len(raw) > _MAX_EVENT_ID:
         raise _bad(f"event_id must be 1 to {_MAX_EVENT_ID} characters")
-    return value
+    if raw != raw.strip():
+        raise _bad(f"event_id {raw!r} has white space around it")
+    return raw
 
 
 def _channel_and_address(
@@ -237,12 +254,16 @@ def verify_webhook(
     query: Mapping[str, str],
     apps: Mapping[str, AppConfig],
     received_at: datetime,
+    *,
+    date_floor: datetime = DEFAULT_DATE_FLOOR,
 ) -> tuple[SubscriptionStatusChanged, AppConfig]:
-    """Verify a webhook's fields (already rendered as PHP strings) and normalise them.
+    """Verify a webhook's fields (already rendered as PHP strings) and normalise them into the
+    message the consumer reads, with the consumer's own rules (``schemas.fields``).
 
     Raises :class:`WebhookRejected` with the status to answer: 400 for a malformed or
     missing field, 401 for a signature that matches no secret, 403 for an unknown app."""
     version, fields = choose_fields(body, query, _configured_version(body, query, apps))
+    _check_text(fields)
     _require(fields, version)
     # Cheap field checks come before the hashing, but the app is proven before any is trusted.
     channel, address, email, phone = _channel_and_address(fields, version)
@@ -257,22 +278,37 @@ def verify_webhook(
         event_id = _event_id(fields["event_id"])
         event_date_raw = fields["event_date"]
         event_date = parse_event_date(event_date_raw)
+    fields_out = {
+        "app_id": app_id,
+        "channel": channel,
+        "address": address,
+        "email": email,
+        "phone": phone,
+        "status": status,
+        "reason": reason,
+        "reason_name": reason_name(channel, reason),
+        "event_id": event_id,
+        "event_date": event_date,
+        "event_date_raw": event_date_raw,
+        "received_at": received_at,
+        "protocol": version,
+    }
     try:
-        message = SubscriptionStatusChanged(
-            app_id=app_id,
-            channel=channel,  # type: ignore[arg-type]
-            address=address,
-            email=email,
-            phone=phone,
-            status=status,  # type: ignore[arg-type]
-            reason=reason,
-            reason_name=reason_name(channel, reason),
-            event_id=event_id,
-            event_date=event_date,
-            event_date_raw=event_date_raw,
-            received_at=received_at,
-            protocol=version,
+        message = SubscriptionStatusChanged.model_validate(
+            fields_out, context={DATE_FLOOR_CONTEXT: date_floor}
         )
-    except ValidationError as exc:  # a limit of the message schema, e.g. an overlong field
-        raise _bad(str(exc.errors()[0]["msg"])) from None
+    except ValidationError as exc:  # a rule of the message schema: an overlong field, say
+        error = exc.errors(include_url=False, include_input=False)[0]
+        where = ".".join(str(part) for part in error["loc"])
+        raise _bad(f"{_FIELD_NAMES.get(where, where)}: {error['msg']}") from None
     return message, app
+
+
+# The webhook's own names for the message's fields, to name them in an error.
+_FIELD_NAMES = {
+    "address": "email or phone",
+    "status": "subscriber_status",
+    "reason": "subscription_status_reason",
+    "event_date": "event_date",
+    "event_date_raw": "event_date",
+}

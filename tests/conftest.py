@@ -122,6 +122,18 @@ async def make_settings(amqp_url: str, database_url: str) -> AsyncIterator[Calla
 
 
 @pytest.fixture
+def measured(capsys: pytest.CaptureFixture[str]) -> Callable[[str], None]:
+    """Prints a line of measured figures past pytest's capture (the bridge's logs stay
+    captured), so that every run, CI's included, shows what the test observed."""
+
+    def show(line: str) -> None:
+        with capsys.disabled():
+            print("\n" + line)
+
+    return show
+
+
+@pytest.fixture
 def settings(make_settings: Callable[..., Settings]) -> Settings:
     """The test's settings (see ``make_settings``)."""
     return make_settings()

@@ -6,12 +6,14 @@ import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import structlog
-from aiohttp import web
+from aiohttp import HttpVersion11, hdrs, web
 from aiohttp.typedefs import Middleware
 
 from bridge.amqp import connect, declare_topology
 from bridge.config import Settings
 from bridge.ingress.allowlist import source_allowlist
+from bridge.ingress.body import too_large
+from bridge.ingress.guard import LINGERING_TIME_S, SWEEP_INTERVAL_S, ConnectionGuard, GuardedSite
 from bridge.ingress.handlers import healthz, readyz, update_subscriber_status
 from bridge.ingress.state import METRICS, SETTINGS, STATE, IngressState
 from bridge.metrics import Metrics, metrics_handler
@@ -21,6 +23,16 @@ from bridge.webhook import WebhookRejected
 log = structlog.get_logger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+ExpectHandler = Callable[[web.Request], Awaitable[web.StreamResponse | None]]
+# What the allow-list middleware's inner handler answers when it lets a request through.
+_ADMITTED = web.Response(status=204)
+
+
+def rejection(request: web.Request, exc: WebhookRejected) -> web.Response:
+    """The JSON answer to a refused webhook, logged and counted; nothing was published."""
+    log.info("webhook_rejected", status=exc.status, error=exc.error, detail=exc.detail)
+    request.app[METRICS].webhooks_rejected.labels(exc.error).inc()
+    return web.json_response({"error": exc.error, "detail": exc.detail}, status=exc.status)
 
 
 @web.middleware
@@ -29,9 +41,7 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
     try:
         return await handler(request)
     except WebhookRejected as exc:
-        log.info("webhook_rejected", status=exc.status, error=exc.error, detail=exc.detail)
-        request.app[METRICS].webhooks_rejected.labels(exc.error).inc()
-        return web.json_response({"error": exc.error, "detail": exc.detail}, status=exc.status)
+        return rejection(request, exc)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -41,6 +51,52 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
         return web.json_response(
             {"error": error, "detail": exc.reason}, status=exc.status, headers=headers
         )
+
+
+async def _admitted(request: web.Request) -> web.StreamResponse:
+    return _ADMITTED
+
+
+def expect_continue(
+    settings: Settings, allowlist: Middleware | None, guard: ConnectionGuard | None
+) -> ExpectHandler:
+    """The webhook route's answer to ``Expect: 100-continue``: a body that would be refused
+    (over max_body_bytes by its Content-Length, or from a source outside the allow-list) is
+    refused at once, never invited with ``100 Continue``."""
+
+    async def expect(request: web.Request) -> web.StreamResponse | None:
+        refusal: web.StreamResponse | None = None
+        if allowlist is not None:
+            answer = await allowlist(request, _admitted)
+            refusal = None if answer is _ADMITTED else answer
+        length = request.content_length
+        if refusal is None and length is not None and length > settings.max_body_bytes:
+            refusal = rejection(request, too_large(settings.max_body_bytes))
+        if refusal is not None:
+            # The client holds its body back: the connection cannot carry another request.
+            refusal.force_close()
+            if guard is not None:
+                guard.answered_early(request, refusal)
+            return refusal
+        return await invite_body(request)
+
+    return expect
+
+
+async def invite_body(request: web.Request) -> web.StreamResponse | None:
+    """What aiohttp's own expect handler does: ``100 Continue`` to HTTP/1.1, 417 for any other
+    expectation."""
+    if request.version != HttpVersion11:
+        return None
+    expect = request.headers.get(hdrs.EXPECT, "")
+    if expect.lower() != "100-continue":
+        return rejection(
+            request, WebhookRejected(417, "expectation_failed", f"unknown Expect: {expect!r}")
+        )
+    await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+    # The interim answer is no start of the response (aiohttp checks it before an error page).
+    request.writer.output_size = 0
+    return None
 
 
 async def amqp_context(app: web.Application) -> AsyncIterator[None]:
@@ -61,15 +117,22 @@ def create_app(
     *,
     publisher: ConfirmedPublisher | None = None,
     metrics: Metrics | None = None,
+    guard: ConnectionGuard | None = None,
 ) -> web.Application:
     """The ingress app; with ``publisher`` given, it uses that instead of connecting itself;
-    ``metrics`` is the process's (``run`` shares one between its parts)."""
+    ``metrics`` is the process's (``run`` shares one between its parts); ``guard`` is the
+    server's, when it serves through one (``serve`` does; aiohttp's test server does not)."""
     middlewares: list[Middleware] = [json_errors]
+    allowlist: Middleware | None = None
     if settings.ingress_allowed_networks:
-        # Outermost, so that a refused source reaches nothing else, not even the body read.
-        middlewares.insert(
-            0, source_allowlist(settings.ingress_allowed_networks, settings.ingress_trusted_proxies)
+        # Before the others, so that a refused source reaches nothing else, not even the body read.
+        allowlist = source_allowlist(
+            settings.ingress_allowed_networks, settings.ingress_trusted_proxies
         )
+        middlewares.insert(0, allowlist)
+    if guard is not None:
+        # Outermost: every answer, refusals included, ends the connection's handler phase.
+        middlewares.insert(0, guard.middleware())
     app = web.Application(
         # One byte over the limit is enough to tell that a body is too large.
         client_max_size=settings.max_body_bytes,
@@ -79,6 +142,11 @@ def create_app(
             "max_line_size": settings.max_request_line_bytes,
             "max_field_size": settings.max_header_bytes,
             "max_headers": settings.max_headers,
+            # A backstop only, a little after the guard's own idle cut (which is counted).
+            "keepalive_timeout": settings.http_idle_timeout_s + 2 * SWEEP_INTERVAL_S,
+            # aiohttp's default of 10 s would let a client dripping a refused body keep its
+            # connection that long after the answer.
+            "lingering_time": LINGERING_TIME_S,
         },
     )
     app[SETTINGS] = settings
@@ -88,7 +156,11 @@ def create_app(
         app.cleanup_ctx.append(amqp_context)
     app.add_routes(
         [
-            web.post(settings.webhook_path, update_subscriber_status),
+            web.post(
+                settings.webhook_path,
+                update_subscriber_status,
+                expect_handler=expect_continue(settings, allowlist, guard),
+            ),
             web.get("/healthz", healthz),
             web.get("/readyz", readyz),
             web.get("/metrics", metrics_handler(app[METRICS])),
@@ -105,14 +177,26 @@ async def serve(
     reuse_port: bool = False,
 ) -> None:
     """Serve until ``stopping`` is set; then refuse new webhooks (503) and close gracefully.
-    ``reuse_port`` lets the other ingress workers listen on the same port."""
-    app = create_app(settings, metrics=metrics)
+    ``reuse_port`` lets the other ingress workers listen on the same port. Slow, idle and
+    surplus connections are cut by a :class:`ConnectionGuard`."""
+    metrics = metrics if metrics is not None else Metrics()
+    guard = ConnectionGuard(
+        metrics,
+        head_timeout_s=settings.http_head_timeout_s,
+        idle_timeout_s=settings.http_idle_timeout_s,
+        max_connections=settings.http_max_connections,
+        retry_after_s=settings.retry_after_s,
+    )
+    app = create_app(settings, metrics=metrics, guard=guard)
     runner = web.AppRunner(app, shutdown_timeout=settings.shutdown_timeout_s, access_log=None)
     await runner.setup()
     try:
-        site = web.TCPSite(runner, settings.http_host, settings.http_port, reuse_port=reuse_port)
+        site = GuardedSite(
+            runner, guard, settings.http_host, settings.http_port, reuse_port=reuse_port
+        )
         await site.start()
-        log.info("ingress_listening", host=settings.http_host, port=settings.http_port)
+        # The bound port: with http_port 0 the kernel picked it.
+        log.info("ingress_listening", host=settings.http_host, port=site.port)
         await stopping.wait()
         # Answer 503 to what still arrives, before the channel closes under it.
         app[STATE].draining = True

@@ -9,7 +9,7 @@ import structlog
 from aiohttp import web
 
 from bridge.amqp import ROUTING_KEY_BY_CHANNEL
-from bridge.ingress.body import read_fields
+from bridge.ingress.body import parse_form, read_fields
 from bridge.ingress.state import METRICS, SETTINGS, STATE
 from bridge.publisher import PublishFailed
 from bridge.webhook import verify_webhook
@@ -42,9 +42,11 @@ async def update_subscriber_status(request: web.Request) -> web.Response:
         return not_stored(request, "the ingress is shutting down")
     if state.publisher is None:
         return not_stored(request, "not connected to the broker")
-    body = await read_fields(request, settings.max_body_bytes)
-    query = {key: value for key, value in request.query.items()}
-    message, app = verify_webhook(body, query, settings.apps, datetime.now(UTC))
+    body = await read_fields(request, settings.max_body_bytes, settings.http_body_timeout_s)
+    query = parse_form(request.rel_url.raw_query_string, "the query string")
+    message, app = verify_webhook(
+        body, query, settings.apps, datetime.now(UTC), date_floor=settings.date_floor
+    )
     with structlog.contextvars.bound_contextvars(
         app_id=message.app_id, event_id=message.event_id, channel=message.channel
     ):
