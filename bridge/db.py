@@ -36,3 +36,42 @@ async def close_pool(pool: asyncpg.Pool, timeout_s: float) -> None:
     except TimeoutError:
         log.warning("db_pool_close_timeout", timeout_s=timeout_s)
         pool.terminate()
+
+
+# What a database error says about a batch (DESIGN.md promise 7):
+UNAVAILABLE = "unavailable"  # the database was not reached or went away: nothing was tried
+TRANSIENT = "transient"  # reached, but the same work may well succeed again (a deadlock, say)
+CONTENT = "content"  # may lie in one message's content: find it, dead-letter it alone
+
+# SQLSTATE classes of errors that a value in the work can cause: cardinality (21), data (22),
+# integrity (23), invalid SQL statement name (26), routine and trigger exceptions (2F, 38, 39,
+# 09, P0, a shop's own trigger raising), program limits (54, an index row too large).
+_CONTENT_CLASSES = frozenset({"21", "22", "23", "26", "2F", "38", "39", "09", "54", "P0"})
+# Reached, then gone or refusing: shutdown, crash, starting up, dropped; too many connections.
+_UNAVAILABLE_STATES = frozenset({"57P01", "57P02", "57P03", "57P04", "53300"})
+
+
+def classify(exc: BaseException) -> str:
+    """UNAVAILABLE, TRANSIENT or CONTENT. Any error that is not PostgreSQL's or a connection's
+    (an encoding error, a value asyncpg cannot decode) came from the work itself: CONTENT."""
+    if isinstance(exc, TimeoutError):  # before OSError, its base: the probe tells which it was
+        return TRANSIENT
+    if isinstance(exc, asyncpg.InterfaceError | OSError | asyncpg.PostgresConnectionError):
+        return UNAVAILABLE
+    if not isinstance(exc, asyncpg.PostgresError):
+        return CONTENT
+    state = exc.sqlstate or ""
+    if state in _UNAVAILABLE_STATES:
+        return UNAVAILABLE
+    if state[:2] in _CONTENT_CLASSES:
+        return CONTENT
+    return TRANSIENT
+
+
+async def answers(pool: asyncpg.Pool, timeout_s: float) -> bool:
+    """Whether the database answers a trivial query now (a failure's cause: it or the work)."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            return bool(await pool.fetchval("SELECT 1"))
+    except Exception:  # any failure to answer means no
+        return False

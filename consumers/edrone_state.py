@@ -22,8 +22,8 @@ _CLOCK_SKEW = timedelta(seconds=5)
 
 _KNOWN_SQL = """
 SELECT i.n,
-       e.status AS email_status, e.event_date AS email_date, e.updated_at AS email_applied_at,
-       s.status AS sms_status, s.event_date AS sms_date, s.updated_at AS sms_applied_at,
+       e.status AS email_status, e.ordered_at AS email_date, e.updated_at AS email_applied_at,
+       s.status AS sms_status, s.ordered_at AS sms_date, s.updated_at AS sms_applied_at,
        t.subscriber_status AS sent_status, t.sms_subscriber_status AS sent_sms_status,
        t.sms_sent, t.phone AS sent_phone, t.occurred_at AS sent_occurred_at
 FROM unnest($1::int[], $2::text[], $3::text[], $4::text[]) AS i(n, app_id, email, phone)
@@ -54,7 +54,8 @@ class Known:
     """edrone's side of one customer, as far as the bridge knows it."""
 
     email_status: int | None = None
-    email_date: datetime | None = None  # when edrone changed it (its event_date)
+    # When edrone changed it: its event_date, no later than its receipt plus the clock skew.
+    email_date: datetime | None = None
     email_applied_at: datetime | None = None  # when the bridge applied it
     sms_status: int | None = None
     sms_date: datetime | None = None

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pydantic import ValidationError
 
+from bridge.db import CONTENT, TRANSIENT, classify
+
 
 class Reject(Exception):
     """This message can never be processed (undecodable, breaks the schema, unknown app):
@@ -18,15 +20,29 @@ class Reject(Exception):
 
 
 class RetryLater(Exception):
-    """The whole batch failed for a passing reason (database down, deadlock): the runtime
-    keeps it in memory and hands it to the handler again after a backoff.
+    """The whole batch failed for a reason about the service, not the messages (database
+    down, a deadlock, a timeout): the runtime keeps it in memory and hands it to the handler
+    again after a backoff.
 
-    ``delay_s`` overrides the runtime's exponential backoff for this one retry."""
+    ``delay_s`` overrides the runtime's exponential backoff for this one retry. ``counts`` is
+    False when the service was not even reached: the failure then does not count toward the
+    messages' ``max_batch_failures``. Any other exception from a handler is taken to lie in a
+    message's content, and the runtime narrows the batch down to that message."""
 
-    def __init__(self, reason: str, *, delay_s: float | None = None) -> None:
+    def __init__(self, reason: str, *, delay_s: float | None = None, counts: bool = True) -> None:
         super().__init__(reason)
         self.reason = reason
         self.delay_s = delay_s
+        self.counts = counts
+
+
+def database_retry(exc: Exception) -> RetryLater | None:
+    """The :class:`RetryLater` for a database error about the service; None for one that may
+    lie in a message's content (re-raise it: the runtime isolates the message)."""
+    kind = classify(exc)
+    if kind == CONTENT:
+        return None
+    return RetryLater(f"database: {type(exc).__name__}", counts=kind == TRANSIENT)
 
 
 class Defer(Exception):

@@ -25,7 +25,7 @@ from bridge.config import ConsumerOptions
 from bridge.metrics import Metrics
 from consumers.copies import Copy, CopyPlanner, publish_copies
 from consumers.deadletter import DeadLetterPublisher, RetryPublisher
-from consumers.errors import RetryLater
+from consumers.isolation import BatchAttempts, Probe
 from consumers.spec import (
     APPLIED as APPLIED,  # re-exported: handlers import the runtime's vocabulary from here
 )
@@ -34,8 +34,8 @@ from consumers.spec import (
     Counters,
     Delivery,
     Handler,
-    Outcome,
 )
+from consumers.spec import Outcome as Outcome
 from consumers.watchdog import WatchdogMixin
 
 log = structlog.get_logger(__name__)
@@ -54,8 +54,10 @@ class Consumer(WatchdogMixin):
     One batch is handled at a time while the next one fills from the prefetch. A batch is acked
     with one ``ack(multiple=True)`` only after its handler returned (its transaction committed)
     and every rejected message's dead-letter copy was confirmed (DESIGN.md promises 2 and 4).
-    A failing handler gets the same batch again after an exponential backoff; nothing is
-    nacked, so the quorum queue's delivery limit counts only real redeliveries.
+    A handler failing for a reason about its service gets the same batch again after an
+    exponential backoff; any other failure is narrowed down to the message that causes it,
+    which alone is dead-lettered (:class:`consumers.isolation.BatchAttempts`, promise 7).
+    Nothing is nacked, so the quorum queue's delivery limit counts only real redeliveries.
 
     Use as ``async with Consumer(connection, spec, topology=...) as consumer: await
     consumer.run()``; :meth:`stop` (from another task) ends :meth:`run` gracefully.
@@ -70,6 +72,8 @@ class Consumer(WatchdogMixin):
         on each ack, cancel and close.
     :param watchdog_interval_s: how often the consumer checks that the broker still delivers
         to it (see :attr:`ready`).
+    :param max_batch_failures: a message in this many counted failed batches is narrowed down
+        and dead-lettered whatever the cause.
     """
 
     def __init__(
@@ -89,6 +93,7 @@ class Consumer(WatchdogMixin):
         retry_tiers_s: Sequence[float] = (),
         metrics: Metrics | None = None,
         watchdog_interval_s: float = 5.0,
+        max_batch_failures: int = 10,
     ) -> None:
         self.spec = spec
         self.queue_name = spec.queue
@@ -104,6 +109,15 @@ class Consumer(WatchdogMixin):
         self.watchdog_interval_s = watchdog_interval_s
         self.counters = Counters(queue=spec.queue, metrics=metrics)
         self._in_flight: list[Delivery] = []
+        self._attempts = BatchAttempts(
+            spec.handler,
+            timeout_s=self.timeout_s,
+            initial_backoff_s=retry_initial_backoff_s,
+            max_backoff_s=retry_max_backoff_s,
+            max_failures=max_batch_failures,
+            counters=self.counters,
+            probe=spec.probe,
+        )
 
         self._connection = connection
         self._dead_letter_exchange_name = topology.dead_letter_exchange
@@ -139,7 +153,7 @@ class Consumer(WatchdogMixin):
         return (
             f"<Consumer queue={self.queue_name!r} applied={c.applied} skipped={dict(c.skipped)}"
             f" dead_lettered={c.dead_lettered} deferred={dict(c.deferred)}"
-            f" batches={c.batches} retries={c.retries}"
+            f" batches={c.batches} retries={c.retries} splits={c.splits} isolated={c.isolated}"
             f" dropped={c.dropped} reregistered={c.reregistered} buffered={len(self._buffer)}>"
         )
 
@@ -365,7 +379,7 @@ class Consumer(WatchdogMixin):
             self._in_flight = []
 
     async def _process_held(self, batch: list[Delivery], started: float) -> None:
-        handled = await self._handle(batch)
+        handled = await self._attempts.run(batch, self._live)
         if handled is None:
             return
         batch, outcomes = handled
@@ -383,37 +397,6 @@ class Consumer(WatchdogMixin):
             copies=len(copies),
             duration_ms=round((time.perf_counter() - started) * 1000, 1),
         )
-
-    async def _handle(
-        self, batch: list[Delivery]
-    ) -> tuple[list[Delivery], Sequence[Outcome]] | None:
-        """The handler's outcomes for the batch, retried in memory until it succeeds;
-        ``None`` if every delivery's channel was lost meanwhile."""
-        backoff_s = self.retry_initial_backoff_s
-        while batch := self._live(batch):
-            try:
-                async with asyncio.timeout(self.timeout_s):
-                    outcomes = await self.spec.handler(batch)
-                if len(outcomes) != len(batch):
-                    raise RuntimeError(f"{len(outcomes)} outcomes for {len(batch)} messages")
-                return batch, outcomes
-            except RetryLater as exc:
-                delay_s = backoff_s if exc.delay_s is None else exc.delay_s
-                cause = repr(exc.__cause__) if exc.__cause__ else None
-                log.warning(
-                    "batch_retry", size=len(batch), reason=exc.reason, cause=cause, delay_s=delay_s
-                )
-            except TimeoutError:
-                delay_s = backoff_s
-                log.warning("batch_retry", size=len(batch), reason="timeout", delay_s=delay_s)
-            except Exception:
-                # Unexpected, but retrying loses nothing; the traceback tells what to fix.
-                delay_s = backoff_s
-                log.exception("batch_failed", size=len(batch), delay_s=delay_s)
-            self.counters.record_retry()
-            await asyncio.sleep(delay_s)
-            backoff_s = min(backoff_s * 2, self.retry_max_backoff_s)
-        return None
 
     def _live(self, batch: list[Delivery]) -> list[Delivery]:
         """The deliveries whose channel is still open: only those can still be acked."""
@@ -469,8 +452,10 @@ def create_consumer(
     publish_timeout_s: float,
     retry_tiers_s: Sequence[float] = (),
     metrics: Metrics | None = None,
+    probe: Probe | None = None,
 ) -> Consumer:
-    """A consumer configured from one consumer's settings group."""
+    """A consumer configured from one consumer's settings group; ``probe`` tells whether the
+    handler's service answers (see :class:`consumers.isolation.BatchAttempts`)."""
     spec = ConsumerSpec(
         queue=queue,
         handler=handler,
@@ -478,6 +463,7 @@ def create_consumer(
         flush_interval_s=options.flush_interval_ms / 1000,
         prefetch=options.prefetch,
         timeout_s=timeout_s,
+        probe=probe,
     )
     return Consumer(
         connection,
@@ -490,6 +476,7 @@ def create_consumer(
         retry_tiers_s=retry_tiers_s,
         metrics=metrics,
         watchdog_interval_s=options.watchdog_interval_s,
+        max_batch_failures=options.max_batch_failures,
     )
 
 

@@ -11,6 +11,7 @@ import asyncpg
 import structlog
 
 from bridge.config import AppConfig, ConfigError, ShopValue, StatusValues, TargetMapping
+from schemas.fields import ascii_email
 
 log = structlog.get_logger(__name__)
 
@@ -251,19 +252,28 @@ async def _update(
     status = target.status_column(channel)
     assert status is not None
     match = target.match_column(channel)
-    # E-mail addresses are lower-cased in the ledger; the shop may keep them as typed.
-    shop_address = f"lower(t.{match.sql})" if channel == "email" else f"t.{match.sql}"
-    names, exprs, params = _extra_sets(target, 3)
+    # E-mail addresses are lower-cased in the ledger, their domain in IDNA's Unicode form; the
+    # shop may keep them as typed, and with the ASCII (xn--) form of the domain.
+    if channel == "email":
+        where = f"lower(t.{match.sql}) IN (u.address, u.ascii)"
+    else:
+        where = f"t.{match.sql} = u.address"
+    names, exprs, params = _extra_sets(target, 4)
     sets = [f"{status.sql} = u.value::{status.type_sql}"]
     sets += [f"{name} = {expr}" for name, expr in zip(names, exprs, strict=True)]
     sql = (
         f"UPDATE {target.table_sql} AS t SET {', '.join(sets)} "
-        "FROM unnest($1::text[], $2::text[]) AS u(address, value) "
-        f"WHERE {shop_address} = u.address RETURNING u.address"
+        "FROM unnest($1::text[], $2::text[], $3::text[]) AS u(address, value, ascii) "
+        f"WHERE {where} RETURNING u.address"
     )
     values = target.values[channel]
+    alternatives = [ascii_email(c.address) if channel == "email" else c.address for c in group]
     rows = await conn.fetch(
-        sql, [c.address for c in group], [values[c.status] for c in group], *params
+        sql,
+        [c.address for c in group],
+        [values[c.status] for c in group],
+        alternatives,
+        *params,
     )
     return {row["address"] for row in rows}
 

@@ -34,6 +34,9 @@ class ConsumerSpec:
     prefetch: int | None = None
     # Bound on one handler call (one database transaction); past it the batch is retried.
     timeout_s: float | None = None
+    # Does the handler's service (its database) answer now? Asked after a batch failed for a
+    # reason about the service: if not, the failure does not count against the messages.
+    probe: Callable[[], Awaitable[bool]] | None = None
 
 
 @dataclass
@@ -51,6 +54,10 @@ class Counters:
     dropped: int = 0
     # Times the watchdog found the consumer lost and registered it again.
     reregistered: int = 0
+    # Failing batches split in halves to find the message that fails them, and the messages
+    # found so and dead-lettered alone (DESIGN.md promise 7).
+    splits: int = 0
+    isolated: int = 0
     queue: str = ""
     metrics: Metrics | None = field(default=None, repr=False)
 
@@ -79,3 +86,8 @@ class Counters:
         self.retries += 1
         if self.metrics:
             self.metrics.batch_retries.labels(self.queue).inc()
+
+    def record_split(self) -> None:
+        self.splits += 1
+        if self.metrics:
+            self.metrics.batch_splits.labels(self.queue).inc()

@@ -4,8 +4,10 @@ transaction per batch, idempotent on ``event_id`` and newest-wins per subscriber
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
+from datetime import datetime, timedelta
 from typing import Any
 
 import asyncpg
@@ -15,9 +17,10 @@ from pydantic import ValidationError
 
 from bridge.amqp import declare_topology, topology
 from bridge.config import AppConfig, Settings
+from bridge.db import answers
 from bridge.metrics import Metrics
 from consumers import runtime
-from consumers.errors import Reject, RetryLater, describe_validation_error
+from consumers.errors import Reject, database_retry, describe_validation_error
 from consumers.runtime import APPLIED, Consumer, Delivery, Outcome
 from consumers.service import serve_consumer
 from consumers.shop_target import (
@@ -27,6 +30,7 @@ from consumers.shop_target import (
     apply_changes,
     resolve_targets,
 )
+from schemas.fields import DATE_FLOOR_CONTEXT, DEFAULT_DATE_FLOOR, ordered_at
 from schemas.subscription import SubscriptionStatusChanged
 
 log = structlog.get_logger(__name__)
@@ -35,45 +39,44 @@ DUPLICATE = "duplicate"  # the event_id is already in the inbox (a redelivery or
 OLDER = "older"  # a newer status is stored for the subscriber (promise 3)
 FILTERED = "filtered"  # the app's sync filter excludes this kind of change
 
-# Errors after which the same batch may well succeed: lost connections, deadlocks between
-# replicas, a table briefly away. asyncpg's TimeoutError is an OSError too.
-_RETRYABLE = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError)
-_INT4 = range(-(2**31), 2**31)
-
 # Inbox first: ON CONFLICT DO NOTHING RETURNING yields only the events never seen before.
 # Of those, the newest per subscriber is upserted (ON CONFLICT DO UPDATE may touch a row only
-# once per statement) where it is newer than the stored status; ties on event_date fall to
-# the greater event_id, compared bytewise so that every replica and test agrees.
+# once per statement) where it is newer than the stored status. Newest by ordered_at: the
+# stated event_date, but no later than its receipt plus the clock skew (promise 6); ties fall
+# to the greater event_id, compared bytewise so that every replica and test agrees.
 _APPLY_SQL = """
 WITH incoming AS (
     SELECT * FROM unnest(
         $1::text[], $2::text[], $3::text[], $4::text[], $5::smallint[], $6::integer[],
-        $7::timestamptz[], $8::text[], $9::text[], $10::timestamptz[], $11::text[]
+        $7::timestamptz[], $8::text[], $9::text[], $10::timestamptz[], $11::text[],
+        $12::timestamptz[]
     ) AS t(app_id, event_id, channel, address, status, reason,
-           event_date, event_date_raw, protocol, received_at, outcome)
+           event_date, event_date_raw, protocol, received_at, outcome, ordered_at)
 ), fresh AS (
     INSERT INTO inbox (app_id, event_id, channel, address, status, reason,
-                       event_date, event_date_raw, protocol, received_at, outcome)
+                       event_date, event_date_raw, protocol, received_at, outcome, ordered_at)
     SELECT app_id, event_id, channel, address, status, reason,
-           event_date, event_date_raw, protocol, received_at, outcome
+           event_date, event_date_raw, protocol, received_at, outcome, ordered_at
     FROM incoming
     ON CONFLICT (app_id, event_id) DO NOTHING
-    RETURNING app_id, event_id, channel, address, status, reason, event_date, outcome
+    RETURNING app_id, event_id, channel, address, status, reason, event_date, ordered_at,
+              outcome
 ), candidates AS (
     SELECT DISTINCT ON (app_id, channel, address) *
     FROM fresh
     WHERE outcome = 'applied'
-    ORDER BY app_id, channel, address, event_date DESC, event_id COLLATE "C" DESC
+    ORDER BY app_id, channel, address, ordered_at DESC, event_id COLLATE "C" DESC
 ), upserted AS (
-    INSERT INTO subscribers AS s (app_id, channel, address, status, reason, event_id, event_date)
-    SELECT app_id, channel, address, status, reason, event_id, event_date
+    INSERT INTO subscribers AS s (app_id, channel, address, status, reason, event_id,
+                                  event_date, ordered_at)
+    SELECT app_id, channel, address, status, reason, event_id, event_date, ordered_at
     FROM candidates
     ORDER BY app_id, channel, address
     ON CONFLICT (app_id, channel, address) DO UPDATE
     SET status = excluded.status, reason = excluded.reason, event_id = excluded.event_id,
-        event_date = excluded.event_date, updated_at = now()
-    WHERE (excluded.event_date, excluded.event_id COLLATE "C")
-        > (s.event_date, s.event_id COLLATE "C")
+        event_date = excluded.event_date, ordered_at = excluded.ordered_at, updated_at = now()
+    WHERE (excluded.ordered_at, excluded.event_id COLLATE "C")
+        > (s.ordered_at, s.event_id COLLATE "C")
     RETURNING app_id, event_id
 )
 SELECT f.app_id, f.event_id, f.outcome, f.channel, f.address, f.status,
@@ -89,36 +92,47 @@ WHERE i.app_id = o.app_id AND i.event_id = o.event_id
 """
 
 
-def decode(body: bytes, apps: Mapping[str, AppConfig]) -> SubscriptionStatusChanged:
-    """The message in ``body``; :class:`Reject` if it can never be applied."""
+def decode(
+    body: bytes, apps: Mapping[str, AppConfig], date_floor: datetime = DEFAULT_DATE_FLOOR
+) -> SubscriptionStatusChanged:
+    """The message in ``body``, by the same rules the ingress verified it with (so a webhook
+    answered 200 is storable); :class:`Reject` if it can never be applied."""
     try:
-        event = SubscriptionStatusChanged.model_validate_json(body)
+        event = SubscriptionStatusChanged.model_validate_json(
+            body, context={DATE_FLOOR_CONTEXT: date_floor}
+        )
     except ValidationError as exc:
         raise Reject(f"invalid message: {describe_validation_error(exc)}") from None
     if event.app_id not in apps:
         raise Reject(f"unknown app_id {event.app_id!r}: not among the configured apps")
-    # Valid for the schema but not storable: retrying such a batch would fail forever.
-    if event.reason is not None and event.reason not in _INT4:
-        raise Reject("invalid message: reason: out of the integer range")
-    for name in ("app_id", "event_id", "address", "event_date_raw"):
-        if "\x00" in getattr(event, name):
-            raise Reject(f"invalid message: {name}: contains a NUL character")
     return event
 
 
 class SubscriptionApplier:
     """The batch handler: decode, drop in-batch duplicates, apply in one transaction (the
-    ledger, the inbox and the shops' own tables of ``targets``)."""
+    ledger, the inbox and the shops' own tables of ``targets``).
+
+    ``date_floor`` and ``clock_skew`` are the settings' (``event_date_floor``,
+    ``max_clock_skew_s``); ``metrics`` counts the dates ordered earlier than stated."""
 
     def __init__(
         self,
         pool: asyncpg.Pool,
         apps: Mapping[str, AppConfig],
         targets: Mapping[str, ShopTarget] | None = None,
+        *,
+        date_floor: datetime = DEFAULT_DATE_FLOOR,
+        clock_skew: timedelta = timedelta(minutes=5),
+        metrics: Metrics | None = None,
+        queue: str = "",
     ) -> None:
         self._pool = pool
         self._apps = apps
         self._targets = targets or {}
+        self._date_floor = date_floor
+        self._clock_skew = clock_skew
+        self._metrics = metrics
+        self._queue = queue
 
     async def __call__(self, deliveries: Sequence[Delivery]) -> list[Outcome]:
         outcomes: list[Outcome] = [DUPLICATE] * len(deliveries)
@@ -126,7 +140,7 @@ class SubscriptionApplier:
         events: list[SubscriptionStatusChanged] = []
         for index, delivery in enumerate(deliveries):
             try:
-                event = decode(delivery.body, self._apps)
+                event = decode(delivery.body, self._apps, self._date_floor)
             except Reject as exc:
                 outcomes[index] = exc
                 continue
@@ -142,9 +156,10 @@ class SubscriptionApplier:
 
     async def _store(self, events: list[SubscriptionStatusChanged]) -> dict[tuple[str, str], str]:
         """Outcome per new ``(app_id, event_id)``; events already in the inbox are left out."""
+        when = [ordered_at(e.event_date, e.received_at, self._clock_skew) for e in events]
         try:
             async with self._pool.acquire() as conn, conn.transaction():
-                rows = await conn.fetch(_APPLY_SQL, *self._columns(events))
+                rows = await conn.fetch(_APPLY_SQL, *self._columns(events, when))
                 older = [row for row in rows if row["outcome"] == APPLIED and not row["upserted"]]
                 if older:
                     await conn.execute(
@@ -153,8 +168,14 @@ class SubscriptionApplier:
                         [row["event_id"] for row in older],
                     )
                 unknown = await self._apply_to_shops(conn, rows)
-        except _RETRYABLE as exc:
-            raise RetryLater(f"database: {type(exc).__name__}") from exc
+        except Exception as exc:
+            # Only the service's errors retry the batch; any other may lie in one message, and
+            # the runtime narrows the batch down to it (promise 7).
+            retry = database_retry(exc)
+            if retry is None:
+                raise
+            raise retry from exc
+        self._count_clamped(events, when, {(row["app_id"], row["event_id"]) for row in rows})
         return {
             (row["app_id"], row["event_id"]): (
                 OLDER
@@ -179,9 +200,37 @@ class SubscriptionApplier:
         ]
         return await apply_changes(conn, self._targets, changes)
 
-    def _columns(self, events: list[SubscriptionStatusChanged]) -> list[list[Any]]:
+    def _count_clamped(
+        self,
+        events: Sequence[SubscriptionStatusChanged],
+        when: Sequence[datetime],
+        stored: set[tuple[str, str]],
+    ) -> None:
+        """Log and count the stored events dated later than their receipt plus the clock skew:
+        ordered as if made then, so that a wrong clock cannot freeze the address (promise 6)."""
+        for event, ordered in zip(events, when, strict=True):
+            if ordered == event.event_date or (event.app_id, event.event_id) not in stored:
+                continue
+            log.warning(
+                "event_date_clamped",
+                app_id=event.app_id,
+                event_id=event.event_id,
+                event_date=event.event_date_raw,
+                received_at=event.received_at.isoformat(),
+                ordered_at=ordered.isoformat(),
+            )
+            if self._metrics is not None:
+                self._metrics.dates_clamped.labels(self._queue).inc()
+
+    def _columns(
+        self, events: list[SubscriptionStatusChanged], when: list[datetime]
+    ) -> list[list[Any]]:
         # Sorted by subscriber, so competing replicas lock rows in one order (fewer deadlocks).
-        ordered = sorted(events, key=lambda e: (e.app_id, e.channel, e.address, e.event_id))
+        pairs = sorted(
+            zip(events, when, strict=True),
+            key=lambda pair: (pair[0].app_id, pair[0].channel, pair[0].address, pair[0].event_id),
+        )
+        ordered = [event for event, _ in pairs]
         accepted = [self._apps[e.app_id].accepts_status(e.status) for e in ordered]
         return [
             [e.app_id for e in ordered],
@@ -195,6 +244,7 @@ class SubscriptionApplier:
             [e.protocol for e in ordered],
             [e.received_at for e in ordered],
             [APPLIED if ok else FILTERED for ok in accepted],
+            [when for _, when in pairs],
         ]
 
 
@@ -207,15 +257,26 @@ def create_consumer(
 ) -> Consumer:
     """The subscription consumer, configured from ``settings.subscriptions``; ``targets`` (from
     :func:`resolve_targets`) are the shops' own tables it writes to as well."""
+    queue = topology(settings).subscriptions_queue
+    applier = SubscriptionApplier(
+        pool,
+        settings.apps,
+        targets,
+        date_floor=settings.date_floor,
+        clock_skew=settings.clock_skew,
+        metrics=metrics,
+        queue=queue,
+    )
     return runtime.create_consumer(
         connection,
-        queue=topology(settings).subscriptions_queue,
-        handler=SubscriptionApplier(pool, settings.apps, targets),
+        queue=queue,
+        handler=applier,
         options=settings.subscriptions,
         topology=topology(settings),
         timeout_s=settings.subscriptions.db_batch_timeout_s,
         publish_timeout_s=settings.publish_timeout_s,
         metrics=metrics,
+        probe=functools.partial(answers, pool, settings.publish_timeout_s),
     )
 
 

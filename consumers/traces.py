@@ -19,14 +19,16 @@ from pydantic import ValidationError
 
 from bridge.amqp import declare_trace_topology, topology
 from bridge.config import AppConfig, Settings, TraceSettings
+from bridge.db import answers
 from bridge.metrics import Metrics
 from consumers import runtime
 from consumers.edrone_state import SEND, decide, load_known, record_sent
-from consumers.errors import Defer, Reject, RetryLater, describe_validation_error
+from consumers.errors import Defer, Reject, database_retry, describe_validation_error
 from consumers.runtime import APPLIED, Consumer, Delivery, Outcome
 from consumers.service import serve_consumer
 from consumers.throttle import Breaker, RateLimiter
 from consumers.trace_form import bridge_version, trace_form
+from schemas.fields import DATE_FLOOR_CONTEXT, DEFAULT_DATE_FLOOR, ordered_at
 from schemas.platform_event import CustomerSubscriptionChanged
 
 log = structlog.get_logger(__name__)
@@ -41,10 +43,15 @@ _EDRONE_EVENT_ID = "x-edrone-event-id"
 _FORM_HEADERS = {"Content-Type": "application/x-www-form-urlencoded"}
 
 
-def decode(body: bytes, apps: Mapping[str, AppConfig]) -> tuple[str, CustomerSubscriptionChanged]:
-    """(app_id, event); :class:`Reject` when the message breaks the contract."""
+def decode(
+    body: bytes, apps: Mapping[str, AppConfig], date_floor: datetime = DEFAULT_DATE_FLOOR
+) -> tuple[str, CustomerSubscriptionChanged]:
+    """(app_id, event); :class:`Reject` when the message breaks the contract (or holds what
+    PostgreSQL cannot store: it would fail every batch it is in)."""
     try:
-        event = CustomerSubscriptionChanged.model_validate_json(body)
+        event = CustomerSubscriptionChanged.model_validate_json(
+            body, context={DATE_FLOOR_CONTEXT: date_floor}
+        )
     except ValidationError as exc:
         raise Reject(f"invalid platform event: {describe_validation_error(exc)}") from None
     app_id = event.app_id
@@ -89,6 +96,9 @@ class TraceForwarder:
         self._url = settings.trace_url
         self._options = options
         self._echo_window = timedelta(seconds=options.echo_window_s)
+        self._date_floor = settings.date_floor
+        self._clock_skew = settings.clock_skew
+        self._queue = topology(settings).traces_queue
         self._version = bridge_version()
         self._slots = asyncio.Semaphore(options.concurrency)
         self._limiters: dict[str, RateLimiter] = {}
@@ -103,12 +113,14 @@ class TraceForwarder:
         outcomes: list[Outcome | None] = [None] * len(deliveries)
         newest: dict[tuple[str, str], int] = {}
         decoded: dict[int, tuple[str, CustomerSubscriptionChanged]] = {}
+        consumed_at = datetime.now(UTC)
         for index, delivery in enumerate(deliveries):
             try:
-                decoded[index] = target = decode(delivery.body, self._apps)
+                app_id, event = decode(delivery.body, self._apps, self._date_floor)
             except Reject as exc:
                 outcomes[index] = exc
                 continue
+            decoded[index] = target = (app_id, self._clamped(app_id, event, consumed_at))
             key = (target[0], target[1].email)
             # Several changes of one customer in a batch: only the newest is worth a call.
             previous = newest.get(key)
@@ -122,6 +134,25 @@ class TraceForwarder:
         await self._forward([decoded[i] for i in indices], indices, outcomes)
         return [outcome if outcome is not None else APPLIED for outcome in outcomes]
 
+    def _clamped(
+        self, app_id: str, event: CustomerSubscriptionChanged, consumed_at: datetime
+    ) -> CustomerSubscriptionChanged:
+        """The event as ordered (newest wins) and told to edrone: dated no later than its
+        consumption plus the clock skew, so that a shop clock gone wrong cannot freeze the
+        address (promise 6)."""
+        when = ordered_at(event.occurred_at, consumed_at, self._clock_skew)
+        if when == event.occurred_at:
+            return event
+        log.warning(
+            "occurred_at_clamped",
+            app_id=app_id,
+            event_id=event.event_id,
+            occurred_at=event.occurred_at.isoformat(),
+            ordered_at=when.isoformat(),
+        )
+        self._metrics.dates_clamped.labels(self._queue).inc()
+        return event.model_copy(update={"occurred_at": when})
+
     async def _forward(
         self,
         targets: list[tuple[str, CustomerSubscriptionChanged]],
@@ -133,8 +164,13 @@ class TraceForwarder:
         try:
             async with asyncio.timeout(self._options.db_timeout_s), self._pool.acquire() as conn:
                 known = await load_known(conn, targets)
-        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
-            raise RetryLater(f"database: {type(exc).__name__}") from exc
+        except Exception as exc:
+            # Nothing was sent yet, so the runtime may narrow a content error down to its
+            # message by halves without calling edrone twice (promise 7).
+            retry = database_retry(exc)
+            if retry is None:
+                raise
+            raise retry from exc
         to_send: list[tuple[int, str, CustomerSubscriptionChanged]] = []
         for index, target, state in zip(indices, targets, known, strict=True):
             verdict = decide(target[1], state, self._echo_window)
@@ -175,22 +211,31 @@ class TraceForwarder:
                 if paused_s > 0:
                     self._metrics.traces.labels("paused").inc()
                     return _paused(paused_s), None
-                form = trace_form(
-                    event,
-                    app_id,
-                    self._apps[app_id],
-                    platform=self._options.platform,
-                    platform_version=self._options.platform_version or self._version,
-                    version=self._version,
-                )
+                try:
+                    encoded = self._encode(app_id, event)
+                except Exception as exc:
+                    # This message alone cannot be sent; failing the batch instead would call
+                    # edrone again for every other message in it.
+                    log.warning("trace_unencodable", error=repr(exc))
+                    return Reject(f"cannot build the trace: {exc!r}"), None
                 async with self._paced(app_id):
-                    return await self._post(form)
+                    return await self._post(encoded)
 
-    async def _post(self, form: dict[str, str]) -> tuple[Outcome, str | None]:
+    def _encode(self, app_id: str, event: CustomerSubscriptionChanged) -> bytes:
+        form = trace_form(
+            event,
+            app_id,
+            self._apps[app_id],
+            platform=self._options.platform,
+            platform_version=self._options.platform_version or self._version,
+            version=self._version,
+        )
+        # Encoded here, exactly as aiohttp's FormData would, without its per-call machinery
+        # (a tenth of the forwarder's CPU per trace, benchmarks/).
+        return urlencode(form, doseq=True, encoding="utf-8").encode()
+
+    async def _post(self, encoded: bytes) -> tuple[Outcome, str | None]:
         try:
-            # Encoded here, exactly as aiohttp's FormData would, without its per-call machinery
-            # (a tenth of the forwarder's CPU per trace, benchmarks/).
-            encoded = urlencode(form, doseq=True, encoding="utf-8").encode()
             async with self._session.post(
                 self._url, data=encoded, headers=_FORM_HEADERS
             ) as response:
@@ -220,6 +265,10 @@ class TraceForwarder:
         log.warning("trace_refused", status=status)
         return Reject(answer), None
 
+    async def database_answers(self) -> bool:
+        """The runtime's probe (``ConsumerSpec.probe``): is a failed batch the database's?"""
+        return await answers(self._pool, min(self._options.db_timeout_s, 5.0))
+
     @asynccontextmanager
     async def _paced(self, app_id: str) -> AsyncIterator[None]:
         """Within the app's rate limit, for the whole call (see RateLimiter)."""
@@ -245,12 +294,12 @@ class TraceForwarder:
     async def _record(
         self, sent: list[tuple[str, CustomerSubscriptionChanged, str | None]]
     ) -> None:
-        # The calls are made: a failure here only costs a later no-op check, so it must not
-        # fail the batch (its retry would call edrone again).
+        # The calls are made: a failure here, whatever it is, only costs a later no-op check, so
+        # it must not fail the batch (its retry, or its halves, would call edrone again).
         try:
             async with asyncio.timeout(self._options.db_timeout_s), self._pool.acquire() as conn:
                 await record_sent(conn, sent)
-        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
+        except Exception as exc:
             log.warning("trace_state_not_recorded", count=len(sent), error=repr(exc))
 
 
@@ -298,6 +347,7 @@ def create_consumer(
         publish_timeout_s=settings.publish_timeout_s,
         retry_tiers_s=settings.traces.retry_tiers_s,
         metrics=metrics,
+        probe=forwarder.database_answers,
     )
 
 

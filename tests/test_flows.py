@@ -13,8 +13,10 @@ from urllib.parse import urlencode
 import asyncpg
 import pytest
 
+from bridge.amqp import topology
 from bridge.config import Settings
 from bridge.ingress.app import create_app
+from bridge.metrics import Metrics
 from bridge.signing import sign
 from consumers.subscriptions import serve as serve_subscriptions
 from tests.vectors import APP_ID, EMAIL, PHONE, SECRET, VECTOR_A, VECTOR_B, VECTOR_D, VECTOR_E
@@ -156,3 +158,53 @@ class TestEndToEnd:
                 int(status),
                 when,
             )
+
+
+class TestDatesThatCannotBeTrue:
+    """DESIGN.md promise 6: no date can freeze an address."""
+
+    async def test_after_a_year_9999_webhook_todays_change_applies(
+        self, aiohttp_client, make_settings, db
+    ):
+        """A year-9999 date is stored as stated but ordered as if made at its receipt plus the
+        skew (here 1 s): once that has passed, a change dated now applies. The clamp is counted;
+        a change within the skew is older, which bounds the hold to the skew."""
+        settings = make_settings(max_clock_skew_s=1.0)
+        metrics = Metrics()
+        client = await aiohttp_client(create_app(settings))
+        stopping = asyncio.Event()
+        task = asyncio.create_task(serve_subscriptions(settings, stopping, metrics=metrics))
+        try:
+            await post(
+                client,
+                native5(event_id="future", subscriber_status="0", event_date="9999-12-31 23:59:59"),
+            )
+            await wait_for_inbox(db, 1)
+            frozen = await subscriber(db, "email", EMAIL)
+            assert frozen["event_date"].year == 9999
+            received = await db.fetchval("SELECT received_at FROM inbox WHERE event_id = 'future'")
+            assert frozen["ordered_at"] == received + timedelta(seconds=1)
+
+            now = datetime.now(UTC)
+            early = (now - timedelta(seconds=0.5)).strftime("%Y-%m-%d %H:%M:%S")
+            await post(client, native5(event_id="early", subscriber_status="1", event_date=early))
+            await wait_for_inbox(db, 2)
+            assert await db.fetchval("SELECT outcome FROM inbox WHERE event_id = 'early'") == (
+                "older"
+            )
+
+            await asyncio.sleep(
+                max(0.0, (frozen["ordered_at"] - datetime.now(UTC)).total_seconds())
+            )
+            today = (datetime.now(UTC) + timedelta(seconds=1)).isoformat()
+            await post(client, native5(event_id="today", subscriber_status="1", event_date=today))
+            await wait_for_inbox(db, 3)
+            row = await subscriber(db, "email", EMAIL)
+            assert (row["status"], row["event_id"]) == (1, "today")
+            labels = {"queue": topology(settings).subscriptions_queue}
+            clamped = metrics.registry.get_sample_value("edrone_bridge_dates_clamped_total", labels)
+            assert clamped == 1
+        finally:
+            stopping.set()
+            async with asyncio.timeout(30):
+                await task

@@ -11,11 +11,13 @@ import aio_pika
 import asyncpg
 import pytest
 
-from bridge.amqp import declare_topology
+from bridge.amqp import declare_topology, declare_trace_topology
 from bridge.config import Settings, SubscriptionConsumerSettings
 from bridge.db import create_pool
+from bridge.fake_edrone import FakeEdrone
 from consumers.runtime import Consumer
 from consumers.subscriptions import create_consumer
+from tests.consumers.support import TRACE_FAST
 
 # Small batches and short waits, so that every test runs in well under a second or two.
 FAST = {
@@ -78,5 +80,28 @@ def make_consumer(
 
     def make(settings: Settings | None = None) -> Consumer:
         return create_consumer(broker, pool, settings or fast_settings)
+
+    return make
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeEdrone]:
+    """fake-edrone on a real socket; its faults are switched by the tests."""
+    async with FakeEdrone() as server:
+        yield server
+
+
+@pytest.fixture
+def make_traces(make_settings, fake, amqp_connection, db):
+    """Settings aimed at the fake, with TRACE_FAST options overridden by keyword arguments
+    (``apps`` replaces the apps), and the trace topology declared; the schema is migrated."""
+
+    async def make(*, apps=None, **traces):
+        extra = {"apps": apps} if apps is not None else {}
+        settings = make_settings(trace_url=fake.url, traces={**TRACE_FAST, **traces}, **extra)
+        channel = await amqp_connection.channel()
+        async with channel:
+            await declare_trace_topology(channel, settings)
+        return settings
 
     return make

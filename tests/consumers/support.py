@@ -125,6 +125,19 @@ async def wait_until(predicate: Callable[[], Any], timeout_s: float = 10.0) -> N
 
 # --- The trace forwarder: the shop's events on the platform exchange, and a consumer of them.
 
+# Short tiers and no breaker unless a test asks for them, so that retries take fractions of a
+# second and every failure counts.
+TRACE_FAST = {
+    "retry_tiers_s": (0.2, 0.5),
+    "flush_interval_ms": 10,
+    "breaker_failures": 1000,
+    "timeout_s": 5.0,
+    "connect_timeout_s": 2.0,
+    "retry_initial_backoff_s": 0.05,
+    "retry_max_backoff_s": 0.2,
+    "drain_timeout_s": 5.0,
+}
+
 
 def shop_event(
     email: str = "jan.kowalski@example.com",
@@ -196,3 +209,22 @@ async def running(consumer: Consumer, timeout_s: float = 30.0) -> AsyncIterator[
         finally:
             await consumer.stop()
             await task
+
+
+async def forward_burst(connection, pool, settings, timeout_s=20.0) -> Consumer:
+    """Forward everything queued, then return the consumer (its counters) once idle."""
+    async with asyncio.timeout(timeout_s), trace_consumer(connection, pool, settings) as consumer:
+        await consumer.run(burst=True)
+    return consumer
+
+
+async def depths(connection, settings) -> dict[str, int]:
+    """Ready messages in the work queue, its dead-letter queue and every retry tier."""
+    names = topology(settings)
+    work = names.traces_queue
+    queues = [
+        work,
+        names.dead_letter_queue(work),
+        *names.retry_queues(settings.traces.retry_tiers_s),
+    ]
+    return {queue: await ready_count(connection, queue) for queue in queues}

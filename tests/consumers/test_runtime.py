@@ -67,16 +67,33 @@ async def test_partial_batch_flushes_after_the_interval(broker, settings):
     assert elapsed < 1.0
 
 
-async def test_failing_handler_gets_the_same_batch_again(broker, settings):
-    """An unexpected error and a RetryLater each retry the whole batch in memory: the same
+async def test_service_error_gets_the_same_batch_again(broker, settings):
+    """A RetryLater (the service's error) retries the whole batch in memory: the same
     messages, never redelivered by the broker, acked once the handler succeeds."""
     await publish(broker, settings, bodies(5))
-    handler = Recorder(ValueError("bug"), RetryLater("database away", delay_s=0.01))
+    handler = Recorder(
+        RetryLater("database away", delay_s=0.01), RetryLater("deadlock", delay_s=0.01)
+    )
 
     consumer = await run_burst(make_runtime(broker, settings, handler))
 
     assert handler.batches == [bodies(5)] * 3
     assert (consumer.counters.retries, consumer.counters.applied) == (2, 5)
+    assert (consumer.counters.splits, consumer.counters.dead_lettered) == (0, 0)
+    assert await ready_count(broker, topology(settings).subscriptions_queue) == 0
+
+
+async def test_other_error_splits_the_batch(broker, settings):
+    """Any other error may lie in a message's content: the batch is tried again in halves,
+    first half first, without a backoff; here both halves succeed and nothing is lost."""
+    await publish(broker, settings, bodies(5))
+    handler = Recorder(ValueError("bug"))
+
+    consumer = await run_burst(make_runtime(broker, settings, handler))
+
+    assert handler.batches == [bodies(5), bodies(5)[:2], bodies(5)[2:]]
+    assert (consumer.counters.splits, consumer.counters.retries) == (1, 0)
+    assert (consumer.counters.applied, consumer.counters.dead_lettered) == (5, 0)
     assert await ready_count(broker, topology(settings).subscriptions_queue) == 0
 
 
@@ -121,23 +138,22 @@ async def test_rejected_outcomes_are_dead_lettered(broker, settings):
     assert (dead.body, dead.headers[HEADER_ERROR]) == (b"bad!", "bad body")
 
 
-async def test_wrong_number_of_outcomes_is_not_acked(broker, settings):
-    """A handler answering for fewer messages than it got is a bug: nothing is acked."""
+async def test_wrong_number_of_outcomes_is_never_taken(broker, settings):
+    """A handler answering for fewer messages than it got is a bug: its answer is never
+    used for the batch (no message gets another's outcome); the batch is narrowed down like
+    any failure, and each message alone gets the outcome answered for it."""
+    calls = []
 
     async def short(deliveries):
-        return [APPLIED]
+        calls.append(len(deliveries))
+        return ["duplicate" if len(deliveries) > 1 else APPLIED]
 
     await publish(broker, settings, bodies(3))
-    consumer = make_runtime(broker, settings, short, drain_timeout_s=0.2)
-    async with asyncio.timeout(10), consumer:
-        run = asyncio.create_task(consumer.run())
-        await wait_until(lambda: consumer.counters.retries >= 2)
-        await consumer.stop()
-        await run
-    queue = topology(settings).subscriptions_queue
-    await wait_until(lambda: ready_count(broker, queue), 5)
-    assert await ready_count(broker, queue) == 3
-    assert consumer.counters.applied == 0
+    consumer = await run_burst(make_runtime(broker, settings, short))
+
+    assert calls == [3, 1, 2, 1, 1]
+    assert (consumer.counters.applied, consumer.counters.skipped["duplicate"]) == (3, 0)
+    assert await ready_count(broker, topology(settings).subscriptions_queue) == 0
 
 
 async def test_stop_before_run_returns_at_once(broker, settings):
@@ -153,6 +169,109 @@ async def test_run_requires_the_context(broker, settings):
     """run() outside ``async with`` fails loudly instead of waiting forever."""
     with pytest.raises(RuntimeError, match="async with"):
         await make_runtime(broker, settings, Recorder()).run()
+
+
+class TestIsolation:
+    """DESIGN.md promise 7: no message blocks its queue."""
+
+    @staticmethod
+    def failing_on(marker, error):
+        """A handler that fails, with ``error``, every batch holding a body with ``marker``."""
+        calls = []
+
+        async def handler(deliveries):
+            calls.append([d.body for d in deliveries])
+            if any(marker in d.body for d in deliveries):
+                raise error
+            return [APPLIED] * len(deliveries)
+
+        handler.calls = calls
+        return handler
+
+    async def test_content_error_is_narrowed_down_to_its_message(self, broker, settings):
+        """A batch failing for a reason that may lie in one message is split in halves until
+        that message stands alone: it alone is dead-lettered with the error, every message
+        behind and beside it is applied, in a bounded number of handler calls."""
+        names = topology(settings)
+        good = bodies(20)
+        await publish(broker, settings, [*good[:7], b"poison 7", *good[7:]])
+        handler = self.failing_on(b"poison", ValueError("cannot store that"))
+
+        consumer = await run_burst(make_runtime(broker, settings, handler))
+
+        counters = consumer.counters
+        assert (counters.applied, counters.dead_lettered, counters.isolated) == (20, 1, 1)
+        assert counters.retries == 0  # no backoff: the error is the message's, not the service's
+        # 10 + 10 + 1 messages: the poisoned batch of 10 takes at most 2 calls per halving.
+        assert len(handler.calls) <= 3 + 2 * 4
+        [dead] = await take_all(broker, names.dead_letter_queue(names.subscriptions_queue))
+        assert dead.body == b"poison 7"
+        assert dead.headers[HEADER_ERROR] == "failed alone: ValueError: cannot store that"
+        assert dead.headers[HEADER_ATTEMPTS] == 1
+        assert await ready_count(broker, names.subscriptions_queue) == 0
+
+    async def test_several_poisons_in_one_batch(self, broker, settings):
+        """Each poisoned message is found alone; the good ones all go through."""
+        names = topology(settings)
+        messages = [b"poison %d" % n if n in (0, 4, 9) else b"ok %d" % n for n in range(10)]
+        await publish(broker, settings, messages)
+        handler = self.failing_on(b"poison", ValueError("bad"))
+
+        consumer = await run_burst(make_runtime(broker, settings, handler))
+
+        assert (consumer.counters.applied, consumer.counters.dead_lettered) == (7, 3)
+        dead = await take_all(broker, names.dead_letter_queue(names.subscriptions_queue))
+        assert sorted(m.body for m in dead) == [b"poison 0", b"poison 4", b"poison 9"]
+
+    async def test_service_error_that_never_ends_dead_letters_whatever_the_cause(
+        self, broker, settings
+    ):
+        """A message in max_batch_failures failed batches (counted: the service answered) is
+        narrowed down like a content error and, failing alone once more, dead-lettered; the
+        messages that shared its batches are applied."""
+        names = topology(settings)
+        await publish(broker, settings, [*bodies(6), b"stuck 6", *bodies(9)[7:]])
+        handler = self.failing_on(b"stuck", RetryLater("deadlock", delay_s=0.001))
+
+        consumer = await run_burst(make_runtime(broker, settings, handler, max_batch_failures=3))
+
+        counters = consumer.counters
+        assert (counters.applied, counters.dead_lettered, counters.isolated) == (8, 1, 1)
+        assert counters.retries == 2  # two retries of the whole batch, then halves
+        [dead] = await take_all(broker, names.dead_letter_queue(names.subscriptions_queue))
+        assert dead.body == b"stuck 6"
+        assert dead.headers[HEADER_ERROR].startswith("failed 3 batches, the last alone: deadlock")
+
+    async def test_service_not_reached_never_counts(self, broker, settings):
+        """Failures where the service was not reached (RetryLater(counts=False), or a probe
+        saying it does not answer) retry the batch however often, and dead-letter nothing."""
+        answering = []
+
+        async def probe():
+            answering.append(False)
+            return False
+
+        handler = Recorder(
+            *[RetryLater("connection refused", delay_s=0.001, counts=False)] * 4,
+            *[RetryLater("timeout", delay_s=0.001)] * 4,
+        )
+        await publish(broker, settings, bodies(5))
+        names = topology(settings)
+        spec = ConsumerSpec(names.subscriptions_queue, handler, batch_size=10, probe=probe)
+        consumer = Consumer(
+            broker,
+            spec,
+            topology=names,
+            flush_interval_s=0.02,
+            retry_initial_backoff_s=0.02,
+            max_batch_failures=2,
+        )
+        await run_burst(consumer)
+
+        assert handler.batches == [bodies(5)] * 9
+        assert len(answering) == 4  # asked only about the failures that would count
+        assert (consumer.counters.applied, consumer.counters.dead_lettered) == (5, 0)
+        assert consumer.counters.splits == 0
 
 
 class TestDeadLetterHeaders:

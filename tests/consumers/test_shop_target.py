@@ -267,3 +267,25 @@ async def test_readme_examples_fit_their_tables(db, pool, tmp_path):
         apps = load_example(block, tmp_path)
         targets = await resolve_targets(pool, apps)
         assert list(targets) == list(apps)
+
+
+async def test_shop_row_is_found_by_either_idna_form(broker, db, pool, make_consumer_settings):
+    """A shop that stored the xn-- form of a domain (or the Unicode form in capitals) still has
+    its row updated by edrone's change of that mailbox (the ledger keeps the Unicode form)."""
+    await magento(db)
+    await db.execute(
+        "INSERT INTO newsletter_subscriber (subscriber_email, subscriber_status) "
+        "VALUES ('jan@xn--bcher-kva.de', 1), ('ANNA@BÜCHER.DE', 1)"
+    )
+    settings = with_target(make_consumer_settings, **MAGENTO_TARGET)
+    events = [make_event("jan@bücher.de", status=0), make_event("anna@bücher.de", status=0)]
+
+    consumer = await consume(broker, pool, settings, events)
+
+    assert consumer.counters.applied == 2
+    rows = await db.fetch(
+        "SELECT subscriber_email, subscriber_status FROM newsletter_subscriber "
+        "WHERE subscriber_email IN ('jan@xn--bcher-kva.de', 'ANNA@BÜCHER.DE') "
+        "ORDER BY subscriber_id"
+    )
+    assert [tuple(row) for row in rows] == [("jan@xn--bcher-kva.de", 3), ("ANNA@BÜCHER.DE", 3)]

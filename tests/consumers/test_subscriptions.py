@@ -255,7 +255,7 @@ class TestDeadLettering:
 
     @pytest.mark.parametrize(
         ("field", "value", "error"),
-        [("address", "nul\x00@example.com", "NUL"), ("reason", 2**40, "reason")],
+        [("address", "nul\x00@example.com", "U+0000"), ("reason", 2**40, "reason")],
     )
     async def test_unstorable_message_is_dead_lettered_not_retried(
         self, broker, db, fast_settings, make_consumer, field, value, error

@@ -20,15 +20,16 @@ from bridge.amqp import (
     HEADER_ERROR,
     HEADER_FIRST_FAILURE,
     HEADER_ORIGINAL_QUEUE,
-    declare_trace_topology,
     topology,
 )
 from bridge.config import AppConfig
-from bridge.fake_edrone import FORM, FakeEdrone
+from bridge.fake_edrone import FORM
 from consumers.trace_form import bridge_version
 from schemas.platform_event import EXAMPLE_FILE
 from tests.conftest import TEST_APP_ID, TEST_SECRET
 from tests.consumers.support import (
+    depths,
+    forward_burst,
     publish_platform,
     ready_count,
     running,
@@ -38,54 +39,12 @@ from tests.consumers.support import (
     wait_until,
 )
 
-# Short tiers and no breaker unless a test asks for them, so that retries take fractions of a
-# second and every failure counts.
-FAST = {
-    "retry_tiers_s": (0.2, 0.5),
-    "flush_interval_ms": 10,
-    "breaker_failures": 1000,
-    "timeout_s": 5.0,
-    "connect_timeout_s": 2.0,
-    "retry_initial_backoff_s": 0.05,
-    "retry_max_backoff_s": 0.2,
-    "drain_timeout_s": 5.0,
-}
 OTHER_APP_ID = "app-without-tags"
 APP_TAGS = ("shop-default", "newsletter")
 TWO_APPS = {
     TEST_APP_ID: AppConfig(secret=TEST_SECRET, customer_tags=APP_TAGS),
     OTHER_APP_ID: AppConfig(secret="other-secret"),
 }
-
-
-@pytest.fixture
-async def fake():
-    """fake-edrone on a real socket; its faults are switched by the tests."""
-    async with FakeEdrone() as server:
-        yield server
-
-
-@pytest.fixture
-def make_traces(make_settings, fake, amqp_connection, db):
-    """Settings aimed at the fake, with FAST trace options overridden by keyword arguments
-    (``apps`` replaces the apps), and the trace topology declared; the schema is migrated."""
-
-    async def make(*, apps=None, **traces):
-        extra = {"apps": apps} if apps is not None else {}
-        settings = make_settings(trace_url=fake.url, traces={**FAST, **traces}, **extra)
-        channel = await amqp_connection.channel()
-        async with channel:
-            await declare_trace_topology(channel, settings)
-        return settings
-
-    return make
-
-
-async def forward_burst(connection, pool, settings, timeout_s=20.0):
-    """Forward everything queued, then return the consumer (its counters) once idle."""
-    async with asyncio.timeout(timeout_s), trace_consumer(connection, pool, settings) as consumer:
-        await consumer.run(burst=True)
-    return consumer
 
 
 def decoded(record) -> dict[str, str]:
@@ -103,18 +62,6 @@ def sent_for(fake, email) -> list:
 def accepted(fake) -> Counter[str]:
     """Per e-mail, how many of its traces edrone answered 200."""
     return Counter(r.form["email"] for r in fake.requests if r.status == 200)
-
-
-async def depths(connection, settings) -> dict[str, int]:
-    """Ready messages in the work queue, its dead-letter queue and every retry tier."""
-    names = topology(settings)
-    work = names.traces_queue
-    queues = [
-        work,
-        names.dead_letter_queue(work),
-        *names.retry_queues(settings.traces.retry_tiers_s),
-    ]
-    return {queue: await ready_count(connection, queue) for queue in queues}
 
 
 def gaps(requests) -> list[float]:
@@ -552,8 +499,9 @@ class TestFewerCalls:
         # edrone told the bridge an hour ago (outside the echo window) that ola unsubscribed.
         await db.execute(
             "INSERT INTO subscribers (app_id, channel, address, status, reason, event_id,"
-            " event_date, updated_at) VALUES ($1, 'email', 'ola@example.com', 0, 1, 'evt-1',"
-            " now() - interval '1 hour', now() - interval '1 hour')",
+            " event_date, ordered_at, updated_at) VALUES ($1, 'email', 'ola@example.com', 0, 1,"
+            " 'evt-1', now() - interval '1 hour', now() - interval '1 hour',"
+            " now() - interval '1 hour')",
             TEST_APP_ID,
         )
         repeats = [shop_event(status=1), shop_event("ola@example.com", status=0)]
@@ -589,8 +537,8 @@ class TestFewerCalls:
         settings = await make_traces()
         await db.execute(
             "INSERT INTO subscribers (app_id, channel, address, status, reason, event_id,"
-            " event_date) VALUES ($1, 'email', 'jan.kowalski@example.com', 0, 1, 'evt-123',"
-            " now() - interval '2 seconds')",
+            " event_date, ordered_at) VALUES ($1, 'email', 'jan.kowalski@example.com', 0, 1,"
+            " 'evt-123', now() - interval '2 seconds', now() - interval '2 seconds')",
             TEST_APP_ID,
         )
         await publish_platform(amqp_connection, settings, [shop_event(status=0)])
@@ -630,3 +578,66 @@ async def test_rate_limit_holds_under_a_burst(fake, make_traces, amqp_connection
     assert accepted(fake) == Counter(dict.fromkeys(emails, 1))
     assert len(times) == 1000
     assert consumer.counters.applied == 1000
+
+
+class TestDatesAndAddresses:
+    async def test_future_occurred_at_is_clamped_and_does_not_freeze(
+        self, fake, make_traces, amqp_connection, pool, db
+    ):
+        """A shop change dated year 9999 is sent, but ordered and told to edrone as made no
+        later than its consumption plus the skew (here 0.5 s); after that a change made now is
+        sent, not skipped as older (DESIGN.md promise 6)."""
+        settings = await make_traces()
+        settings = settings.model_copy(update={"max_clock_skew_s": 0.5})
+        future = datetime(9999, 12, 31, 23, 59, tzinfo=UTC)
+        before = datetime.now(UTC)
+        await publish_platform(amqp_connection, settings, [shop_event(status=0, at=future)])
+
+        first = await forward_burst(amqp_connection, pool, settings)
+
+        assert first.counters.applied == 1
+        [sent] = fake.requests
+        told = datetime.strptime(sent.form["event_utc_date"], "%Y-%m-%d %H:%M:%S")
+        assert before.replace(microsecond=0, tzinfo=None) <= told < datetime(2100, 1, 1)
+        stored = await db.fetchval("SELECT occurred_at FROM trace_state")
+        assert stored <= datetime.now(UTC) + timedelta(seconds=0.5)
+
+        await asyncio.sleep(0.6)
+        await publish_platform(amqp_connection, settings, [shop_event(status=1)])
+        second = await forward_burst(amqp_connection, pool, settings)
+
+        assert second.counters.applied == 1
+        assert [r.form["subscriber_status"] for r in fake.requests] == ["0", "1"]
+
+    async def test_occurred_at_before_the_floor_is_dead_lettered(
+        self, fake, make_traces, amqp_connection, pool
+    ):
+        """A shop change dated before 2000-01-01 comes from a clock that is wrong: it is
+        dead-lettered naming occurred_at, never sent."""
+        settings = await make_traces()
+        names = topology(settings)
+        old = datetime(1970, 1, 1, tzinfo=UTC)
+        await publish_platform(amqp_connection, settings, [shop_event(status=0, at=old)])
+
+        consumer = await forward_burst(amqp_connection, pool, settings)
+
+        assert (consumer.counters.dead_lettered, fake.requests) == (1, [])
+        [dead] = await take_all(amqp_connection, names.dead_letter_queue(names.traces_queue))
+        assert "occurred_at" in dead.headers[HEADER_ERROR]
+
+    async def test_idna_forms_are_one_customer(self, fake, make_traces, amqp_connection, pool):
+        """The shop's spellings of one mailbox (xn-- or Unicode domain, any case) are one
+        address: coalesced into one trace, sent in the one form the ingress stores too."""
+        settings = await make_traces()
+        events = [
+            shop_event("User@XN--BCHER-KVA.DE", status=0, at=-timedelta(seconds=2)),
+            shop_event("user@bücher.de", status=1),
+        ]
+        await publish_platform(amqp_connection, settings, events)
+
+        consumer = await forward_burst(amqp_connection, pool, settings)
+
+        assert consumer.counters.skipped == Counter({"coalesced": 1})
+        assert [(r.form["email"], r.form["subscriber_status"]) for r in fake.requests] == [
+            ("user@bücher.de", "1")
+        ]
