@@ -15,15 +15,13 @@ from pydantic import ValidationError
 
 from bridge.amqp import connect, declare_trace_topology
 from bridge.config import ConfigError, Settings
-from bridge.db import close_pool, create_pool
+from bridge.db import CONTENT, TRANSIENT, UNAVAILABLE, classify, close_pool, create_pool
 from bridge.publisher import ConfirmedPublisher, PublishFailed
 from consumers.shop_target import ShopTarget, quote_ident, resolve_targets
 from schemas.platform_event import CustomerSubscriptionChanged
 
 log = structlog.get_logger(__name__)
 
-# Errors after which the same batch may well succeed; its rows stay unsent and are read again.
-_RETRYABLE = (PublishFailed, asyncpg.PostgresError, asyncpg.InterfaceError, OSError)
 
 # One relay at a time per schema publishes (the others wait their turn): with SKIP LOCKED,
 # a second relay could publish an address's later change before the first relay's earlier one.
@@ -38,6 +36,14 @@ UPDATE outbox AS o SET sent_at = now(), error = e.error
 FROM unnest($1::bigint[], $2::text[]) AS e(id, error)
 WHERE o.id = e.id
 """
+# The outbox's dead letter: the oldest unsent row, which failed alone, is set aside with its
+# error so that the rows behind it go on (DESIGN.md promise 7).
+_SET_ASIDE_SQL = """
+UPDATE outbox SET sent_at = now(), error = $1
+WHERE id = (SELECT id FROM outbox WHERE sent_at IS NULL ORDER BY id LIMIT 1)
+RETURNING id
+"""
+_MAX_ERROR_CHARS = 1_000
 
 
 def notify_channel(settings: Settings) -> str:
@@ -94,11 +100,20 @@ def platform_event(row: Mapping[str, Any]) -> CustomerSubscriptionChanged:
     return CustomerSubscriptionChanged.model_validate(fields)
 
 
+def failure_kind(exc: BaseException) -> str:
+    """What a failed batch says (bridge.db's kinds): the broker not confirming is about the
+    service; a database error is classified; anything else lies in a row's content."""
+    if isinstance(exc, PublishFailed):
+        return UNAVAILABLE
+    return classify(exc)
+
+
 @dataclass
 class RelayCounters:
     published: int = 0
     coalesced: int = 0  # a later change of the same customer was in the same batch
     invalid: int = 0  # not a valid platform event: marked with its error, never published
+    set_aside: int = 0  # failed alone (its batch failed for it): marked with its error
     batches: int = 0
     failures: int = 0
 
@@ -117,13 +132,14 @@ class Relay:
     def __repr__(self) -> str:
         return f"<Relay {self.counters}>"
 
-    async def publish_batch(self) -> int:
-        """Publish the oldest unsent rows; the number of rows handled (0: none, or another
-        relay has the turn). The rows are marked sent only once every publish is confirmed."""
+    async def publish_batch(self, limit: int | None = None) -> int:
+        """Publish the oldest unsent rows (``limit``, by default the batch size); the number of
+        rows handled (0: none, or another relay has the turn). The rows are marked sent only
+        once every publish is confirmed."""
         async with self._pool.acquire() as conn, conn.transaction():
             if not await conn.fetchval(_TURN_SQL):
                 return 0
-            rows = await conn.fetch(_UNSENT_SQL, self._settings.relay.batch_size)
+            rows = await conn.fetch(_UNSENT_SQL, limit or self._settings.relay.batch_size)
             if not rows:
                 return 0
             errors = await self._publish(rows)
@@ -136,37 +152,69 @@ class Relay:
     async def _publish(self, rows: Sequence[asyncpg.Record]) -> dict[int, str]:
         """Publish the newest row of each customer (each row holds the whole mapped state, so
         the older ones say nothing more); the errors of rows that are not valid events."""
-        newest: dict[tuple[str, str], asyncpg.Record] = {}
+        newest: dict[tuple[str, str], CustomerSubscriptionChanged] = {}
         errors: dict[int, str] = {}
         for row in rows:  # in id order: a later row replaces an earlier one
-            newest[(row["app_id"], row["email"].lower())] = row
-        publishes = []
-        for row in newest.values():
             try:
                 event = platform_event(row)
             except ValidationError as exc:
-                errors[row["id"]] = f"invalid platform event: {exc.errors()[0]['msg']}"
+                error = exc.errors(include_url=False, include_input=False)[0]
+                where = ".".join(str(part) for part in error["loc"])
+                errors[row["id"]] = f"invalid platform event: {where}: {error['msg']}"
                 log.warning("outbox_row_invalid", outbox_id=row["id"], error=errors[row["id"]])
                 continue
-            publishes.append(
-                self._publisher.publish(
-                    event.model_dump_json(exclude_unset=True).encode(),
-                    routing_key=self._settings.platform_routing_key,
-                    message_id=event.event_id,
-                )
+            # By the address's one form (as the forwarder coalesces), not as the shop typed it.
+            newest[(row["app_id"], event.email)] = event
+        publishes = [
+            self._publisher.publish(
+                event.model_dump_json(exclude_unset=True).encode(),
+                routing_key=self._settings.platform_routing_key,
+                message_id=event.event_id,
             )
+            for event in newest.values()
+        ]
         # Distinct customers only, so publishing them concurrently keeps the order per customer.
         await asyncio.gather(*publishes)
         self.counters.published += len(publishes)
         self.counters.invalid += len(errors)
-        self.counters.coalesced += len(rows) - len(newest)
+        self.counters.coalesced += len(rows) - len(errors) - len(newest)
         return errors
+
+    async def _isolate(self) -> bool:
+        """After a batch failed for a reason that may lie in a row: the next rows one by one,
+        each in its own transaction; one that fails alone is set aside with its error and the
+        rest go on. False if the service failed meanwhile (retry later)."""
+        for _ in range(self._settings.relay.batch_size):
+            try:
+                if not await self.publish_batch(1):
+                    return True
+                continue
+            except Exception as exc:
+                if failure_kind(exc) == UNAVAILABLE:
+                    return False
+                failure = exc
+            try:
+                await self._set_aside(failure)
+            except Exception as exc:  # the database went away meanwhile: retry later
+                log.warning("outbox_set_aside_failed", error=repr(exc))
+                return False
+        return True
+
+    async def _set_aside(self, exc: BaseException) -> None:
+        error = f"failed alone: {type(exc).__name__}: {exc}"[:_MAX_ERROR_CHARS]
+        async with self._pool.acquire() as conn, conn.transaction():
+            if not await conn.fetchval(_TURN_SQL):
+                return
+            outbox_id = await conn.fetchval(_SET_ASIDE_SQL, error)
+        self.counters.set_aside += 1
+        log.warning("outbox_row_set_aside", outbox_id=outbox_id, error=error)
 
     async def run(self, stopping: asyncio.Event) -> None:
         """Publish until ``stopping`` is set; wake on NOTIFY, poll as the fallback."""
         wake = asyncio.Event()
         listener: asyncpg.Connection | None = None
         poll_s = self._settings.relay.poll_interval_s
+        counted = 0  # failures in a row while the database answered
         try:
             while not stopping.is_set():
                 if listener is None or listener.is_closed():
@@ -174,11 +222,20 @@ class Relay:
                 wake.clear()  # before reading: a NOTIFY from here on wakes the next wait
                 try:
                     handled = await self.publish_batch()
-                except _RETRYABLE as exc:
+                except Exception as exc:
+                    kind = failure_kind(exc)
                     self.counters.failures += 1
-                    log.warning("relay_batch_failed", error=repr(exc))
+                    counted += kind == TRANSIENT
+                    log.warning("relay_batch_failed", error=repr(exc), kind=kind)
+                    # A row's content, or a failure that keeps coming while the database
+                    # answers: find the row and set it aside; a service error: wait.
+                    if kind == CONTENT or counted >= self._settings.relay.max_batch_failures:
+                        counted = 0
+                        if await self._isolate():
+                            continue
                     await _wait_any(stopping, None, poll_s)
                     continue
+                counted = 0
                 if handled < self._settings.relay.batch_size:
                     await _wait_any(stopping, wake, poll_s)
         finally:

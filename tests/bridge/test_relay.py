@@ -130,6 +130,56 @@ class TestOutbox:
         assert error.startswith("invalid platform event")
         assert relay.counters.invalid == 1
 
+    async def test_row_that_fails_its_batch_is_set_aside_and_the_rest_flows(
+        self, measured, db, relay, shop_settings, amqp_connection
+    ):
+        """A row no batch can be read with (a date Python cannot hold, year 10000) fails its
+        batch: the relay takes the rows one by one, sets the failing one aside with its error
+        (the outbox's dead letter) and publishes every other row, before and behind it
+        (DESIGN.md promise 7)."""
+        for n in range(5):
+            await db.execute(
+                "INSERT INTO newsletter_subscriber (subscriber_email, subscriber_status) "
+                "VALUES ($1, 1)",
+                f"before{n}@example.com",
+            )
+        await db.execute(
+            "INSERT INTO outbox (app_id, email, subscriber_status, occurred_at) "
+            "VALUES ($1, 'poison@example.com', 1, '10000-01-01 00:00:00+00')",
+            TEST_APP_ID,
+        )
+        for n in range(15):
+            await db.execute(
+                "INSERT INTO newsletter_subscriber (subscriber_email, subscriber_status) "
+                "VALUES ($1, 1)",
+                f"after{n}@example.com",
+            )
+
+        async def all_handled():
+            return await db.fetchval("SELECT count(*) FROM outbox WHERE sent_at IS NULL") == 0
+
+        stopping = asyncio.Event()
+        running = asyncio.create_task(relay.run(stopping))
+        try:
+            await wait_until(all_handled, 15)
+        finally:
+            stopping.set()
+            await asyncio.wait_for(running, 10)
+
+        events = await published(amqp_connection, shop_settings)
+        emails = sorted(event["email"] for event in events)
+        assert emails == sorted(
+            [f"before{n}@example.com" for n in range(5)]
+            + [f"after{n}@example.com" for n in range(15)]
+        )
+        error = await db.fetchval("SELECT error FROM outbox WHERE email = 'poison@example.com'")
+        assert error.startswith("failed alone: OverflowError")
+        assert (relay.counters.set_aside, relay.counters.published) == (1, 20)
+        measured(
+            f"[poison] relay: 20 good rows + 1 unreadable -> published 20, set aside 1, "
+            f"failed batches {relay.counters.failures}"
+        )
+
     async def test_bridge_update_is_not_recorded(
         self, db, pool, relay, shop_settings, amqp_connection
     ):
