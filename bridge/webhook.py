@@ -125,6 +125,9 @@ def _require(fields: Mapping[str, str], version: str) -> None:
 def _check_text(fields: Mapping[str, str]) -> None:
     """No field, signed or not, may hold a control character or a lone surrogate: no edrone
     value does, and PostgreSQL cannot store a NUL (the consumer would dead-letter it)."""
+    # One search over everything, the field named only when there is something to name.
+    if control_character("".join(fields) + "".join(fields.values())) is None:
+        return
     for name, value in fields.items():
         problem = control_character(name)
         if problem is not None:

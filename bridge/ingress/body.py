@@ -57,6 +57,7 @@ async def read_fields(request: web.Request, limit: int, timeout_s: float) -> dic
 # refuse nesting with a 400 before json.loads would fail on it with a RecursionError (a 500).
 MAX_JSON_DEPTH = 32
 _BRACKETS = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[\]{}]')
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def too_deep(raw: bytes, limit: int = MAX_JSON_DEPTH) -> bool:
@@ -101,18 +102,12 @@ def parse_json(raw: bytes) -> dict[str, str]:
             )
         # edrone may send 1 or "1", null or "": both sign the same (PHP concatenation).
         fields[key] = php_string(value)
-        if not is_text(key) or not is_text(fields[key]):
-            # A lone \ud800-style escape is valid JSON but no text: it cannot even be hashed.
-            raise WebhookRejected(400, "malformed_body", f"field {key!r} is not valid Unicode")
+    # A lone \ud800-style escape is valid JSON but no text: it cannot even be hashed. One
+    # search over everything; the field is named only when there is one to name.
+    if _SURROGATE.search("".join(fields) + "".join(fields.values())):
+        key = next(k for k, v in fields.items() if _SURROGATE.search(k + v))
+        raise WebhookRejected(400, "malformed_body", f"field {key!r} is not valid Unicode")
     return fields
-
-
-def is_text(value: str) -> bool:
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def parse_form(raw: bytes | str, where: str = "the form body") -> dict[str, str]:
