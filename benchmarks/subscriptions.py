@@ -132,8 +132,8 @@ async def reset_database(settings: Settings, schema: str, mix: Mix) -> None:
         addresses = [_stored_address(i) for i in range(mix.older)]
         await conn.execute(
             """INSERT INTO subscribers (app_id, channel, address, status, reason, event_id,
-                                        event_date)
-               SELECT $1, 'email', a, 1, 10, 'stored-' || a, $3
+                                        event_date, ordered_at)
+               SELECT $1, 'email', a, 1, 10, 'stored-' || a, $3, $3
                FROM unnest($2::text[]) AS a""",
             d.APP_ID,
             addresses,
@@ -219,12 +219,14 @@ VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, 'applied')
 ON CONFLICT (app_id, event_id) DO NOTHING RETURNING event_id
 """
 _NAIVE_UPSERT = """
-INSERT INTO subscribers AS s (app_id, channel, address, status, reason, event_id, event_date)
-VALUES ($1, $2, $3, $4, $5, $6, $7)
+INSERT INTO subscribers AS s (app_id, channel, address, status, reason, event_id, event_date,
+                              ordered_at)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $7)
 ON CONFLICT (app_id, channel, address) DO UPDATE
 SET status = excluded.status, reason = excluded.reason, event_id = excluded.event_id,
-    event_date = excluded.event_date, updated_at = now()
-WHERE (excluded.event_date, excluded.event_id COLLATE "C") > (s.event_date, s.event_id COLLATE "C")
+    event_date = excluded.event_date, ordered_at = excluded.ordered_at, updated_at = now()
+WHERE (excluded.ordered_at, excluded.event_id COLLATE "C")
+    > (s.ordered_at, s.event_id COLLATE "C")
 RETURNING event_id
 """
 _NAIVE_OLDER = "UPDATE inbox SET outcome = 'older' WHERE app_id = $1 AND event_id = $2"
