@@ -28,6 +28,8 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from schemas.fields import DEFAULT_DATE_FLOOR
+
 ENV_PREFIX = "EDRONE_BRIDGE_"
 CONFIG_FILE_VARIABLE = f"{ENV_PREFIX}CONFIG"
 
@@ -273,7 +275,7 @@ class Settings(BaseSettings):
     shutdown_timeout_s: float = Field(default=10.0, gt=0)
     # A webhook's event_date (or a shop event's occurred_at) before this day is refused: no
     # clock that is right says so (400 at the ingress, dead-lettered on the trace path).
-    event_date_floor: date = date(2000, 1, 1)
+    event_date_floor: date = DEFAULT_DATE_FLOOR.date()
     # A change dated later than its receipt by more than this is ordered (newest wins) as if
     # made at receipt plus this, so that a wrong zone or clock holds an address this long at
     # most, instead of for ever; each such date is counted and logged.

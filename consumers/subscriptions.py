@@ -121,8 +121,8 @@ class SubscriptionApplier:
         apps: Mapping[str, AppConfig],
         targets: Mapping[str, ShopTarget] | None = None,
         *,
-        date_floor: datetime = DEFAULT_DATE_FLOOR,
-        clock_skew: timedelta = timedelta(minutes=5),
+        date_floor: datetime,
+        clock_skew: timedelta,
         metrics: Metrics | None = None,
         queue: str = "",
     ) -> None:
