@@ -126,6 +126,10 @@ class AppConfig(BaseModel):
     rate_limit_per_s: float | None = Field(default=None, gt=0)
     # The shop's own table to apply edrone's changes to (and to relay the shop's changes from).
     target: TargetMapping | None = None
+    # Publish each change the bridge brings the shop to as an edrone.subscription.changed
+    # event on changes_exchange, for shops whose services listen to events rather than read
+    # tables; the shop's resulting change should carry its event_id back as caused_by.
+    publish_changes: bool = False
 
     def secrets(self) -> tuple[str, ...]:
         current = self.secret.get_secret_value()
@@ -187,9 +191,6 @@ class TraceSettings(ConsumerOptions):
     timeout_s: float = Field(default=15.0, gt=0)
     # Delay of each retry tier, in order; after the last one a message is dead-lettered.
     retry_tiers_s: tuple[float, ...] = (10.0, 60.0, 300.0, 1800.0, 7200.0)
-    # A shop change that repeats, within this window, a status the bridge applied from edrone
-    # is an echo of edrone's own change and is never sent back.
-    echo_window_s: float = Field(default=300.0, ge=0)
     # Consecutive failed requests after which the forwarder stops sending for a while.
     breaker_failures: int = Field(default=10, ge=1)
     breaker_initial_pause_s: float = Field(default=1.0, gt=0)
@@ -206,6 +207,21 @@ class TraceSettings(ConsumerOptions):
         if not tiers or any(t <= 0 for t in tiers) or list(tiers) != sorted(set(tiers)):
             raise ValueError("retry tiers must be positive, distinct and ascending")
         return tiers
+
+
+class SyncSettings(BaseModel):
+    """How the two directions are kept converging (DESIGN.md promise 6)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    # A trace edrone never acknowledged with a webhook (it changed nothing there) and a write
+    # the shop never echoed are forgotten after this long.
+    ack_window_s: float = Field(default=3600.0, gt=0)
+    # How often each consumer process looks for messages to publish after a commit (edrone's
+    # changes for the shop's bus, requests to bring edrone to the winner) that another process
+    # left behind; its own are published at once.
+    dispatch_poll_interval_s: float = Field(default=1.0, gt=0)
+    dispatch_batch_size: int = Field(default=500, ge=1, le=10_000)
 
 
 class RelaySettings(BaseModel):
@@ -317,10 +333,14 @@ class Settings(BaseSettings):
     amqp_reconnect_interval_s: float = Field(default=2.0, gt=0)
     platform_exchange: str = "platform.events"
     platform_routing_key: str = "customer.subscription.changed"
+    # Where edrone's changes go for apps with publish_changes (default: platform_exchange).
+    changes_exchange: str | None = None
+    changes_routing_key: str = "edrone.subscription.changed"
 
     subscriptions: SubscriptionConsumerSettings = SubscriptionConsumerSettings()
     traces: TraceSettings = TraceSettings()
     relay: RelaySettings = RelaySettings()
+    sync: SyncSettings = SyncSettings()
 
     @property
     def date_floor(self) -> datetime:

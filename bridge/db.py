@@ -56,7 +56,11 @@ def classify(exc: BaseException) -> str:
     (an encoding error, a value asyncpg cannot decode) came from the work itself: CONTENT."""
     if isinstance(exc, TimeoutError):  # before OSError, its base: the probe tells which it was
         return TRANSIENT
-    if isinstance(exc, asyncpg.InterfaceError | OSError | asyncpg.PostgresConnectionError):
+    if isinstance(exc, asyncpg.InterfaceError):
+        # "connection is closed", but also a misuse of the client (a statement given the wrong
+        # number of arguments): retried, counted only while the database answers (the probe).
+        return TRANSIENT
+    if isinstance(exc, OSError | asyncpg.PostgresConnectionError):
         return UNAVAILABLE
     if not isinstance(exc, asyncpg.PostgresError):
         return CONTENT

@@ -44,6 +44,7 @@ class ConfirmedPublisher:
         routing_key: str,
         message_id: str,
         headers: Mapping[str, Any] | None = None,
+        message_type: str | None = None,
     ) -> None:
         """Publish and return once confirmed; raise :class:`PublishFailed` otherwise."""
         pending = self._in_flight.get(message_id)
@@ -54,7 +55,7 @@ class ConfirmedPublisher:
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._in_flight[message_id] = future
         try:
-            await self._publish(body, routing_key, message_id, headers)
+            await self._publish(body, routing_key, message_id, headers, message_type)
         except BaseException as exc:
             failure = exc if isinstance(exc, PublishFailed) else PublishFailed(repr(exc))
             future.set_exception(failure)
@@ -66,7 +67,12 @@ class ConfirmedPublisher:
             del self._in_flight[message_id]
 
     async def _publish(
-        self, body: bytes, routing_key: str, message_id: str, headers: Mapping[str, Any] | None
+        self,
+        body: bytes,
+        routing_key: str,
+        message_id: str,
+        headers: Mapping[str, Any] | None,
+        message_type: str | None,
     ) -> None:
         if self._channel.is_closed:
             raise PublishFailed("channel closed")
@@ -76,6 +82,7 @@ class ConfirmedPublisher:
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
             message_id=message_id,
             headers=dict(headers) if headers else None,
+            type=message_type,
             # The consumers read a message's age from it (queue_oldest_message_age_seconds).
             timestamp=datetime.now(UTC),
         )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 import asyncpg
@@ -194,40 +195,61 @@ async def _canonical(
 
 @dataclass(frozen=True)
 class Change:
-    """A change edrone made that the ledger took (newest-wins); ``key`` is (app_id, event_id)."""
+    """A status to write to an app's shop table; ``key`` names it for the caller and starts
+    with the app_id."""
 
-    key: tuple[str, str]
+    key: tuple[str, ...]
     channel: str
     address: str
     status: int | None
 
 
+@dataclass
+class Applied:
+    """What writing changes did: when each key's row was written (the database's clock, after
+    its row lock: later than any change of the row it overwrote), and the keys with no row."""
+
+    written: dict[tuple[str, ...], datetime] = field(default_factory=dict)
+    unknown: set[tuple[str, ...]] = field(default_factory=set)
+
+
+def writable(
+    targets: Mapping[str, ShopTarget], app_id: str, channel: str, status: int | None
+) -> bool:
+    """Whether the app's table takes this channel's status (an UNKNOWN needs its value mapped)."""
+    target = targets.get(app_id)
+    return (
+        target is not None
+        and target.status_column(channel) is not None
+        and status in target.values[channel]
+    )
+
+
 async def apply_changes(
     conn: asyncpg.Connection, targets: Mapping[str, ShopTarget], changes: Sequence[Change]
-) -> set[tuple[str, str]]:
+) -> Applied:
     """Write ``changes`` to the shops' tables, marked as edrone's (the outbox trigger skips
-    them); return the keys whose address has no row and was not created."""
+    them); the rows written, and the keys whose address has no row and was not created."""
     groups: dict[tuple[str, str], list[Change]] = {}
     for change in changes:
-        target = targets.get(change.key[0])
-        if target is None or target.status_column(change.channel) is None:
-            continue
-        if change.status not in target.values[change.channel]:
-            continue  # an UNKNOWN with no shop value configured leaves the row as it is
-        groups.setdefault((change.key[0], change.channel), []).append(change)
+        if writable(targets, change.key[0], change.channel, change.status):
+            groups.setdefault((change.key[0], change.channel), []).append(change)
+    applied = Applied()
     if not groups:
-        return set()
+        return applied
     await conn.execute("SELECT set_config($1, $2, true)", ORIGIN_SETTING, ORIGIN_EDRONE)
-    unknown: set[tuple[str, str]] = set()
     for (app_id, channel), group in sorted(groups.items()):
         target = targets[app_id]
         found = await _update(conn, target, channel, group)
         missing = [change for change in group if change.address not in found]
         if missing and channel == "email" and target.mapping.create_missing:
-            await _insert(conn, target, missing)
-        else:
-            unknown.update(change.key for change in missing)
-    return unknown
+            found.update(await _insert(conn, target, missing))
+            missing = []
+        applied.unknown.update(change.key for change in missing)
+        applied.written.update(
+            (change.key, found[change.address]) for change in group if change.address in found
+        )
+    return applied
 
 
 def _extra_sets(target: ShopTarget, first_param: int) -> tuple[list[str], list[str], list[Any]]:
@@ -248,7 +270,7 @@ def _extra_sets(target: ShopTarget, first_param: int) -> tuple[list[str], list[s
 
 async def _update(
     conn: asyncpg.Connection, target: ShopTarget, channel: str, group: Sequence[Change]
-) -> set[str]:
+) -> dict[str, datetime]:
     status = target.status_column(channel)
     assert status is not None
     match = target.match_column(channel)
@@ -264,7 +286,7 @@ async def _update(
     sql = (
         f"UPDATE {target.table_sql} AS t SET {', '.join(sets)} "
         "FROM unnest($1::text[], $2::text[], $3::text[]) AS u(address, value, ascii) "
-        f"WHERE {where} RETURNING u.address"
+        f"WHERE {where} RETURNING u.address, clock_timestamp() AS written_at"
     )
     values = target.values[channel]
     alternatives = [ascii_email(c.address) if channel == "email" else c.address for c in group]
@@ -275,10 +297,12 @@ async def _update(
         alternatives,
         *params,
     )
-    return {row["address"] for row in rows}
+    return {row["address"]: row["written_at"] for row in rows}
 
 
-async def _insert(conn: asyncpg.Connection, target: ShopTarget, group: Sequence[Change]) -> None:
+async def _insert(
+    conn: asyncpg.Connection, target: ShopTarget, group: Sequence[Change]
+) -> dict[str, datetime]:
     status = target.status_column("email")
     assert status is not None
     address = target.match_column("email")
@@ -287,8 +311,12 @@ async def _insert(conn: asyncpg.Connection, target: ShopTarget, group: Sequence[
     selected = ["u.address", f"u.value::{status.type_sql}", *exprs]
     sql = (
         f"INSERT INTO {target.table_sql} ({', '.join(columns)}) "
-        f"SELECT {', '.join(selected)} FROM unnest($1::text[], $2::text[]) AS u(address, value)"
+        f"SELECT {', '.join(selected)} FROM unnest($1::text[], $2::text[]) AS u(address, value) "
+        f"RETURNING {address.sql} AS address, clock_timestamp() AS written_at"
     )
     values = target.values["email"]
-    await conn.execute(sql, [c.address for c in group], [values[c.status] for c in group], *params)
+    rows = await conn.fetch(
+        sql, [c.address for c in group], [values[c.status] for c in group], *params
+    )
     log.info("shop_rows_created", app_id=target.app_id, count=len(group))
+    return {row["address"]: row["written_at"] for row in rows}

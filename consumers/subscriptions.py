@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 import asyncpg
@@ -19,17 +19,15 @@ from bridge.amqp import declare_topology, topology
 from bridge.config import AppConfig, Settings
 from bridge.db import answers
 from bridge.metrics import Metrics
-from consumers import runtime
-from consumers.errors import Reject, database_retry, describe_validation_error
+from consumers import runtime, sync_store
+from consumers.convergence import Converger, utcnow, webhook_key
+from consumers.dispatch import dispatching
+from consumers.errors import Reject, RetryLater, database_retry, describe_validation_error
 from consumers.runtime import APPLIED, Consumer, Delivery, Outcome
 from consumers.service import serve_consumer
-from consumers.shop_target import (
-    UNKNOWN_CUSTOMER,
-    Change,
-    ShopTarget,
-    apply_changes,
-    resolve_targets,
-)
+from consumers.shop_target import UNKNOWN_CUSTOMER, ShopTarget, resolve_targets
+from consumers.sync import WINS, Decision
+from consumers.sync_store import SyncBatch
 from schemas.fields import DATE_FLOOR_CONTEXT, DEFAULT_DATE_FLOOR, ordered_at
 from schemas.subscription import SubscriptionStatusChanged
 
@@ -39,24 +37,26 @@ DUPLICATE = "duplicate"  # the event_id is already in the inbox (a redelivery or
 OLDER = "older"  # a newer status is stored for the subscriber (promise 3)
 FILTERED = "filtered"  # the app's sync filter excludes this kind of change
 
-# Inbox first: ON CONFLICT DO NOTHING RETURNING yields only the events never seen before.
-# Of those, the newest per subscriber is upserted (ON CONFLICT DO UPDATE may touch a row only
-# once per statement) where it is newer than the stored status. Newest by ordered_at: the
-# stated event_date, but no later than its receipt plus the clock skew (promise 6); ties fall
-# to the greater event_id, compared bytewise so that every replica and test agrees.
+# Inbox first: ON CONFLICT DO NOTHING RETURNING yields only the events never seen before, each
+# with what the sync state made of it (its line of history). Of those, the newest per
+# subscriber is upserted into edrone's ledger (ON CONFLICT DO UPDATE may touch a row only once
+# per statement) where it is newer than the stored status. Newest by ordered_at: the stated
+# event_date, but no later than its receipt plus the clock skew (promise 6); ties fall to the
+# greater event_id, compared bytewise so that every replica and test agrees.
 _APPLY_SQL = """
 WITH incoming AS (
     SELECT * FROM unnest(
         $1::text[], $2::text[], $3::text[], $4::text[], $5::smallint[], $6::integer[],
         $7::timestamptz[], $8::text[], $9::text[], $10::timestamptz[], $11::text[],
-        $12::timestamptz[]
-    ) AS t(app_id, event_id, channel, address, status, reason,
-           event_date, event_date_raw, protocol, received_at, outcome, ordered_at)
+        $12::timestamptz[], $13::bigint[], $14::text[], $15::text[]
+    ) AS t(app_id, event_id, channel, address, status, reason, event_date, event_date_raw,
+           protocol, received_at, outcome, ordered_at, sync_seq, sync_decision, sync_why)
 ), fresh AS (
-    INSERT INTO inbox (app_id, event_id, channel, address, status, reason,
-                       event_date, event_date_raw, protocol, received_at, outcome, ordered_at)
-    SELECT app_id, event_id, channel, address, status, reason,
-           event_date, event_date_raw, protocol, received_at, outcome, ordered_at
+    INSERT INTO inbox (app_id, event_id, channel, address, status, reason, event_date,
+                       event_date_raw, protocol, received_at, outcome, ordered_at, sync_seq,
+                       sync_decision, sync_why)
+    SELECT app_id, event_id, channel, address, status, reason, event_date, event_date_raw,
+           protocol, received_at, outcome, ordered_at, sync_seq, sync_decision, sync_why
     FROM incoming
     ON CONFLICT (app_id, event_id) DO NOTHING
     RETURNING app_id, event_id, channel, address, status, reason, event_date, ordered_at,
@@ -85,6 +85,13 @@ FROM fresh AS f
 LEFT JOIN upserted AS u ON u.app_id = f.app_id AND u.event_id = f.event_id
 """
 
+# Read after the sync state's rows are locked, so a replica that handled one of these events a
+# moment ago has committed it: a new statement sees it (READ COMMITTED).
+_SEEN_SQL = """
+SELECT app_id, event_id FROM inbox
+WHERE (app_id, event_id) IN (SELECT * FROM unnest($1::text[], $2::text[]))
+"""
+
 _MARK_OLDER_SQL = """
 UPDATE inbox AS i SET outcome = 'older'
 FROM unnest($1::text[], $2::text[]) AS o(app_id, event_id)
@@ -109,30 +116,32 @@ def decode(
 
 
 class SubscriptionApplier:
-    """The batch handler: decode, drop in-batch duplicates, apply in one transaction (the
-    ledger, the inbox and the shops' own tables of ``targets``).
+    """The batch handler: decode, drop in-batch duplicates, then in one transaction record the
+    inbox and edrone's ledger, read each change into the sync state, and bring the shop (its
+    table of ``targets``, its bus) to the winner; edrone too, where it is known to hold another
+    status, through a request to the trace forwarder (DESIGN.md promise 6).
 
-    ``date_floor`` and ``clock_skew`` are the settings' (``event_date_floor``,
-    ``max_clock_skew_s``); ``metrics`` counts the dates ordered earlier than stated."""
+    ``metrics`` counts the dates ordered earlier than stated; ``nudge`` is called after a
+    commit that left messages to publish (the dispatcher's)."""
 
     def __init__(
         self,
         pool: asyncpg.Pool,
-        apps: Mapping[str, AppConfig],
+        settings: Settings,
         targets: Mapping[str, ShopTarget] | None = None,
         *,
-        date_floor: datetime,
-        clock_skew: timedelta,
         metrics: Metrics | None = None,
-        queue: str = "",
+        nudge: Callable[[], None] | None = None,
     ) -> None:
         self._pool = pool
-        self._apps = apps
-        self._targets = targets or {}
-        self._date_floor = date_floor
-        self._clock_skew = clock_skew
+        self._apps = settings.apps
+        self._date_floor = settings.date_floor
+        self._clock_skew = settings.clock_skew
+        self._converger = Converger(settings, targets or {})
         self._metrics = metrics
-        self._queue = queue
+        self._nudge = nudge
+        self._queue = topology(settings).subscriptions_queue
+        self._traces_queue = topology(settings).traces_queue
 
     async def __call__(self, deliveries: Sequence[Delivery]) -> list[Outcome]:
         outcomes: list[Outcome] = [DUPLICATE] * len(deliveries)
@@ -159,7 +168,12 @@ class SubscriptionApplier:
         when = [ordered_at(e.event_date, e.received_at, self._clock_skew) for e in events]
         try:
             async with self._pool.acquire() as conn, conn.transaction():
-                rows = await conn.fetch(_APPLY_SQL, *self._columns(events, when))
+                batch, decided = await self._decide(conn, events, when)
+                rows = await conn.fetch(_APPLY_SQL, *self._columns(events, when, decided))
+                fresh = {(r["app_id"], r["event_id"]) for r in rows}
+                if not set(decided) <= fresh:
+                    # Another replica stored one of them since we looked: decide again.
+                    raise RetryLater("an event was handled concurrently", counts=False)
                 older = [row for row in rows if row["outcome"] == APPLIED and not row["upserted"]]
                 if older:
                     await conn.execute(
@@ -167,7 +181,9 @@ class SubscriptionApplier:
                         [row["app_id"] for row in older],
                         [row["event_id"] for row in older],
                     )
-                unknown = await self._apply_to_shops(conn, rows)
+                unknown = await self._converge(batch, events, decided) if batch else set()
+        except RetryLater:
+            raise
         except Exception as exc:
             # Only the service's errors retry the batch; any other may lie in one message, and
             # the runtime narrows the batch down to it (promise 7).
@@ -175,6 +191,8 @@ class SubscriptionApplier:
             if retry is None:
                 raise
             raise retry from exc
+        if batch and batch.dispatch and self._nudge is not None:
+            self._nudge()
         self._count_clamped(events, when, {(row["app_id"], row["event_id"]) for row in rows})
         return {
             (row["app_id"], row["event_id"]): (
@@ -187,18 +205,64 @@ class SubscriptionApplier:
             for row in rows
         }
 
-    async def _apply_to_shops(
-        self, conn: asyncpg.Connection, rows: Sequence[asyncpg.Record]
-    ) -> set[tuple[str, str]]:
-        """Only what the ledger took goes to the shop (promise 3); the keys left unknown."""
-        if not self._targets:
-            return set()
-        changes = [
-            Change((row["app_id"], row["event_id"]), row["channel"], row["address"], row["status"])
-            for row in rows
-            if row["outcome"] == APPLIED and row["upserted"]
+    async def _decide(
+        self,
+        conn: asyncpg.Connection,
+        events: Sequence[SubscriptionStatusChanged],
+        when: Sequence[datetime],
+    ) -> tuple[SyncBatch | None, dict[tuple[str, str], tuple[int, Decision]]]:
+        """Lock the sync state of the events' addresses and read the new events into it, in
+        the order they came: per event, its place in its address's learning order and the
+        decision (what the inbox keeps as its line of history)."""
+        wanted = [
+            (event, at)
+            for event, at in zip(events, when, strict=True)
+            if self._apps[event.app_id].accepts_status(event.status)
         ]
-        return await apply_changes(conn, self._targets, changes)
+        if not wanted:
+            return None, {}
+        batch = await sync_store.lock(conn, (webhook_key(event) for event, _ in wanted))
+        seen = await conn.fetch(
+            _SEEN_SQL, [e.app_id for e, _ in wanted], [e.event_id for e, _ in wanted]
+        )
+        known = {(row["app_id"], row["event_id"]) for row in seen}
+        decided = {}
+        for event, at in wanted:
+            if (event.app_id, event.event_id) not in known:
+                decision, seq = self._converger.read_webhook(batch, event, at)
+                decided[(event.app_id, event.event_id)] = (seq, decision)
+        return batch, decided
+
+    async def _converge(
+        self,
+        batch: SyncBatch,
+        events: Sequence[SubscriptionStatusChanged],
+        decided: Mapping[tuple[str, str], tuple[int, Decision]],
+    ) -> set[tuple[str, str]]:
+        """Bring both sides to each address's winner and save the state; the events whose
+        address has no row in the shop's table."""
+        converger = self._converger
+        now = utcnow()
+        converger.lapse(batch, now)
+        # edrone's change that wins is written even to a shop believed to hold it already: a
+        # table the shop's own code keeps may have changed unseen.
+        won = {
+            webhook_key(event)
+            for event in events
+            if (found := decided.get((event.app_id, event.event_id))) is not None
+            and found[1].decision == WINS
+        }
+        unknown = await converger.bring_shop(batch, batch.states, won, now)
+        for key in sorted(batch.states):
+            if converger.edrone_needs_trace(batch, key):
+                converger.request_trace(batch, key, self._traces_queue, now)
+        await batch.save()
+        last = {
+            webhook_key(event): (event.app_id, event.event_id)
+            for event in events
+            if (event.app_id, event.event_id) in decided
+        }
+        return {last[key] for key in unknown if key in last}
 
     def _count_clamped(
         self,
@@ -223,7 +287,10 @@ class SubscriptionApplier:
                 self._metrics.dates_clamped.labels(self._queue).inc()
 
     def _columns(
-        self, events: list[SubscriptionStatusChanged], when: list[datetime]
+        self,
+        events: list[SubscriptionStatusChanged],
+        when: list[datetime],
+        decided: Mapping[tuple[str, str], tuple[int, Decision]],
     ) -> list[list[Any]]:
         # Sorted by subscriber, so competing replicas lock rows in one order (fewer deadlocks).
         pairs = sorted(
@@ -245,7 +312,24 @@ class SubscriptionApplier:
             [e.received_at for e in ordered],
             [APPLIED if ok else FILTERED for ok in accepted],
             [when for _, when in pairs],
+            [decided.get((e.app_id, e.event_id), (None, None))[0] for e in ordered],
+            [_decision(decided, e) for e in ordered],
+            [_why(decided, e) for e in ordered],
         ]
+
+
+def _decision(
+    decided: Mapping[tuple[str, str], tuple[int, Decision]], event: SubscriptionStatusChanged
+) -> str | None:
+    found = decided.get((event.app_id, event.event_id))
+    return found[1].decision if found else None
+
+
+def _why(
+    decided: Mapping[tuple[str, str], tuple[int, Decision]], event: SubscriptionStatusChanged
+) -> str | None:
+    found = decided.get((event.app_id, event.event_id))
+    return found[1].why if found else None
 
 
 def create_consumer(
@@ -254,22 +338,15 @@ def create_consumer(
     settings: Settings,
     metrics: Metrics | None = None,
     targets: Mapping[str, ShopTarget] | None = None,
+    nudge: Callable[[], None] | None = None,
 ) -> Consumer:
     """The subscription consumer, configured from ``settings.subscriptions``; ``targets`` (from
-    :func:`resolve_targets`) are the shops' own tables it writes to as well."""
-    queue = topology(settings).subscriptions_queue
-    applier = SubscriptionApplier(
-        pool,
-        settings.apps,
-        targets,
-        date_floor=settings.date_floor,
-        clock_skew=settings.clock_skew,
-        metrics=metrics,
-        queue=queue,
-    )
+    :func:`resolve_targets`) are the shops' own tables it writes to as well; ``nudge`` wakes
+    the dispatcher after a commit that left messages to publish."""
+    applier = SubscriptionApplier(pool, settings, targets, metrics=metrics, nudge=nudge)
     return runtime.create_consumer(
         connection,
-        queue=queue,
+        queue=topology(settings).subscriptions_queue,
         handler=applier,
         options=settings.subscriptions,
         topology=topology(settings),
@@ -297,7 +374,12 @@ async def serve(
     ) -> AsyncIterator[Consumer]:
         # Checked before consuming: a mapping that does not fit the table stops the start.
         targets = await resolve_targets(pool, settings.apps)
-        async with create_consumer(connection, pool, settings, metrics, targets) as consumer:
+        async with (
+            dispatching(connection, pool, settings) as dispatcher,
+            create_consumer(
+                connection, pool, settings, metrics, targets, dispatcher.nudge
+            ) as consumer,
+        ):
             yield consumer
 
     await serve_consumer(

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
+from typing import TYPE_CHECKING
 
 from bridge.config import AppConfig
-from schemas.platform_event import CustomerSubscriptionChanged
+
+if TYPE_CHECKING:
+    from consumers.trace_plan import TraceCall
 
 
 def bridge_version() -> str:
@@ -21,8 +24,7 @@ def status_value(status: int | None) -> str:
 
 
 def trace_form(
-    event: CustomerSubscriptionChanged,
-    app_id: str,
+    call: TraceCall,
     app: AppConfig,
     *,
     platform: str,
@@ -30,28 +32,32 @@ def trace_form(
     version: str,
 ) -> dict[str, str]:
     """The form fields, as plain strings: the HTTP client encodes each value exactly once (a
-    known edrone module encoded twice)."""
+    known edrone module encoded twice). A status is sent only where edrone is to be told it
+    (an empty one would set edrone's UNKNOWN)."""
     form = {
-        "app_id": app_id,
+        "app_id": call.app_id,
         "action_type": "subscribe",
         # Without sender_type=server a subscription change does not take effect.
         "sender_type": "server",
-        "email": event.email,
-        "subscriber_status": status_value(event.subscriber_status),
+        "email": call.email,
     }
-    if event.sms_subscriber_status is not None or event.phone:
-        if event.phone:
-            form["phone"] = event.phone
-        if event.sms_subscriber_status is not None:
-            form["sms_subscriber_status"] = status_value(event.sms_subscriber_status)
-    if event.first_name:
+    if call.email_known:
+        form["subscriber_status"] = status_value(call.email_status)
+    if call.phone:
+        form["phone"] = call.phone
+    if call.sms_known:
+        form["sms_subscriber_status"] = status_value(call.sms_status)
+    event = call.event
+    if event is not None and event.first_name:
         form["first_name"] = event.first_name
-    if event.last_name:
+    if event is not None and event.last_name:
         form["last_name"] = event.last_name
-    tags = event.customer_tags if event.customer_tags is not None else list(app.customer_tags)
+    tags = event.customer_tags if event is not None else None
+    if tags is None:
+        tags = list(app.customer_tags)
     if tags:
         form["customer_tags"] = "|".join(tags)
-    form["event_utc_date"] = event.occurred_at.strftime("%Y-%m-%d %H:%M:%S")
+    form["event_utc_date"] = call.occurred_at.strftime("%Y-%m-%d %H:%M:%S")
     form["version"] = version
     form["platform"] = platform
     form["platform_version"] = platform_version

@@ -1,13 +1,15 @@
 """The trace forwarder: the shop's subscription changes to edrone's trace API, paced, retried
-through delay tiers and dead-lettered, never echoing edrone's own changes back."""
+through delay tiers and dead-lettered; what to tell edrone is decided from the sync state, so
+an echo of the bridge's own change is never sent back and edrone is brought to the winner."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import math
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from urllib.parse import urlencode
 
@@ -22,19 +24,21 @@ from bridge.config import AppConfig, Settings, TraceSettings
 from bridge.db import answers
 from bridge.metrics import Metrics
 from consumers import runtime
-from consumers.edrone_state import SEND, decide, load_known, record_sent
-from consumers.errors import Defer, Reject, database_retry, describe_validation_error
+from consumers.convergence import RECONCILE_TYPE
+from consumers.dispatch import dispatching
+from consumers.errors import Defer, Reject, describe_validation_error
 from consumers.runtime import APPLIED, Consumer, Delivery, Outcome
 from consumers.service import serve_consumer
+from consumers.shop_target import ShopTarget, resolve_targets
+from consumers.sync import REFUSED, SENT, UNCERTAIN, UNSENT
 from consumers.throttle import Breaker, RateLimiter
 from consumers.trace_form import bridge_version, trace_form
+from consumers.trace_plan import Answer, Item, TraceCall, TracePlanner, reconcile_item
 from schemas.fields import DATE_FLOOR_CONTEXT, DEFAULT_DATE_FLOOR, ordered_at
 from schemas.platform_event import CustomerSubscriptionChanged
 
 log = structlog.get_logger(__name__)
 
-Sent = tuple[str, CustomerSubscriptionChanged, str | None]  # app_id, event, edrone's event id
-COALESCED = "coalesced"  # a newer change of the same customer came in the same batch
 # Answers after which the same request may well succeed (edrone-protocol.md §2: 429 and 5xx
 # are undocumented but to be expected).
 _RETRYABLE_STATUSES = frozenset({408, 425, 429})
@@ -79,7 +83,12 @@ def retry_after_s(value: str | None) -> float | None:
 
 
 class TraceForwarder:
-    """The batch handler: decode, coalesce, drop what edrone already knows, send the rest."""
+    """The batch handler: decode, read the shop's changes into the sync state and tell edrone
+    the winner of every address it is not known to hold (consumers/trace_plan.py), paced and
+    within the concurrency bound; then record its answers.
+
+    ``targets`` are the shops' own tables (a shop known to hold another status than the
+    winner is corrected); ``nudge`` wakes the dispatcher after a commit that left messages."""
 
     def __init__(
         self,
@@ -87,6 +96,9 @@ class TraceForwarder:
         pool: asyncpg.Pool,
         settings: Settings,
         metrics: Metrics | None = None,
+        *,
+        targets: Mapping[str, ShopTarget] | None = None,
+        nudge: Callable[[], None] | None = None,
     ) -> None:
         options = settings.traces
         self._metrics = metrics if metrics is not None else Metrics()
@@ -95,10 +107,10 @@ class TraceForwarder:
         self._apps = settings.apps
         self._url = settings.trace_url
         self._options = options
-        self._echo_window = timedelta(seconds=options.echo_window_s)
         self._date_floor = settings.date_floor
         self._clock_skew = settings.clock_skew
         self._queue = topology(settings).traces_queue
+        self._planner = TracePlanner(pool, settings, targets or {}, nudge)
         self._version = bridge_version()
         self._slots = asyncio.Semaphore(options.concurrency)
         self._limiters: dict[str, RateLimiter] = {}
@@ -111,28 +123,33 @@ class TraceForwarder:
 
     async def __call__(self, deliveries: Sequence[Delivery]) -> list[Outcome]:
         outcomes: list[Outcome | None] = [None] * len(deliveries)
-        newest: dict[tuple[str, str], int] = {}
-        decoded: dict[int, tuple[str, CustomerSubscriptionChanged]] = {}
+        items = []
         consumed_at = datetime.now(UTC)
         for index, delivery in enumerate(deliveries):
             try:
-                app_id, event = decode(delivery.body, self._apps, self._date_floor)
+                items.append(self._item(index, delivery, consumed_at))
             except Reject as exc:
                 outcomes[index] = exc
-                continue
-            decoded[index] = target = (app_id, self._clamped(app_id, event, consumed_at))
-            key = (target[0], target[1].email)
-            # Several changes of one customer in a batch: only the newest is worth a call.
-            previous = newest.get(key)
-            if previous is None or _later(target[1], decoded[previous][1]):
-                if previous is not None:
-                    outcomes[previous] = COALESCED
-                newest[key] = index
-            else:
-                outcomes[index] = COALESCED
-        indices = list(newest.values())
-        await self._forward([decoded[i] for i in indices], indices, outcomes)
+        if items:
+            calls, labels = await self._planner.plan(items)
+            for index, label in labels.items():
+                outcomes[index] = label
+            results = await self._send_all(calls)
+            answers = []
+            for call, (outcome, answer) in zip(calls, results, strict=True):
+                outcomes[call.index] = outcome
+                answers.append((call, answer))
+            await self._record(answers)
         return [outcome if outcome is not None else APPLIED for outcome in outcomes]
+
+    def _item(self, index: int, delivery: Delivery, consumed_at: datetime) -> Item:
+        if delivery.type == RECONCILE_TYPE:
+            try:
+                return reconcile_item(index, json.loads(delivery.body))
+            except (ValueError, TypeError, KeyError) as exc:
+                raise Reject(f"invalid reconcile request: {exc!r}") from None
+        app_id, event = decode(delivery.body, self._apps, self._date_floor)
+        return Item(index, app_id, self._clamped(app_id, event, consumed_at))
 
     def _clamped(
         self, app_id: str, event: CustomerSubscriptionChanged, consumed_at: datetime
@@ -153,79 +170,43 @@ class TraceForwarder:
         self._metrics.dates_clamped.labels(self._queue).inc()
         return event.model_copy(update={"occurred_at": when})
 
-    async def _forward(
-        self,
-        targets: list[tuple[str, CustomerSubscriptionChanged]],
-        indices: list[int],
-        outcomes: list[Outcome | None],
-    ) -> None:
-        if not targets:
-            return
-        try:
-            async with asyncio.timeout(self._options.db_timeout_s), self._pool.acquire() as conn:
-                known = await load_known(conn, targets)
-        except Exception as exc:
-            # Nothing was sent yet, so the runtime may narrow a content error down to its
-            # message by halves without calling edrone twice (promise 7).
-            retry = database_retry(exc)
-            if retry is None:
-                raise
-            raise retry from exc
-        to_send: list[tuple[int, str, CustomerSubscriptionChanged]] = []
-        for index, target, state in zip(indices, targets, known, strict=True):
-            verdict = decide(target[1], state, self._echo_window)
-            if verdict == SEND:
-                to_send.append((index, *target))
-            else:
-                outcomes[index] = verdict
-        results = await self._send_all(to_send)
-        sent = []
-        for (index, app_id, event), (outcome, edrone_id) in zip(to_send, results, strict=True):
-            outcomes[index] = outcome
-            if outcome == APPLIED:
-                sent.append((app_id, event, edrone_id))
-        await self._record(sent)
-
-    async def _send_all(
-        self, to_send: list[tuple[int, str, CustomerSubscriptionChanged]]
-    ) -> list[tuple[Outcome, str | None]]:
-        if not to_send:
+    async def _send_all(self, calls: list[TraceCall]) -> list[tuple[Outcome, Answer]]:
+        if not calls:
             return []
         if self.breaker.probing:
             # edrone failed until a moment ago: one call tests the way before the others go,
             # and a failed test is not the message's fault.
-            first = await self._send(*to_send[0][1:])
+            first = await self._send(calls[0])
             if isinstance(first[0], Defer):
-                first = (_paused(self.breaker.paused_for_s), None)
-            rest = await asyncio.gather(*(self._send(app, ev) for _, app, ev in to_send[1:]))
+                first = (_paused(self.breaker.paused_for_s), first[1])
+            rest = await asyncio.gather(*(self._send(call) for call in calls[1:]))
             return [first, *rest]
-        return list(await asyncio.gather(*(self._send(app, ev) for _, app, ev in to_send)))
+        return list(await asyncio.gather(*(self._send(call) for call in calls)))
 
-    async def _send(
-        self, app_id: str, event: CustomerSubscriptionChanged
-    ) -> tuple[Outcome, str | None]:
-        """One trace call and its outcome, with edrone's event id when it took it."""
-        with structlog.contextvars.bound_contextvars(app_id=app_id, event_id=event.event_id):
+    async def _send(self, call: TraceCall) -> tuple[Outcome, Answer]:
+        """One trace call and its outcome, with what it tells of edrone's state."""
+        event_id = call.event.event_id if call.event is not None else None
+        with structlog.contextvars.bound_contextvars(app_id=call.app_id, event_id=event_id):
             async with self._slots:
                 paused_s = self.breaker.paused_for_s
                 if paused_s > 0:
                     self._metrics.traces.labels("paused").inc()
-                    return _paused(paused_s), None
+                    return _paused(paused_s), Answer(UNSENT, "edrone is failing: sending paused")
                 try:
-                    encoded = self._encode(app_id, event)
+                    encoded = self._encode(call)
                 except Exception as exc:
                     # This message alone cannot be sent; failing the batch instead would call
                     # edrone again for every other message in it.
                     log.warning("trace_unencodable", error=repr(exc))
-                    return Reject(f"cannot build the trace: {exc!r}"), None
-                async with self._paced(app_id):
+                    reason = f"cannot build the trace: {exc!r}"
+                    return Reject(reason), Answer(UNSENT, reason)
+                async with self._paced(call.app_id):
                     return await self._post(encoded)
 
-    def _encode(self, app_id: str, event: CustomerSubscriptionChanged) -> bytes:
+    def _encode(self, call: TraceCall) -> bytes:
         form = trace_form(
-            event,
-            app_id,
-            self._apps[app_id],
+            call,
+            self._apps[call.app_id],
             platform=self._options.platform,
             platform_version=self._options.platform_version or self._version,
             version=self._version,
@@ -234,7 +215,7 @@ class TraceForwarder:
         # (a tenth of the forwarder's CPU per trace, benchmarks/).
         return urlencode(form, doseq=True, encoding="utf-8").encode()
 
-    async def _post(self, encoded: bytes) -> tuple[Outcome, str | None]:
+    async def _post(self, encoded: bytes) -> tuple[Outcome, Answer]:
         try:
             async with self._session.post(
                 self._url, data=encoded, headers=_FORM_HEADERS
@@ -247,23 +228,27 @@ class TraceForwarder:
             self.breaker.failed()
             self._metrics.traces.labels("no_answer").inc()
             log.warning("trace_failed", error=repr(exc))
-            return Defer(f"no answer from edrone: {exc!r}"), None
+            reason = f"no answer from edrone: {exc!r}"
+            # edrone may have applied it before the answer was lost.
+            return Defer(reason), Answer(UNCERTAIN, reason)
         answer = f"edrone answered {status}: {body[:_EXCERPT_CHARS]}"
         if 200 <= status < 300:
             self.breaker.succeeded()
             self._metrics.traces.labels("sent").inc()
             log.debug("trace_sent", edrone_event_id=edrone_id)
-            return APPLIED, edrone_id
+            return APPLIED, Answer(SENT, f"edrone answered {status}", edrone_id)
         if status in _RETRYABLE_STATUSES or status >= 500:
             self.breaker.failed()
             self._metrics.traces.labels("retryable_status").inc()
             log.warning("trace_retry", status=status)
-            return Defer(answer, after_s=after_s), None
+            # A 5xx may come after edrone applied it; a 408, 425 or 429 did not apply.
+            state = UNCERTAIN if status >= 500 else UNSENT
+            return Defer(answer, after_s=after_s), Answer(state, answer)
         # edrone is up and refuses this request for good: retrying cannot help.
         self.breaker.succeeded()
         self._metrics.traces.labels("refused").inc()
         log.warning("trace_refused", status=status)
-        return Reject(answer), None
+        return Reject(answer), Answer(REFUSED, answer)
 
     async def database_answers(self) -> bool:
         """The runtime's probe (``ConsumerSpec.probe``): is a failed batch the database's?"""
@@ -291,25 +276,19 @@ class TraceForwarder:
             self._limiters[app_id] = RateLimiter(rate)
         return self._limiters[app_id]
 
-    async def _record(
-        self, sent: list[tuple[str, CustomerSubscriptionChanged, str | None]]
-    ) -> None:
-        # The calls are made: a failure here, whatever it is, only costs a later no-op check, so
-        # it must not fail the batch (its retry, or its halves, would call edrone again).
+    async def _record(self, answers: list[tuple[TraceCall, Answer]]) -> None:
+        # The calls are made: a failure here, whatever it is, only costs a later check, so it
+        # must not fail the batch (its retry, or its halves, would call edrone again).
         try:
-            async with asyncio.timeout(self._options.db_timeout_s), self._pool.acquire() as conn:
-                await record_sent(conn, sent)
+            async with asyncio.timeout(self._options.db_timeout_s):
+                await self._planner.record(answers)
         except Exception as exc:
-            log.warning("trace_state_not_recorded", count=len(sent), error=repr(exc))
+            log.warning("trace_answers_not_recorded", count=len(answers), error=repr(exc))
 
 
 def _paused(paused_s: float) -> Defer:
     # Not the message's fault: this retry does not use up a tier.
     return Defer("edrone is failing; sending paused", after_s=paused_s, counts=False)
-
-
-def _later(a: CustomerSubscriptionChanged, b: CustomerSubscriptionChanged) -> bool:
-    return (a.occurred_at, a.event_id) > (b.occurred_at, b.event_id)
 
 
 def create_session(settings: Settings) -> aiohttp.ClientSession:
@@ -366,8 +345,15 @@ async def serve(
     async def build(
         connection: AbstractConnection, pool: asyncpg.Pool, metrics: Metrics
     ) -> AsyncIterator[Consumer]:
-        async with create_session(settings) as session:
-            forwarder = TraceForwarder(session, pool, settings, metrics)
+        # Checked before consuming: a mapping that does not fit the table stops the start.
+        targets = await resolve_targets(pool, settings.apps)
+        async with (
+            create_session(settings) as session,
+            dispatching(connection, pool, settings) as dispatcher,
+        ):
+            forwarder = TraceForwarder(
+                session, pool, settings, metrics, targets=targets, nudge=dispatcher.nudge
+            )
             async with create_consumer(connection, forwarder, settings, metrics) as consumer:
                 yield consumer
 

@@ -117,10 +117,9 @@ Email = Annotated[
 
 def date_floor(info: ValidationInfo) -> datetime:
     """The floor of this validation: the context's, or :data:`DEFAULT_DATE_FLOOR`."""
-    context = info.context if isinstance(info.context, dict) else {}
-    floor = context.get(DATE_FLOOR_CONTEXT, DEFAULT_DATE_FLOOR)
-    assert isinstance(floor, datetime)
-    return floor
+    context = info.context
+    floor: datetime = context.get(DATE_FLOOR_CONTEXT, DEFAULT_DATE_FLOOR) if context else None
+    return floor or DEFAULT_DATE_FLOOR
 
 
 def check_floor(value: datetime, info: ValidationInfo) -> datetime:

@@ -63,6 +63,10 @@ class CustomerSubscriptionChanged(BaseModel):
     first_name: StorableText | None = Field(default=None, max_length=255)
     last_name: StorableText | None = Field(default=None, max_length=255)
     customer_tags: Annotated[list[StorableText] | None, BeforeValidator(_tags)] = None
+    # Set by a shop whose change only applies one of the bridge's: the event_id of the
+    # edrone.subscription.changed event that caused it. Such a change is an echo, never sent
+    # back to edrone; without it the bridge matches the change to its own recent writes.
+    caused_by: PlainText | None = Field(default=None, min_length=1, max_length=255)
 
     @field_validator("occurred_at")
     @classmethod

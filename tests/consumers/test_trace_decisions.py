@@ -11,8 +11,8 @@ import pytest
 from pydantic import ValidationError
 
 from bridge.config import AppConfig
-from consumers.edrone_state import ECHO, NOOP, OLDER, SEND, Known, decide
 from consumers.trace_form import trace_form
+from consumers.trace_plan import TraceCall
 from schemas.platform_event import (
     EXAMPLE_FILE,
     SCHEMA_FILE,
@@ -69,11 +69,20 @@ class TestPlatformEvent:
             CustomerSubscriptionChanged.model_validate(values)
 
 
+def call_for(shop_event: CustomerSubscriptionChanged) -> TraceCall:
+    """The call the forwarder makes for a change that wins on every address it names."""
+    call = TraceCall(0, "app-1", shop_event.email, shop_event.occurred_at, event=shop_event)
+    call.email_known, call.email_status = True, shop_event.subscriber_status
+    if "sms_subscriber_status" in shop_event.model_fields_set:
+        call.sms_known, call.sms_status = True, shop_event.sms_subscriber_status
+        call.phone = shop_event.phone
+    return call
+
+
 class TestTraceForm:
-    def form(self, shop_event, app=None):
+    def form(self, shop_event, app=None, call=None):
         return trace_form(
-            shop_event,
-            "app-1",
+            call or call_for(shop_event),
             app or AppConfig(secret="s"),
             platform="magento",
             platform_version="2.4.7",
@@ -117,70 +126,16 @@ class TestTraceForm:
         assert self.form(event(), app)["customer_tags"] == "shop|newsletter"
         assert "customer_tags" not in self.form(event())
 
+    def test_sms_reconciliation_leaves_the_email_status_alone(self):
+        """A trace about the SMS address alone sends no subscriber_status: an empty one would
+        set edrone's e-mail status to UNKNOWN."""
+        call = TraceCall(0, "app-1", "jan@example.com", T0)
+        call.sms_known, call.sms_status, call.phone = True, 1, "+48500100200"
+        form = self.form(event(), call=call)
+        assert "subscriber_status" not in form
+        assert (form["sms_subscriber_status"], form["phone"]) == ("1", "+48500100200")
+
     def test_values_survive_one_encoding(self):
         """Encoded once, '+' and non-ASCII come back unchanged."""
         form = self.form(event(email="jan+news@example.com", first_name="Łucja"))
         assert dict(parse_qsl(urlencode(form))) == form
-
-
-class TestDecide:
-    def test_unknown_customer_is_sent(self):
-        """Nothing known about the customer: edrone must hear of it."""
-        assert decide(event(), Known(), WINDOW) == SEND
-
-    def test_echo_of_a_change_applied_from_edrone(self):
-        """The shop repeating, within the window, what the bridge just applied from edrone is
-        an echo; the same status long after is a plain no-op; another status is sent."""
-        applied = Known(email_status=1, email_date=T0 - timedelta(minutes=1), email_applied_at=T0)
-        assert (
-            decide(event(occurred_at=(T0 + timedelta(seconds=2)).isoformat()), applied, WINDOW)
-            == ECHO
-        )
-        late = (T0 + timedelta(hours=1)).isoformat()
-        assert decide(event(occurred_at=late), applied, WINDOW) == NOOP
-        assert decide(event(occurred_at=late, subscriber_status=0), applied, WINDOW) == SEND
-
-    def test_same_as_last_trace_is_a_noop(self):
-        """A status the forwarder already sent is not sent again."""
-        sent = Known(sent_status=0, sent_occurred_at=T0 - timedelta(days=1))
-        assert decide(event(subscriber_status=0), sent, WINDOW) == NOOP
-        assert decide(event(subscriber_status=1), sent, WINDOW) == SEND
-
-    def test_newest_known_state_decides(self):
-        """edrone's newer webhook outranks an older trace: equal to it is a no-op."""
-        known = Known(
-            email_status=0,
-            email_date=T0 - timedelta(hours=1),
-            email_applied_at=T0 - timedelta(hours=1),
-            sent_status=1,
-            sent_occurred_at=T0 - timedelta(hours=2),
-        )
-        assert decide(event(subscriber_status=0), known, WINDOW) == NOOP
-        assert decide(event(subscriber_status=1), known, WINDOW) == SEND
-
-    def test_older_than_what_edrone_holds(self):
-        """A shop change older than the last one sent, or than edrone's own, is not sent."""
-        assert (
-            decide(
-                event(), Known(sent_status=0, sent_occurred_at=T0 + timedelta(seconds=1)), WINDOW
-            )
-            == OLDER
-        )
-        assert (
-            decide(event(), Known(email_status=0, email_date=T0 + timedelta(seconds=1)), WINDOW)
-            == OLDER
-        )
-
-    def test_sms_status_must_match_too(self):
-        """A change that also sets SMS is a no-op only when the SMS status is known equal."""
-        known = Known(sent_status=1, sent_occurred_at=T0 - timedelta(days=1))
-        with_sms = event(sms_subscriber_status=1, phone="+48500100200")
-        assert decide(with_sms, known, WINDOW) == SEND
-        known_sms = Known(
-            sent_status=1,
-            sent_sms_status=1,
-            sms_sent=True,
-            sent_phone="+48500100200",
-            sent_occurred_at=T0 - timedelta(days=1),
-        )
-        assert decide(with_sms, known_sms, WINDOW) == NOOP

@@ -67,20 +67,23 @@ async def _inbox_has(db, count):
 
 async def shop_publishes(amqp_connection, settings, fake, db, change):
     """The shop publishes ``change``, then a change of another customer (the sentinel). Once
-    the forwarder recorded the sentinel's trace, the batch holding it is done, and ``change``
-    (in it or in an earlier one: one queue, batches in order) is final. Returns the traces
-    edrone received for ``change``'s address."""
+    the forwarder recorded edrone's answer to the sentinel's trace, the batch holding it is
+    done, and ``change`` (in it or in an earlier one: one queue, batches in order) is final.
+    Returns the traces edrone received for ``change``'s address."""
     sent_before = sum(r.form.get("email") == SENTINEL for r in fake.requests)
     # A status other than the last one sent: the sentinel is never a no-op.
-    sentinel = shop_event(SENTINEL, status=sent_before % 2)
+    sentinel = shop_event(SENTINEL, status=(sent_before + 1) % 2)
     await publish_platform(amqp_connection, settings, [change, sentinel])
-    await wait_until(lambda: _recorded(db, sentinel))
+    await wait_until(lambda: _answered(db, sent_before + 1))
     return [r for r in fake.requests if r.form.get("email") == change["email"]]
 
 
-async def _recorded(db, event):
-    sql = "SELECT event_id FROM trace_state WHERE email = $1"
-    return await db.fetchval(sql, event["email"]) == event["event_id"]
+async def _answered(db, count):
+    sql = (
+        "SELECT count(*) FROM sync_history WHERE address = $1 AND kind = 'trace'"
+        " AND decision = 'sent'"
+    )
+    return await db.fetchval(sql, SENTINEL) >= count
 
 
 async def test_echo_of_a_webhook_is_not_traced_a_new_status_once(
@@ -101,9 +104,10 @@ async def test_echo_of_a_webhook_is_not_traced_a_new_status_once(
     ]
     names = topology(bridge)
     assert await ready_count(amqp_connection, names.dead_letter_queue(names.traces_queue)) == 0
-    # The ledger keeps what edrone said; the forwarder remembers what it told edrone.
+    # The ledger keeps what edrone said; the sync state the winner and what edrone now holds.
     assert await db.fetchval("SELECT status FROM subscribers WHERE address = $1", EMAIL) == 0
-    assert await db.fetchval("SELECT subscriber_status FROM trace_state WHERE email = $1", EMAIL)
+    state = await db.fetchrow("SELECT * FROM sync_state WHERE address = $1", EMAIL)
+    assert (state["status"], state["side"], state["edrone_status"]) == (1, "shop", 1)
 
 
 async def test_sms_echo_is_not_traced_a_new_sms_status_once(

@@ -496,7 +496,7 @@ class TestFewerCalls:
         )
         first = await forward_burst(amqp_connection, pool, settings)
         assert (first.counters.applied, len(fake.requests)) == (1, 1)
-        # edrone told the bridge an hour ago (outside the echo window) that ola unsubscribed.
+        # edrone told the bridge an hour ago that ola unsubscribed.
         await db.execute(
             "INSERT INTO subscribers (app_id, channel, address, status, reason, event_id,"
             " event_date, ordered_at, updated_at) VALUES ($1, 'email', 'ola@example.com', 0, 1,"
@@ -529,11 +529,12 @@ class TestFewerCalls:
         assert [r.form["subscriber_status"] for r in fake.requests] == ["1"]
         assert late.counters.skipped == Counter({"older": 1})
 
-    async def test_echo_of_edrones_own_change_is_not_sent_back(
+    async def test_shop_repeating_edrones_status_is_not_sent_back(
         self, fake, db, make_traces, amqp_connection, pool
     ):
-        """A shop change that mirrors a status the bridge just applied from edrone is acked as
-        an echo, unsent (DESIGN.md promise 5); a different status is sent, exactly once."""
+        """A shop change that repeats the status edrone's ledger holds is acked as a no-op,
+        unsent: edrone is known to hold it (the ledger seeds a new address's sync state); a
+        different status is sent, exactly once."""
         settings = await make_traces()
         await db.execute(
             "INSERT INTO subscribers (app_id, channel, address, status, reason, event_id,"
@@ -546,7 +547,7 @@ class TestFewerCalls:
         echo = await forward_burst(amqp_connection, pool, settings)
 
         assert fake.requests == []
-        assert (echo.counters.applied, echo.counters.skipped) == (0, Counter({"echo": 1}))
+        assert (echo.counters.applied, echo.counters.skipped) == (0, Counter({"noop": 1}))
 
         await publish_platform(amqp_connection, settings, [shop_event(status=1)])
         change = await forward_burst(amqp_connection, pool, settings)
@@ -599,7 +600,7 @@ class TestDatesAndAddresses:
         [sent] = fake.requests
         told = datetime.strptime(sent.form["event_utc_date"], "%Y-%m-%d %H:%M:%S")
         assert before.replace(microsecond=0, tzinfo=None) <= told < datetime(2100, 1, 1)
-        stored = await db.fetchval("SELECT occurred_at FROM trace_state")
+        stored = await db.fetchval("SELECT made_at FROM sync_state WHERE channel = 'email'")
         assert stored <= datetime.now(UTC) + timedelta(seconds=0.5)
 
         await asyncio.sleep(0.6)

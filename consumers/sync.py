@@ -1,0 +1,301 @@
+"""Two-way convergence (DESIGN.md promise 6), as a pure rule: per (app, channel, address) the
+newest change a person made, on either side, wins on both sides.
+
+Each change is read for what it is: a person's change; edrone acknowledging one of the bridge's
+own traces (a TRACE reason, the status of a trace the bridge sent and edrone has not
+acknowledged yet); or the shop echoing one of the bridge's own writes (its ``caused_by``, or the
+write it follows with the same status). Only a person's change can win. Then each side that is
+not known to hold the winner is told: edrone by a trace, the shop by a write. The state and its
+store live in ``consumers/sync_store.py``; nothing here does I/O."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Literal
+
+Side = Literal["edrone", "shop"]
+EDRONE: Side = "edrone"
+SHOP: Side = "shop"
+
+# What the bridge made of a change (the history's decision column).
+WINS = "wins"  # a person's change, the newest so far: both sides are brought to it
+OLDER = "older"  # a person's change older than the winner: recorded, never applied
+ACKNOWLEDGED = "acknowledged"  # edrone confirming a trace of the bridge's: no new change
+ECHO = "echo"  # the shop mirroring a write of the bridge's: no new change
+DUPLICATE = "duplicate"  # seen before (a redelivery): nothing new
+
+# Trace states: "sending" is recorded before the call (an acknowledgement may overtake its
+# answer), "sent" after a 2xx, "uncertain" after no answer or a 5xx (edrone may have applied
+# it). Closed: acknowledged, superseded, lapsed; refused (a 4xx) and unsent (never called).
+SENDING, SENT, UNCERTAIN = "sending", "sent", "uncertain"
+REFUSED, UNSENT = "refused", "unsent"
+OPEN_TRACE_STATES = frozenset({SENDING, SENT, UNCERTAIN})
+
+# edrone's reason codes for a status a trace set (edrone-protocol.md §3 and §5); the same
+# codes come from edrone's storefront script, so a code alone proves nothing.
+TRACE_REASONS = {"email": frozenset({6, 10, 13}), "sms": frozenset({10})}
+
+
+@dataclass(frozen=True)
+class Stamp:
+    """When a change counts as made, and in which order the bridge learned it (the tie-break).
+
+    ``whole_seconds``: the source's clock had second resolution (edrone's dates may), so times
+    are compared at that resolution; ``seq`` counts per address in learning order."""
+
+    at: datetime
+    seq: int
+    whole_seconds: bool = False
+
+
+def newer(a: Stamp, b: Stamp) -> bool:
+    """``a`` is newer than ``b``: by time at the coarser resolution of the two; a tie at that
+    resolution falls to the one the bridge learned later."""
+    if a.whole_seconds or b.whole_seconds:
+        return (a.at.replace(microsecond=0), a.seq) > (b.at.replace(microsecond=0), b.seq)
+    return (a.at, a.seq) > (b.at, b.seq)
+
+
+@dataclass(frozen=True)
+class Held:
+    """A status one side holds, as of when it came to hold it (by that side's clock)."""
+
+    status: int | None
+    stamp: Stamp
+
+
+@dataclass(frozen=True)
+class Winner:
+    status: int | None
+    stamp: Stamp
+    side: Side
+    event_id: str
+
+
+@dataclass
+class OpenTrace:
+    """A trace the bridge sent (or is sending) that edrone has not acknowledged yet."""
+
+    id: int
+    status: int | None
+    made_at: datetime  # the time of the change it delivers
+    sent_at: datetime
+    state: str
+    corrective: bool = False
+
+
+@dataclass
+class PendingWrite:
+    """A write of the bridge's to the shop whose echo has not come back yet."""
+
+    write_id: str
+    status: int | None
+    written_at: datetime
+
+
+@dataclass
+class SyncState:
+    """Everything the rule knows of one address."""
+
+    winner: Winner | None = None
+    edrone: Held | None = None
+    shop: Held | None = None
+    traces: list[OpenTrace] = field(default_factory=list)
+    writes: list[PendingWrite] = field(default_factory=list)
+    seq: int = 0  # the last learning order handed out
+    # Changed since loading: traces' new states (answered, acknowledged, superseded, lapsed);
+    # writes closed (echoed, lapsed).
+    trace_updates: dict[int, str] = field(default_factory=dict)
+    closed_writes: dict[str, str] = field(default_factory=dict)
+
+    def next_seq(self) -> int:
+        self.seq += 1
+        return self.seq
+
+
+@dataclass(frozen=True)
+class EdroneChange:
+    """One of edrone's webhooks: its status, its event_date (clamped), its reason."""
+
+    status: int | None
+    at: datetime
+    event_id: str
+    reason: int | None
+    channel: str
+    whole_seconds: bool = False
+
+    @property
+    def trace_reason(self) -> bool:
+        return self.reason is not None and self.reason in TRACE_REASONS[self.channel]
+
+
+@dataclass(frozen=True)
+class ShopChange:
+    """One of the shop's changes: its status, its occurred_at (clamped), what caused it."""
+
+    status: int | None
+    at: datetime
+    event_id: str
+    caused_by: str | None = None
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What the bridge made of a change, and why: a line of ``edrone-bridge history``."""
+
+    decision: str
+    why: str
+
+
+def on_webhook(state: SyncState, change: EdroneChange, skew: timedelta) -> Decision:
+    """Read an edrone webhook into ``state``."""
+    stamp = Stamp(change.at, state.next_seq(), change.whole_seconds)
+    trace = _acknowledged_trace(state, change, skew) if change.trace_reason else None
+    _learn_held(state, EDRONE, change.status, stamp)
+    if trace is not None:
+        _close_acknowledged(state, trace)
+        return Decision(
+            ACKNOWLEDGED,
+            f"confirms the bridge's trace #{trace.id} of {_fmt(trace.made_at)}: no new change",
+        )
+    return _contend(state, Winner(change.status, stamp, EDRONE, change.event_id))
+
+
+def on_shop_change(state: SyncState, change: ShopChange, skew: timedelta) -> Decision:
+    """Read a shop change into ``state``."""
+    stamp = Stamp(change.at, state.next_seq())
+    write = _echoed_write(state, change, skew)
+    _learn_held(state, SHOP, change.status, stamp)
+    if write is not None:
+        state.writes.remove(write)
+        state.closed_writes[write.write_id] = "echoed"
+        return Decision(ECHO, f"mirrors the bridge's write {write.write_id}: no new change")
+    if change.caused_by is not None:
+        return Decision(ECHO, f"caused by the bridge's write {change.caused_by}: no new change")
+    # A person changed the shop after these writes: their echoes can no longer be told apart
+    # from the person's own changes, so none is expected any more.
+    for pending in [w for w in state.writes if w.written_at <= change.at]:
+        state.writes.remove(pending)
+        state.closed_writes[pending.write_id] = "lapsed"
+    return _contend(state, Winner(change.status, stamp, SHOP, change.event_id))
+
+
+def _contend(state: SyncState, challenger: Winner) -> Decision:
+    current = state.winner
+    if current is None or newer(challenger.stamp, current.stamp):
+        state.winner = challenger
+        return Decision(WINS, "the newest change a person made")
+    return Decision(
+        OLDER,
+        f"older than the winner: {current.side}'s {_status(current.status)} of "
+        f"{_fmt(current.stamp.at)}",
+    )
+
+
+def _learn_held(state: SyncState, side: Side, status: int | None, stamp: Stamp) -> None:
+    held = state.edrone if side == EDRONE else state.shop
+    if held is None or not newer(held.stamp, stamp):
+        value = Held(status, stamp)
+        if side == EDRONE:
+            state.edrone = value
+        else:
+            state.shop = value
+
+
+def _acknowledged_trace(
+    state: SyncState, change: EdroneChange, skew: timedelta
+) -> OpenTrace | None:
+    """The oldest open trace of this status that the webhook may answer: edrone posts it after
+    processing the trace, so it is dated no earlier than the trace was sent (less the skew)."""
+    for trace in state.traces:
+        if trace.status == change.status and change.at >= trace.sent_at - skew:
+            return trace
+    return None
+
+
+def _close_acknowledged(state: SyncState, trace: OpenTrace) -> None:
+    """edrone processes the bridge's traces in the order it received them: the ones sent
+    before an acknowledged trace are settled too, acknowledged or not."""
+    for earlier in [t for t in state.traces if t.id <= trace.id]:
+        state.traces.remove(earlier)
+        state.trace_updates[earlier.id] = "acknowledged" if earlier is trace else "superseded"
+
+
+def _echoed_write(state: SyncState, change: ShopChange, skew: timedelta) -> PendingWrite | None:
+    """The write a shop change echoes: named by its caused_by, or else the oldest pending write
+    of the same status that it follows (an echo comes after its write)."""
+    if change.caused_by is not None:
+        return next((w for w in state.writes if w.write_id == change.caused_by), None)
+    for write in state.writes:
+        if write.status == change.status and change.at >= write.written_at - skew:
+            return write
+    return None
+
+
+def lapse(state: SyncState, now: datetime, window: timedelta) -> None:
+    """Close traces never acknowledged and writes never echoed within ``window``: a trace
+    that changed nothing at edrone, a write the shop applied without an echo."""
+    for trace in [t for t in state.traces if t.sent_at < now - window]:
+        state.traces.remove(trace)
+        state.trace_updates[trace.id] = "lapsed"
+    for write in [w for w in state.writes if w.written_at < now - window]:
+        state.writes.remove(write)
+        state.closed_writes[write.write_id] = "lapsed"
+
+
+# --- what each side must be told -------------------------------------------------------------
+
+
+def edrone_needs_trace(state: SyncState) -> bool:
+    """edrone is not known to hold the winner. A trace still being sent does not count: its
+    sender may have died (its message then comes back), and a second trace of the same status
+    changes nothing at edrone."""
+    winner = state.winner
+    if winner is None:
+        return False
+    return state.edrone is None or state.edrone.status != winner.status
+
+
+def shop_needs_write(state: SyncState) -> bool:
+    """The shop is not known to hold the winner (an address it never mentioned included)."""
+    winner = state.winner
+    if winner is None:
+        return False
+    return state.shop is None or state.shop.status != winner.status
+
+
+def trace_opened(state: SyncState, trace: OpenTrace) -> None:
+    state.traces.append(trace)
+
+
+def trace_answered(state: SyncState, trace_id: int, state_now: str, at: datetime) -> None:
+    """The answer to a trace: a 2xx tells that edrone holds its status now (as of ``at``)."""
+    trace = next((t for t in state.traces if t.id == trace_id), None)
+    if trace is None:
+        return  # acknowledged (or superseded) before its answer came back
+    state.trace_updates[trace.id] = state_now
+    if state_now in OPEN_TRACE_STATES:
+        trace.state = state_now
+    else:
+        state.traces.remove(trace)
+    if state_now == SENT:
+        _learn_held(state, EDRONE, trace.status, Stamp(at, state.next_seq()))
+
+
+def wrote(
+    state: SyncState, status: int | None, written_at: datetime, write_id: str, *, echoes: bool
+) -> None:
+    """The bridge wrote ``status`` to the shop: the shop holds it, and (for a shop that
+    publishes its own changes) its echo is expected."""
+    _learn_held(state, SHOP, status, Stamp(written_at, state.next_seq()))
+    if echoes:
+        state.writes.append(PendingWrite(write_id, status, written_at))
+
+
+def _status(status: int | None) -> str:
+    return {1: "subscribed", 0: "unsubscribed"}.get(status, "unknown")  # type: ignore[arg-type]
+
+
+def _fmt(when: datetime) -> str:
+    return when.isoformat(timespec="milliseconds")

@@ -1,0 +1,266 @@
+"""What the trace forwarder tells edrone, decided from the sync state (DESIGN.md promise 6):
+one transaction reads the shop's changes into it, brings the shop to the winner where needed
+and records the traces about to be sent; a second records edrone's answers."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+
+import asyncpg
+
+from bridge.config import Settings
+from consumers import sync_store
+from consumers.convergence import Converger, shop_keys, utcnow
+from consumers.errors import database_retry
+from consumers.shop_target import ShopTarget
+from consumers.sync import ECHO, OLDER, WINS, Decision, OpenTrace, trace_answered
+from consumers.sync_store import Key, SyncBatch
+from schemas.platform_event import CustomerSubscriptionChanged
+
+# Outcomes of the forwarder's messages besides the trace's own.
+COALESCED = "coalesced"  # a later message of the same customer in the batch carries its trace
+NOOP = "noop"  # edrone is known to hold the winner: nothing to tell it
+DUPLICATE = "duplicate"  # the shop's change was read before (a redelivery), nothing to send
+UNREACHABLE = "unreachable"  # an SMS address whose customer's e-mail is unknown
+
+
+@dataclass(frozen=True)
+class Item:
+    """One message of a batch: a shop change, or a request to reconcile one address."""
+
+    index: int
+    app_id: str
+    event: CustomerSubscriptionChanged | None = None
+    key: Key | None = None
+
+
+@dataclass
+class TraceCall:
+    """One request to edrone about one customer, and the open traces (one per address) it
+    delivers. ``email_status`` is None with ``email_known`` False when edrone is not to be told
+    the e-mail status at all (an SMS reconciliation)."""
+
+    index: int
+    app_id: str
+    email: str
+    occurred_at: datetime
+    email_known: bool = False
+    email_status: int | None = None
+    phone: str | None = None
+    sms_known: bool = False
+    sms_status: int | None = None
+    event: CustomerSubscriptionChanged | None = None  # names and tags, when a change brought them
+    # The addresses edrone is not known to hold the winner of: a trace is opened for each.
+    needed: list[Key] = field(default_factory=list)
+    traces: list[tuple[Key, OpenTrace]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What came of a call: the trace state it leaves, and a line for the history."""
+
+    state: str  # sent | uncertain | refused | unsent
+    why: str
+    edrone_event_id: str | None = None
+
+
+class TracePlanner:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        settings: Settings,
+        targets: Mapping[str, ShopTarget],
+        nudge: Callable[[], None] | None = None,
+    ) -> None:
+        self._pool = pool
+        self._converger = Converger(settings, targets)
+        self._nudge = nudge
+        self._db_timeout_s = settings.traces.db_timeout_s
+
+    async def plan(self, items: Sequence[Item]) -> tuple[list[TraceCall], dict[int, str]]:
+        """The calls to make, and the outcome of every message that gets none."""
+        try:
+            async with self._pool.acquire() as conn, conn.transaction():
+                calls, outcomes, dispatched = await self._plan(conn, items)
+        except Exception as exc:
+            # Nothing was sent yet, so the runtime may narrow a content error down to its
+            # message by halves without calling edrone twice (promise 7).
+            retry = database_retry(exc)
+            if retry is None:
+                raise
+            raise retry from exc
+        if dispatched and self._nudge is not None:
+            self._nudge()
+        return calls, outcomes
+
+    async def _plan(
+        self, conn: asyncpg.Connection, items: Sequence[Item]
+    ) -> tuple[list[TraceCall], dict[int, str], bool]:
+        converger = self._converger
+        keys_of = {item.index: _keys(item) for item in items}
+        batch = await sync_store.lock(conn, (k for keys in keys_of.values() for k in keys))
+        fresh = await sync_store.unseen(
+            conn, [(item.app_id, item.event.event_id) for item in items if item.event]
+        )
+        labels: dict[int, str] = {}
+        won: set[Key] = set()
+        for item in items:
+            if item.event is None:
+                continue
+            if (item.app_id, item.event.event_id) not in fresh:
+                labels[item.index] = DUPLICATE
+                continue
+            decisions = converger.read_shop_change(batch, item.app_id, item.event)
+            labels[item.index] = _label(decisions)
+            won.update(key for key, d in decisions.items() if d.decision == WINS)
+        now = utcnow()
+        converger.lapse(batch, now)
+        await converger.bring_shop(batch, batch.states, set(), now)
+        calls = await self._calls(batch, items, keys_of, won, now)
+        outcomes = {}
+        called = {call.index for call in calls}
+        last = _last_item_per_customer(items, keys_of, batch)
+        for item in items:
+            if item.index in called:
+                continue
+            label = labels.get(item.index, NOOP)
+            if label == WINS:
+                label = COALESCED if last.get(item.index) in called else NOOP
+            outcomes[item.index] = label
+        await batch.save()
+        return calls, outcomes, bool(batch.dispatch)
+
+    async def _calls(
+        self,
+        batch: SyncBatch,
+        items: Sequence[Item],
+        keys_of: Mapping[int, list[Key]],
+        won: set[Key],
+        now: datetime,
+    ) -> list[TraceCall]:
+        """One call per customer whose addresses edrone is not known to hold the winner of,
+        attached to the customer's last message in the batch."""
+        converger = self._converger
+        by_customer: dict[tuple[str, str], TraceCall] = {}
+        for item in items:
+            for key in keys_of[item.index]:
+                if not converger.edrone_needs_trace(batch, key):
+                    continue
+                email = key[2] if key[1] == "email" else batch.emails.get(key)
+                if email is None:
+                    _note(batch, key, UNREACHABLE, "no e-mail known for this phone: no trace")
+                    continue
+                call = by_customer.setdefault(
+                    (key[0], email),
+                    TraceCall(item.index, key[0], email, batch.states[key].winner.stamp.at),  # type: ignore[union-attr]
+                )
+                call.index = max(call.index, item.index)
+                if item.event is not None:
+                    call.event = item.event
+                _include(call, key, batch)
+        for call in by_customer.values():
+            _fill_in(call, batch)
+        wanted = [
+            (key, batch.states[key].winner, call)
+            for call in by_customer.values()
+            for key in call.needed
+        ]
+        traces = await batch.open_traces(
+            [
+                (key, w.status, w.stamp.at, w.event_id, key not in won)  # type: ignore[union-attr]
+                for key, w, _ in wanted
+            ]
+        )
+        for (key, _, call), trace in zip(wanted, traces, strict=True):
+            call.traces.append((key, trace))
+            kind = "corrective trace" if trace.corrective else "trace"
+            _note(batch, key, "sending", f"{kind} #{trace.id}: edrone is not known to hold it")
+        return list(by_customer.values())
+
+    async def record(self, answers: Sequence[tuple[TraceCall, Answer]]) -> None:
+        """Read edrone's answers into the state. The calls are made: a failure here only costs
+        a later check, so it must not fail the batch (its retry would call edrone again)."""
+        keys = [key for call, _ in answers for key, _ in call.traces]
+        if not keys:
+            return
+        async with self._pool.acquire() as conn, conn.transaction():
+            batch = await sync_store.lock(conn, keys)
+            now = utcnow()
+            for call, answer in answers:
+                for key, trace in call.traces:
+                    trace_answered(batch.states[key], trace.id, answer.state, now)
+                    _note(batch, key, answer.state, answer.why, event_id=answer.edrone_event_id)
+            await batch.save()
+
+
+def _keys(item: Item) -> list[Key]:
+    if item.event is not None:
+        return shop_keys(item.app_id, item.event)
+    assert item.key is not None
+    return [item.key]
+
+
+def _label(decisions: Mapping[Key, Decision]) -> str:
+    """A shop change's outcome before any call: its e-mail's decision, else its phone's."""
+    names = [d.decision for d in decisions.values()]
+    for name in (WINS, OLDER, ECHO):
+        if name in names:
+            return name
+    return NOOP
+
+
+def _fill_in(call: TraceCall, batch: SyncBatch) -> None:
+    """What goes along unasked: the e-mail's winner when known (it is what edrone holds or is
+    told anyway, and safer than leaving it empty), the phone the shop gave."""
+    if call.phone is None and call.event is not None:
+        call.phone = call.event.phone
+    email_key = (call.app_id, "email", call.email)
+    if not call.email_known and email_key in batch.states:
+        winner = batch.states[email_key].winner
+        if winner is not None:
+            call.email_known, call.email_status = True, winner.status
+
+
+def _include(call: TraceCall, key: Key, batch: SyncBatch) -> None:
+    winner = batch.states[key].winner
+    assert winner is not None
+    if key in call.needed:
+        return
+    call.needed.append(key)
+    if key[1] == "email":
+        call.email_known, call.email_status = True, winner.status
+    else:
+        call.sms_known, call.sms_status, call.phone = True, winner.status, key[2]
+    call.occurred_at = max(call.occurred_at, winner.stamp.at)
+
+
+def _last_item_per_customer(
+    items: Sequence[Item], keys_of: Mapping[int, list[Key]], batch: SyncBatch
+) -> dict[int, int]:
+    """For each message, the last message in the batch about the same customer."""
+    last: dict[tuple[str, str], int] = {}
+    customer_of: dict[int, tuple[str, str]] = {}
+    for item in items:
+        key = keys_of[item.index][0]
+        email = key[2] if key[1] == "email" else batch.emails.get(key, key[2])
+        customer_of[item.index] = (key[0], email)
+        last[(key[0], email)] = item.index
+    return {index: last[customer] for index, customer in customer_of.items()}
+
+
+def _note(
+    batch: SyncBatch, key: Key, decision: str, why: str, *, event_id: str | None = None
+) -> None:
+    winner = batch.states[key].winner
+    batch.note(
+        key, "bridge", "trace", event_id, winner.status if winner else None, None,
+        winner.stamp.at if winner else None, decision, why,
+    )  # fmt: skip
+
+
+def reconcile_item(index: int, body: dict[str, object]) -> Item:
+    """A request (from ``dispatch``) to bring edrone to one address's winner."""
+    app_id, channel, address = (str(body[name]) for name in ("app_id", "channel", "address"))
+    return Item(index, app_id, key=(app_id, channel, address))

@@ -1,0 +1,219 @@
+"""The convergence rule on its own (consumers/sync.py), on the timelines issue 10 measured going
+wrong: the newest change a person made wins on both sides, acknowledgements and echoes are no
+changes, and each side not known to hold the winner is told."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from consumers.sync import (
+    ACKNOWLEDGED,
+    ECHO,
+    OLDER,
+    SENT,
+    WINS,
+    EdroneChange,
+    OpenTrace,
+    ShopChange,
+    Stamp,
+    SyncState,
+    edrone_needs_trace,
+    newer,
+    on_shop_change,
+    on_webhook,
+    shop_needs_write,
+    trace_answered,
+    trace_opened,
+    wrote,
+)
+
+T0 = datetime(2026, 5, 1, 12, 0, tzinfo=UTC)
+SKEW = timedelta(minutes=5)
+TRACE_SUBSCRIBED, TRACE_UNSUBSCRIBED, CUSTOMER_UNSUBSCRIBED, AGENT_SUBSCRIBED = 10, 6, 1, 11
+
+
+def at(seconds: float) -> datetime:
+    return T0 + timedelta(seconds=seconds)
+
+
+def webhook(status, seconds, reason=AGENT_SUBSCRIBED, *, whole=False, event_id=None):
+    return EdroneChange(status, at(seconds), event_id or f"w{seconds}", reason, "email", whole)
+
+
+def shop(status, seconds, *, caused_by=None):
+    return ShopChange(status, at(seconds), f"s{seconds}", caused_by)
+
+
+class Bridge:
+    """The rule driven as the consumers drive it: after each change, the side not known to
+    hold the winner is told (a trace, answered 200; a write)."""
+
+    def __init__(self) -> None:
+        self.state = SyncState()
+        self.traces: list[OpenTrace] = []
+        self.writes: list[tuple[str, int | None]] = []
+
+    def trace(self, seconds: float) -> OpenTrace:
+        winner = self.state.winner
+        assert winner is not None
+        trace = OpenTrace(
+            len(self.traces) + 1, winner.status, winner.stamp.at, at(seconds), "sending"
+        )
+        trace_opened(self.state, trace)
+        self.traces.append(trace)
+        trace_answered(self.state, trace.id, SENT, at(seconds))
+        return trace
+
+    def write(self, seconds: float, *, echoes: bool = True) -> str:
+        winner = self.state.winner
+        assert winner is not None
+        write_id = f"write-{len(self.writes) + 1}"
+        wrote(self.state, winner.status, at(seconds), write_id, echoes=echoes)
+        self.writes.append((write_id, winner.status))
+        return write_id
+
+    def needs_trace(self, seconds: float) -> bool:
+        return edrone_needs_trace(self.state)
+
+
+class TestWinner:
+    def test_newest_change_a_person_made_wins_whatever_the_side(self):
+        """A shop change newer than edrone's wins, and an edrone change newer than that."""
+        bridge = Bridge()
+        assert on_webhook(bridge.state, webhook(0, 1), SKEW).decision == WINS
+        assert on_shop_change(bridge.state, shop(1, 2), SKEW).decision == WINS
+        assert on_webhook(bridge.state, webhook(0, 1.5), SKEW).decision == OLDER
+        assert on_webhook(bridge.state, webhook(0, 3), SKEW).decision == WINS
+        assert (bridge.state.winner.status, bridge.state.winner.side) == (0, "edrone")
+
+    def test_edrone_change_older_than_the_shops_is_recorded_not_applied(self):
+        """Mechanism 2: a webhook is compared with the shop's later change too."""
+        bridge = Bridge()
+        on_shop_change(bridge.state, shop(0, 10), SKEW)
+        decision = on_webhook(bridge.state, webhook(1, 9), SKEW)
+        assert decision.decision == OLDER and "shop's unsubscribed" in decision.why
+        assert bridge.state.winner.status == 0
+
+    def test_ties_at_whole_seconds_fall_to_the_order_learned(self):
+        """edrone's whole-second date ties with a shop change in that second: the one learned
+        later wins; finer dates are compared as they are."""
+        late = Stamp(at(10.9), seq=2)
+        whole = Stamp(at(10), seq=1, whole_seconds=True)
+        assert newer(late, whole)
+        assert newer(Stamp(at(10), seq=3, whole_seconds=True), late)
+        assert not newer(Stamp(at(10.2), seq=3), late)
+
+
+class TestAcknowledgements:
+    def test_trace_processed_after_a_newer_edrone_change_is_corrected(self):
+        """The race of the issue: shop 1 at 10 (traced), edrone's person sets 0 at 11, edrone
+        processes the trace at 12. The person's 0 wins; edrone holds 1 by then, so a corrective
+        trace of 0 is due, in either order of the two webhooks."""
+        for order in ("person first", "ack first"):
+            bridge = Bridge()
+            on_shop_change(bridge.state, shop(1, 10), SKEW)
+            assert bridge.needs_trace(10)
+            bridge.trace(10.1)
+            person, ack = webhook(0, 11, CUSTOMER_UNSUBSCRIBED), webhook(1, 12, TRACE_SUBSCRIBED)
+            changes = [person, ack] if order == "person first" else [ack, person]
+            decisions = [on_webhook(bridge.state, change, SKEW).decision for change in changes]
+            assert sorted(decisions) == sorted([WINS, ACKNOWLEDGED]), order
+            assert (bridge.state.winner.status, bridge.state.edrone.status) == (0, 1), order
+            assert bridge.needs_trace(13), order
+            assert shop_needs_write(bridge.state), order
+
+    def test_acknowledgement_takes_the_traces_time_not_edrones(self):
+        """An acknowledgement is no change of its own: a shop change after the trace but
+        before edrone's (later) processing date still wins."""
+        bridge = Bridge()
+        on_shop_change(bridge.state, shop(1, 10), SKEW)
+        bridge.trace(10.1)
+        assert on_shop_change(bridge.state, shop(0, 11), SKEW).decision == WINS
+        assert on_webhook(bridge.state, webhook(1, 13, TRACE_SUBSCRIBED), SKEW).decision == (
+            ACKNOWLEDGED
+        )
+        assert bridge.state.winner.status == 0
+        assert bridge.needs_trace(14)  # edrone holds 1 now: tell it 0
+
+    def test_trace_reason_matching_no_trace_is_a_real_change(self):
+        """edrone's storefront script produces TRACE reasons too: without a trace of the
+        bridge's with that status, it is a person's change."""
+        bridge = Bridge()
+        on_shop_change(bridge.state, shop(0, 10), SKEW)
+        assert on_webhook(bridge.state, webhook(1, 11, TRACE_SUBSCRIBED), SKEW).decision == WINS
+
+    def test_noop_only_when_edrone_is_known_to_hold_the_status(self):
+        """Nothing is known of edrone at first: trace. Known to hold it: no trace."""
+        bridge = Bridge()
+        on_shop_change(bridge.state, shop(1, 10), SKEW)
+        assert bridge.needs_trace(10)
+        bridge.trace(10)
+        on_shop_change(bridge.state, shop(1, 20), SKEW)
+        assert not bridge.needs_trace(20)
+        on_webhook(bridge.state, webhook(0, 21, CUSTOMER_UNSUBSCRIBED), SKEW)
+        on_shop_change(bridge.state, shop(1, 22), SKEW)
+        assert bridge.needs_trace(22)
+
+
+class TestEchoes:
+    def test_false_echo_of_the_issue(self):
+        """Mechanism 1: edrone 0; shop 1 (traced, edrone 1); shop 0 a moment later is a
+        person's change, not an echo (the bridge wrote nothing), and it is traced; edrone's
+        late acknowledgement of the 1-trace does not write 1 over it."""
+        bridge = Bridge()
+        on_webhook(bridge.state, webhook(0, 6.9, CUSTOMER_UNSUBSCRIBED), SKEW)
+        bridge.write(6.95, echoes=False)
+        assert on_shop_change(bridge.state, shop(1, 10.43), SKEW).decision == WINS
+        bridge.trace(10.44)
+        assert on_shop_change(bridge.state, shop(0, 11.26), SKEW).decision == WINS
+        assert bridge.needs_trace(11.27)
+        bridge.trace(11.27)
+        ack = webhook(1, 10.46, TRACE_SUBSCRIBED)
+        assert on_webhook(bridge.state, ack, SKEW).decision == ACKNOWLEDGED
+        assert bridge.state.winner.status == 0
+        assert not shop_needs_write(bridge.state)
+
+    def test_stale_echo_of_an_earlier_write_is_no_change(self):
+        """Mechanism 3: writes of 0 then of 1; the shop's late echo of the 0 is matched to
+        its write, not taken for a person's change over edrone's newer 1."""
+        bridge = Bridge()
+        on_webhook(bridge.state, webhook(0, 5), SKEW)
+        bridge.write(5.1)
+        on_webhook(bridge.state, webhook(1, 8), SKEW)
+        bridge.write(8.1)
+        assert on_shop_change(bridge.state, shop(0, 5.2), SKEW).decision == ECHO
+        assert on_shop_change(bridge.state, shop(1, 8.2), SKEW).decision == ECHO
+        assert bridge.state.winner.status == 1
+        assert not bridge.needs_trace(9)
+
+    def test_caused_by_names_the_write(self):
+        """A shop change carrying caused_by is the echo of that write, whatever its status."""
+        bridge = Bridge()
+        on_webhook(bridge.state, webhook(0, 5), SKEW)
+        write_id = bridge.write(5.1)
+        assert on_shop_change(bridge.state, shop(0, 5.3, caused_by=write_id), SKEW).decision == (
+            ECHO
+        )
+        assert bridge.state.writes == []
+
+    def test_person_change_after_a_write_is_not_taken_for_its_echo(self):
+        """After a write of 0, the shop sets 1: a person's change; it also ends the wait for
+        the write's echo (the echo, coming late, is then an older change, never sent)."""
+        bridge = Bridge()
+        on_webhook(bridge.state, webhook(0, 5), SKEW)
+        bridge.write(5.1)
+        assert on_shop_change(bridge.state, shop(1, 6), SKEW).decision == WINS
+        assert bridge.state.writes == []
+        assert on_shop_change(bridge.state, shop(0, 5.2), SKEW).decision == OLDER
+        assert bridge.state.winner.status == 1
+
+    def test_write_overwriting_an_unseen_shop_change_is_corrected(self):
+        """The shop set 1 at 11.2, before the bridge wrote edrone's 0 of 11 at 11.5 over it:
+        the shop's change is the newer person's change and wins, and since the shop holds the
+        bridge's 0 by then, it is written back."""
+        bridge = Bridge()
+        on_webhook(bridge.state, webhook(0, 11), SKEW)
+        bridge.write(11.5, echoes=False)
+        assert on_shop_change(bridge.state, shop(1, 11.2), SKEW).decision == WINS
+        assert shop_needs_write(bridge.state)
+        assert bridge.needs_trace(11.6)
