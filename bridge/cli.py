@@ -304,10 +304,11 @@ def build_parser() -> argparse.ArgumentParser:
         "it records as platform events (PostgreSQL outbox → RabbitMQ), until SIGTERM/SIGINT",
     )
     # Imported here, not at the top: both modules build on this one.
-    from bridge import cli_dlq, cli_status, cli_tools
+    from bridge import cli_dlq, cli_history, cli_status, cli_tools
 
     cli_dlq.add_commands(commands)
     cli_status.add_commands(commands)
+    cli_history.add_commands(commands)
     cli_tools.add_commands(commands)
     return parser
 

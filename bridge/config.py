@@ -130,6 +130,10 @@ class AppConfig(BaseModel):
     # event on changes_exchange, for shops whose services listen to events rather than read
     # tables; the shop's resulting change should carry its event_id back as caused_by.
     publish_changes: bool = False
+    # The shop sets caused_by on every change it makes because of one of those events: a
+    # change without it is then a person's. Left false, the bridge finds echoes among its own
+    # writes (the write a change follows, with its status).
+    shop_names_causes: bool = False
 
     def secrets(self) -> tuple[str, ...]:
         current = self.secret.get_secret_value()

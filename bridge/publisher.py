@@ -26,11 +26,19 @@ class ConfirmedPublisher:
     a ``message_id`` already in flight waits for the first instead of racing it."""
 
     def __init__(
-        self, channel: AbstractChannel, exchange: AbstractExchange, timeout_s: float
+        self,
+        channel: AbstractChannel,
+        exchange: AbstractExchange,
+        timeout_s: float,
+        *,
+        mandatory: bool = True,
     ) -> None:
         self._channel = channel
         self._exchange = exchange
         self._timeout_s = timeout_s
+        # An unroutable message is an error, not a silent drop: the bridge's own topology is
+        # missing. Off for an exchange of the shop's, whose queues are the shop's to bind.
+        self._mandatory = mandatory
         self._in_flight: dict[str, asyncio.Future[None]] = {}
 
     @property
@@ -87,9 +95,8 @@ class ConfirmedPublisher:
             timestamp=datetime.now(UTC),
         )
         try:
-            # mandatory: an unroutable message (topology missing) is an error, not a silent drop.
             confirmation = await self._exchange.publish(
-                message, routing_key, mandatory=True, timeout=self._timeout_s
+                message, routing_key, mandatory=self._mandatory, timeout=self._timeout_s
             )
         except TimeoutError:
             raise PublishFailed(f"no confirm within {self._timeout_s}s") from None

@@ -16,6 +16,7 @@ from consumers.sync import (
     Decision,
     EdroneChange,
     ShopChange,
+    edrone_certain,
     edrone_needs_trace,
     lapse,
     on_shop_change,
@@ -81,7 +82,13 @@ class Converger:
         decisions = {}
         for key in shop_keys(app_id, event):
             status = event.subscriber_status if key[1] == "email" else event.sms_subscriber_status
-            change = ShopChange(status, event.occurred_at, event.event_id, event.caused_by)
+            change = ShopChange(
+                status,
+                event.occurred_at,
+                event.event_id,
+                event.caused_by,
+                names_causes=self.settings.apps[app_id].shop_names_causes,
+            )
             decision = on_shop_change(batch.states[key], change, self.skew)
             if key[1] == "sms":
                 batch.emails[key] = event.email
@@ -180,7 +187,12 @@ class Converger:
         """Ask the trace forwarder (through ``dispatch``) to bring edrone to the winner."""
         state = batch.states[key]
         assert state.winner is not None
-        held = "nothing known" if state.edrone is None else _status(state.edrone.status)
+        if state.edrone is None:
+            held = "nothing known"
+        elif not edrone_certain(state):
+            held = "an unsure status (several seen in one second)"
+        else:
+            held = _status(state.edrone.status)
         batch.dispatch.append(
             DispatchRow(
                 "",

@@ -106,7 +106,15 @@ class Dispatcher:
                     exchange = await self._channel.get_exchange(exchange_name, ensure=True)
                 else:
                     exchange = self._channel.default_exchange
-            publisher = ConfirmedPublisher(self._channel, exchange, self._publish_timeout_s)
+            # The default exchange routes to the bridge's own queues: unroutable there means
+            # its topology is missing. The shop's bus is the shop's to bind: a change nobody
+            # listens for must not hold up the messages behind it.
+            publisher = ConfirmedPublisher(
+                self._channel,
+                exchange,
+                self._publish_timeout_s,
+                mandatory=not exchange_name,
+            )
             self._publishers[exchange_name] = publisher
         return publisher
 

@@ -71,6 +71,14 @@ class Winner:
     stamp: Stamp
     side: Side
     event_id: str
+    # The earliest the winning change can have been made: its own time, or, when it won by a
+    # tie at the second over a change known to the millisecond, that change's time. A change
+    # known to the millisecond must be later than this to win: ties do not chain.
+    floor: datetime | None = None
+
+    @property
+    def earliest(self) -> datetime:
+        return self.floor if self.floor is not None else self.stamp.at
 
 
 @dataclass
@@ -104,6 +112,12 @@ class SyncState:
     traces: list[OpenTrace] = field(default_factory=list)
     writes: list[PendingWrite] = field(default_factory=list)
     seq: int = 0  # the last learning order handed out
+    # The latest whole second edrone was seen in (by its webhooks' dates and its answers to
+    # traces), and which statuses it was seen holding then (bits: 1 unsubscribed, 2
+    # subscribed, 4 unknown). Two statuses in one second, with dates that may be written to
+    # the second and webhooks that come in any order: what edrone holds is not known.
+    edrone_second: datetime | None = None
+    edrone_seen: int = 0
     # Changed since loading: traces' new states (answered, acknowledged, superseded, lapsed);
     # writes closed (echoed, lapsed).
     trace_updates: dict[int, str] = field(default_factory=dict)
@@ -132,12 +146,15 @@ class EdroneChange:
 
 @dataclass(frozen=True)
 class ShopChange:
-    """One of the shop's changes: its status, its occurred_at (clamped), what caused it."""
+    """One of the shop's changes: its status, its occurred_at (clamped), what caused it.
+    ``names_causes``: the shop sets caused_by on every echo, so a change without it is a
+    person's; else an echo is found among the bridge's writes."""
 
     status: int | None
     at: datetime
     event_id: str
     caused_by: str | None = None
+    names_causes: bool = False
 
 
 @dataclass(frozen=True)
@@ -168,8 +185,11 @@ def on_shop_change(state: SyncState, change: ShopChange, skew: timedelta) -> Dec
     write = _echoed_write(state, change, skew)
     _learn_held(state, SHOP, change.status, stamp)
     if write is not None:
-        state.writes.remove(write)
-        state.closed_writes[write.write_id] = "echoed"
+        # The shop applies the bridge's writes in turn: the ones before this one have been
+        # applied, echoed or not (a write of the status the shop held already has no echo).
+        for earlier in [w for w in state.writes if w.written_at <= write.written_at]:
+            state.writes.remove(earlier)
+            state.closed_writes[earlier.write_id] = "echoed" if earlier is write else "lapsed"
         return Decision(ECHO, f"mirrors the bridge's write {write.write_id}: no new change")
     if change.caused_by is not None:
         return Decision(ECHO, f"caused by the bridge's write {change.caused_by}: no new change")
@@ -183,8 +203,17 @@ def on_shop_change(state: SyncState, change: ShopChange, skew: timedelta) -> Dec
 
 def _contend(state: SyncState, challenger: Winner) -> Decision:
     current = state.winner
-    if current is None or newer(challenger.stamp, current.stamp):
+    if current is None:
         state.winner = challenger
+        return Decision(WINS, "the newest change a person made")
+    precise_and_earlier = (
+        not challenger.stamp.whole_seconds and challenger.stamp.at < current.earliest
+    )
+    if newer(challenger.stamp, current.stamp) and not precise_and_earlier:
+        floor = max(current.earliest, challenger.stamp.at)
+        state.winner = Winner(
+            challenger.status, challenger.stamp, challenger.side, challenger.event_id, floor
+        )
         return Decision(WINS, "the newest change a person made")
     return Decision(
         OLDER,
@@ -195,12 +224,30 @@ def _contend(state: SyncState, challenger: Winner) -> Decision:
 
 def _learn_held(state: SyncState, side: Side, status: int | None, stamp: Stamp) -> None:
     held = state.edrone if side == EDRONE else state.shop
+    if side == EDRONE:
+        _see_edrone(state, status, stamp.at)
     if held is None or not newer(held.stamp, stamp):
         value = Held(status, stamp)
         if side == EDRONE:
             state.edrone = value
         else:
             state.shop = value
+
+
+_STATUS_BIT = {0: 1, 1: 2, None: 4}
+
+
+def _see_edrone(state: SyncState, status: int | None, at: datetime) -> None:
+    second = at.replace(microsecond=0)
+    if state.edrone_second is None or second > state.edrone_second:
+        state.edrone_second, state.edrone_seen = second, _STATUS_BIT[status]
+    elif second == state.edrone_second:
+        state.edrone_seen |= _STATUS_BIT[status]
+
+
+def edrone_certain(state: SyncState) -> bool:
+    """What edrone holds is known: it was seen holding one status only in its latest second."""
+    return state.edrone is not None and state.edrone_seen in (1, 2, 4)
 
 
 def _acknowledged_trace(
@@ -215,11 +262,11 @@ def _acknowledged_trace(
 
 
 def _close_acknowledged(state: SyncState, trace: OpenTrace) -> None:
-    """edrone processes the bridge's traces in the order it received them: the ones sent
-    before an acknowledged trace are settled too, acknowledged or not."""
-    for earlier in [t for t in state.traces if t.id <= trace.id]:
-        state.traces.remove(earlier)
-        state.trace_updates[earlier.id] = "acknowledged" if earlier is trace else "superseded"
+    """Only this trace is settled: edrone processes traces in order, but its webhooks come in
+    any, so an earlier trace's acknowledgement may still be on its way (one that changed
+    nothing at edrone never comes, and lapses)."""
+    state.traces.remove(trace)
+    state.trace_updates[trace.id] = "acknowledged"
 
 
 def _echoed_write(state: SyncState, change: ShopChange, skew: timedelta) -> PendingWrite | None:
@@ -227,6 +274,8 @@ def _echoed_write(state: SyncState, change: ShopChange, skew: timedelta) -> Pend
     of the same status that it follows (an echo comes after its write)."""
     if change.caused_by is not None:
         return next((w for w in state.writes if w.write_id == change.caused_by), None)
+    if change.names_causes:
+        return None
     for write in state.writes:
         if write.status == change.status and change.at >= write.written_at - skew:
             return write
@@ -248,13 +297,13 @@ def lapse(state: SyncState, now: datetime, window: timedelta) -> None:
 
 
 def edrone_needs_trace(state: SyncState) -> bool:
-    """edrone is not known to hold the winner. A trace still being sent does not count: its
-    sender may have died (its message then comes back), and a second trace of the same status
-    changes nothing at edrone."""
+    """edrone is not known to hold the winner (see :func:`edrone_certain`). A trace still being
+    sent does not count: its sender may have died (its message then comes back), and a second
+    trace of the same status changes nothing at edrone."""
     winner = state.winner
     if winner is None:
         return False
-    return state.edrone is None or state.edrone.status != winner.status
+    return not edrone_certain(state) or state.edrone.status != winner.status  # type: ignore[union-attr]
 
 
 def shop_needs_write(state: SyncState) -> bool:

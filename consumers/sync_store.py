@@ -35,11 +35,15 @@ WITH k AS (
     SELECT * FROM unnest($1::text[], $2::text[], $3::text[]) AS k(app_id, channel, address)
 )
 INSERT INTO sync_state AS s (app_id, channel, address, seq, side, status, made_at, made_seq,
-                             event_id, edrone_known, edrone_status, edrone_at, edrone_seq)
+                             event_id, edrone_known, edrone_status, edrone_at, edrone_seq,
+                             edrone_second, edrone_seen)
 SELECT k.app_id, k.channel, k.address, CASE WHEN l.app_id IS NULL THEN 0 ELSE 1 END,
        CASE WHEN l.app_id IS NULL THEN NULL ELSE 'edrone' END, l.status, l.ordered_at,
        CASE WHEN l.app_id IS NULL THEN NULL ELSE 1 END, l.event_id, l.app_id IS NOT NULL,
-       l.status, l.ordered_at, CASE WHEN l.app_id IS NULL THEN NULL ELSE 1 END
+       l.status, l.ordered_at, CASE WHEN l.app_id IS NULL THEN NULL ELSE 1 END,
+       date_trunc('second', l.ordered_at),
+       CASE WHEN l.app_id IS NULL THEN 0 WHEN l.status = 0 THEN 1 WHEN l.status = 1 THEN 2
+            ELSE 4 END
 FROM k LEFT JOIN subscribers AS l USING (app_id, channel, address)
 ORDER BY 1, 2, 3
 ON CONFLICT (app_id, channel, address) DO UPDATE SET seq = s.seq
@@ -67,15 +71,18 @@ UPDATE sync_state AS s SET
     edrone_seq = v.edrone_seq, edrone_whole = v.edrone_whole,
     shop_known = v.shop_known, shop_status = v.shop_status, shop_at = v.shop_at,
     shop_seq = v.shop_seq, email = COALESCE(v.email, s.email), open_traces = v.open_traces,
-    awaited_writes = v.awaited_writes, updated_at = now()
+    awaited_writes = v.awaited_writes, edrone_second = v.edrone_second,
+    edrone_seen = v.edrone_seen, made_floor = v.made_floor, updated_at = now()
 FROM unnest(
     $1::text[], $2::text[], $3::text[], $4::bigint[], $5::text[], $6::smallint[],
     $7::timestamptz[], $8::bigint[], $9::boolean[], $10::text[], $11::boolean[], $12::smallint[],
     $13::timestamptz[], $14::bigint[], $15::boolean[], $16::boolean[], $17::smallint[],
-    $18::timestamptz[], $19::bigint[], $20::text[], $21::integer[], $22::integer[]
+    $18::timestamptz[], $19::bigint[], $20::text[], $21::integer[], $22::integer[],
+    $23::timestamptz[], $24::smallint[], $25::timestamptz[]
 ) AS v(app_id, channel, address, seq, side, status, made_at, made_seq, whole_seconds, event_id,
        edrone_known, edrone_status, edrone_at, edrone_seq, edrone_whole, shop_known,
-       shop_status, shop_at, shop_seq, email, open_traces, awaited_writes)
+       shop_status, shop_at, shop_seq, email, open_traces, awaited_writes, edrone_second,
+       edrone_seen, made_floor)
 WHERE s.app_id = v.app_id AND s.channel = v.channel AND s.address = v.address
 """
 _HISTORY_SQL = """
@@ -337,10 +344,13 @@ async def save_states(
                 emails.get(key),
                 len(state.traces),
                 len(state.writes),
+                state.edrone_second,
+                state.edrone_seen,
+                winner.floor if winner else None,
             )
         )
     if rows:
-        await conn.execute(_SAVE_SQL, *_columns(rows, 22))
+        await conn.execute(_SAVE_SQL, *_columns(rows, 25))
 
 
 async def unseen(
@@ -354,13 +364,16 @@ async def unseen(
 
 
 def _state(row: asyncpg.Record) -> SyncState:
-    state = SyncState(seq=row["seq"])
+    state = SyncState(
+        seq=row["seq"], edrone_second=row["edrone_second"], edrone_seen=row["edrone_seen"]
+    )
     if row["side"] is not None:
         state.winner = Winner(
             row["status"],
             Stamp(row["made_at"], row["made_seq"], row["whole_seconds"]),
             row["side"],
             row["event_id"],
+            row["made_floor"],
         )
     if row["edrone_known"]:
         state.edrone = Held(

@@ -15,6 +15,9 @@ CREATE TABLE sync_state (
     made_at        timestamptz,
     made_seq       bigint,
     whole_seconds  boolean     NOT NULL DEFAULT false,
+    -- The earliest the winner can have been made (a tie at the second over a change known to
+    -- the millisecond keeps that change's time): a later challenger must be later than this.
+    made_floor     timestamptz,
     event_id       text,
     -- What edrone holds, as far as its webhooks and its answers to traces tell (its clock).
     edrone_known   boolean     NOT NULL DEFAULT false,
@@ -22,6 +25,10 @@ CREATE TABLE sync_state (
     edrone_at      timestamptz,
     edrone_seq     bigint,
     edrone_whole   boolean     NOT NULL DEFAULT false,
+    -- The latest whole second edrone was seen in, and the statuses seen then (bits: 1
+    -- unsubscribed, 2 subscribed, 4 unknown): more than one, and edrone's status is unsure.
+    edrone_second  timestamptz,
+    edrone_seen    smallint    NOT NULL DEFAULT 0,
     -- What the shop holds, as far as its changes and the bridge's writes tell.
     shop_known     boolean     NOT NULL DEFAULT false,
     shop_status    smallint    CHECK (shop_status IN (0, 1)),

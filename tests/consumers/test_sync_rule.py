@@ -103,6 +103,19 @@ class TestWinner:
         assert newer(Stamp(at(10), seq=3, whole_seconds=True), late)
         assert not newer(Stamp(at(10.2), seq=3), late)
 
+    def test_ties_do_not_chain(self):
+        """A whole-second date that wins by a tie over a millisecond one keeps that one's time
+        as its floor: a millisecond change earlier than it cannot win over the tie."""
+        bridge = Bridge()
+        on_shop_change(bridge.state, shop(1, 28.733), SKEW)
+        assert on_webhook(bridge.state, webhook(1, 28, whole=True), SKEW).decision == WINS
+        assert on_webhook(
+            bridge.state, webhook(0, 28.528, CUSTOMER_UNSUBSCRIBED), SKEW
+        ).decision == (OLDER)
+        assert (
+            on_webhook(bridge.state, webhook(0, 28.9, CUSTOMER_UNSUBSCRIBED), SKEW).decision == WINS
+        )
+
 
 class TestAcknowledgements:
     def test_trace_processed_after_a_newer_edrone_change_is_corrected(self):
@@ -172,6 +185,18 @@ class TestEchoes:
         assert on_webhook(bridge.state, ack, SKEW).decision == ACKNOWLEDGED
         assert bridge.state.winner.status == 0
         assert not shop_needs_write(bridge.state)
+
+    def test_echo_of_a_later_write_settles_the_earlier_ones(self):
+        """A write of the status the shop held has no echo; once a later write's echo comes,
+        the earlier one is no longer awaited, so a person's change cannot pass for its echo."""
+        bridge = Bridge()
+        on_webhook(bridge.state, webhook(1, 5), SKEW)
+        bridge.write(5.1)  # the shop held 1 already: no echo will come
+        on_webhook(bridge.state, webhook(0, 8), SKEW)
+        second = bridge.write(8.1)
+        assert on_shop_change(bridge.state, shop(0, 8.2, caused_by=second), SKEW).decision == ECHO
+        assert bridge.state.writes == []
+        assert on_shop_change(bridge.state, shop(1, 20), SKEW).decision == WINS
 
     def test_stale_echo_of_an_earlier_write_is_no_change(self):
         """Mechanism 3: writes of 0 then of 1; the shop's late echo of the 0 is matched to

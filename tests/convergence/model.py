@@ -1,0 +1,92 @@
+"""The model of the convergence test: random timelines of people changing one address's status on
+either side, and the oracle that says which status must win (DESIGN.md promise 6)."""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field
+from datetime import datetime
+
+EDRONE, SHOP = "edrone", "shop"
+
+
+@dataclass(frozen=True)
+class Planned:
+    """A person's change, as planned: ``after_s`` from the start of its address's timeline."""
+
+    after_s: float
+    side: str
+    status: int
+
+
+@dataclass
+class Made:
+    """A person's change as it was made: its true time, and (edrone's) whether its date was
+    written to the second only, so that the oracle compares at the sources' resolution."""
+
+    side: str
+    status: int
+    at: datetime
+    whole_seconds: bool = False
+
+
+@dataclass
+class Timeline:
+    mode: str
+    email: str
+    start_s: float
+    planned: list[Planned]
+    made: list[Made] = field(default_factory=list)
+
+    def describe(self) -> str:
+        lines = [f"{self.mode} {self.email}: start +{self.start_s:.3f} s"]
+        for change in self.made:
+            precision = " (whole-second date)" if change.whole_seconds else ""
+            lines.append(
+                f"  {change.at.isoformat(timespec='milliseconds')} {change.side:<6} "
+                f"sets {change.status}{precision}"
+            )
+        return "\n".join(lines)
+
+
+def timelines(
+    rng: random.Random,
+    mode: str,
+    count: int,
+    *,
+    spread_s: float,
+    min_gap_s: float,
+    max_gap_s: float,
+) -> list[Timeline]:
+    """``count`` addresses, each with 2 to 8 changes on random sides, gaps drawn log-uniformly
+    between ``min_gap_s`` and ``max_gap_s``, starts spread over ``spread_s``."""
+    made = []
+    for n in range(count):
+        after = 0.0
+        planned = []
+        for _ in range(rng.randint(2, 8)):
+            after += math.exp(rng.uniform(math.log(min_gap_s), math.log(max_gap_s)))
+            planned.append(Planned(after, rng.choice((EDRONE, SHOP)), rng.randint(0, 1)))
+        made.append(Timeline(mode, f"{mode}-{n}@example.com", rng.uniform(0, spread_s), planned))
+    return made
+
+
+def acceptable(made: list[Made]) -> set[int]:
+    """The statuses that may win: the newest change's; and, where a change of another status
+    ties with it at the coarser resolution of the two (an edrone date to the second), that
+    one's too: the bridge breaks such ties by the order it learned them."""
+    if not made:
+        return set()
+    newest = max(made, key=lambda change: change.at)
+    statuses = {newest.status}
+    for change in made:
+        if change is not newest and _tie(change, newest):
+            statuses.add(change.status)
+    return statuses
+
+
+def _tie(a: Made, b: Made) -> bool:
+    if a.whole_seconds or b.whole_seconds:
+        return a.at.replace(microsecond=0) == b.at.replace(microsecond=0)
+    return a.at == b.at
