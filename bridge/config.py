@@ -221,6 +221,13 @@ class SyncSettings(BaseModel):
     # A trace edrone never acknowledged with a webhook (it changed nothing there) and a write
     # the shop never echoed are forgotten after this long.
     ack_window_s: float = Field(default=3600.0, gt=0)
+    # How long after the bridge publishes a change on the shop's bus the shop has applied it:
+    # a write older than that when a person changes the shop is no longer awaited as an echo
+    # (for shops that do not set caused_by).
+    echo_latency_s: float = Field(default=5.0, gt=0)
+    # An echo follows its write; a shop change made before the write was published is a
+    # person's. Raise this when the shop's clock may lag the bridge's (shops without caused_by).
+    echo_clock_tolerance_s: float = Field(default=0.0, ge=0)
     # How often each consumer process looks for messages to publish after a commit (edrone's
     # changes for the shop's bus, requests to bring edrone to the winner) that another process
     # left behind; its own are published at once.

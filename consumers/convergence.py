@@ -22,6 +22,7 @@ from consumers.sync import (
     on_shop_change,
     on_webhook,
     shop_needs_write,
+    trace_in_flight,
     wrote,
 )
 from consumers.sync_store import DispatchRow, Key, SyncBatch, WriteRow
@@ -89,7 +90,12 @@ class Converger:
                 event.caused_by,
                 names_causes=self.settings.apps[app_id].shop_names_causes,
             )
-            decision = on_shop_change(batch.states[key], change, self.skew)
+            decision = on_shop_change(
+                batch.states[key],
+                change,
+                timedelta(seconds=self.settings.sync.echo_clock_tolerance_s),
+                timedelta(seconds=self.settings.sync.echo_latency_s),
+            )
             if key[1] == "sms":
                 batch.emails[key] = event.email
             batch.note(
@@ -107,17 +113,24 @@ class Converger:
     def edrone_needs_trace(self, batch: SyncBatch, key: Key) -> bool:
         return edrone_needs_trace(batch.states[key])
 
+    def trace_in_flight(self, batch: SyncBatch, key: Key, now: datetime) -> bool:
+        # A trace's whole call is bounded by the trace timeout; a little more, and it is lost.
+        grace = timedelta(seconds=self.settings.traces.timeout_s + 5)
+        return trace_in_flight(batch.states[key], now, grace)
+
     async def bring_shop(
         self, batch: SyncBatch, keys: Iterable[Key], won: set[Key], now: datetime
     ) -> set[Key]:
-        """Write the winner to the shop where it is not known to hold it, or where edrone's
-        change just won (``won``: a table kept by the shop's own code is rewritten too); the
-        keys whose address has no row in the shop's table."""
+        """Write the winner to the shop where it is not known to hold it: to its table (also
+        where edrone's change just won, ``won``: a table kept by the shop's own code may have
+        changed unseen), and on its bus for apps that publish changes (only where needed: a
+        shop on the bus reports its every change, and a write that changes nothing there has
+        no echo to match); the keys whose address has no row in the shop's table."""
+        needed = {key for key in keys if shop_needs_write(batch.states[key])}
         wanted = [
             key
             for key in sorted(set(keys))
-            if batch.states[key].winner is not None
-            and (key in won or shop_needs_write(batch.states[key]))
+            if batch.states[key].winner is not None and (key in won or key in needed)
         ]
         changes = [
             Change(key, key[1], key[2], batch.states[key].winner.status)  # type: ignore[union-attr]
@@ -126,15 +139,15 @@ class Converger:
         ]
         applied = await apply_changes(batch.conn, self.targets, changes) if changes else Applied()
         for key in wanted:
-            self._wrote(batch, key, applied, now)
+            self._wrote(batch, key, applied, now, publish=key in needed)
         return {(key[0], key[1], key[2]) for key in applied.unknown}
 
-    def _wrote(self, batch: SyncBatch, key: Key, applied: Applied, now: datetime) -> None:
+    def _wrote(
+        self, batch: SyncBatch, key: Key, applied: Applied, now: datetime, *, publish: bool
+    ) -> None:
         state = batch.states[key]
         winner = state.winner
         assert winner is not None
-        # An echo is expected of a write that changes what the shop holds.
-        echoes = state.shop is None or state.shop.status != winner.status
         if key in applied.written:
             write_id = str(uuid.uuid4())
             wrote(state, winner.status, applied.written[key], write_id, echoes=False)
@@ -147,11 +160,13 @@ class Converger:
             self._history(batch, key, write_id, "written", "to the shop's table")
         elif key in applied.unknown:
             self._history(batch, key, None, "unknown_customer", "no row in the shop's table")
-        if self.settings.apps[key[0]].publish_changes:
+        if publish and self.settings.apps[key[0]].publish_changes:
+            # Its echo is awaited: it changes what the shop holds. One that never comes (a
+            # person set that status meanwhile) ends with a person's later change, or lapses.
             write_id = str(uuid.uuid4())
-            wrote(state, winner.status, now, write_id, echoes=echoes)
+            wrote(state, winner.status, now, write_id, echoes=True)
             batch.writes.append(
-                WriteRow(write_id, key, winner.status, winner.event_id, "bus", now, echoes)
+                WriteRow(write_id, key, winner.status, winner.event_id, "bus", now, True)
             )
             batch.dispatch.append(self._change_event(batch, key, write_id, now))
             self._history(batch, key, write_id, "published", f"as {EVENT_TYPE} {write_id}")

@@ -254,7 +254,10 @@ class SubscriptionApplier:
         }
         unknown = await converger.bring_shop(batch, batch.states, won, now)
         for key in sorted(batch.states):
-            if converger.edrone_needs_trace(batch, key):
+            # A trace of the winner on its way settles it (its answer, or its message's retry).
+            if converger.edrone_needs_trace(batch, key) and not converger.trace_in_flight(
+                batch, key, now
+            ):
                 converger.request_trace(batch, key, self._traces_queue, now)
         await batch.save()
         last = {

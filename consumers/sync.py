@@ -179,10 +179,17 @@ def on_webhook(state: SyncState, change: EdroneChange, skew: timedelta) -> Decis
     return _contend(state, Winner(change.status, stamp, EDRONE, change.event_id))
 
 
-def on_shop_change(state: SyncState, change: ShopChange, skew: timedelta) -> Decision:
-    """Read a shop change into ``state``."""
+def on_shop_change(
+    state: SyncState,
+    change: ShopChange,
+    tolerance: timedelta = timedelta(0),
+    echo_latency: timedelta = timedelta(seconds=5),
+) -> Decision:
+    """Read a shop change into ``state``. An echo follows its write: by the clocks, less
+    ``tolerance`` (the shop's clock may lag the bridge's that much); ``echo_latency`` bounds how
+    long after a write the shop applies it (and echoes it, if it changes the shop's value)."""
     stamp = Stamp(change.at, state.next_seq())
-    write = _echoed_write(state, change, skew)
+    write = _echoed_write(state, change, tolerance)
     _learn_held(state, SHOP, change.status, stamp)
     if write is not None:
         # The shop applies the bridge's writes in turn: the ones before this one have been
@@ -193,9 +200,10 @@ def on_shop_change(state: SyncState, change: ShopChange, skew: timedelta) -> Dec
         return Decision(ECHO, f"mirrors the bridge's write {write.write_id}: no new change")
     if change.caused_by is not None:
         return Decision(ECHO, f"caused by the bridge's write {change.caused_by}: no new change")
-    # A person changed the shop after these writes: their echoes can no longer be told apart
-    # from the person's own changes, so none is expected any more.
-    for pending in [w for w in state.writes if w.written_at <= change.at]:
+    # A person changed the shop well after these writes: the shop had applied them by then,
+    # and the ones not echoed yet changed nothing there (the shop held their status). A write
+    # younger than that may still be applied after the person's change, and echo then.
+    for pending in [w for w in state.writes if w.written_at < change.at - echo_latency]:
         state.writes.remove(pending)
         state.closed_writes[pending.write_id] = "lapsed"
     return _contend(state, Winner(change.status, stamp, SHOP, change.event_id))
@@ -269,15 +277,18 @@ def _close_acknowledged(state: SyncState, trace: OpenTrace) -> None:
     state.trace_updates[trace.id] = "acknowledged"
 
 
-def _echoed_write(state: SyncState, change: ShopChange, skew: timedelta) -> PendingWrite | None:
+def _echoed_write(
+    state: SyncState, change: ShopChange, tolerance: timedelta
+) -> PendingWrite | None:
     """The write a shop change echoes: named by its caused_by, or else the oldest pending write
-    of the same status that it follows (an echo comes after its write)."""
+    of the same status that it follows (an echo comes after its write: a change made before
+    the write was even published is a person's)."""
     if change.caused_by is not None:
         return next((w for w in state.writes if w.write_id == change.caused_by), None)
     if change.names_causes:
         return None
     for write in state.writes:
-        if write.status == change.status and change.at >= write.written_at - skew:
+        if write.status == change.status and change.at >= write.written_at - tolerance:
             return write
     return None
 
@@ -304,6 +315,17 @@ def edrone_needs_trace(state: SyncState) -> bool:
     if winner is None:
         return False
     return not edrone_certain(state) or state.edrone.status != winner.status  # type: ignore[union-attr]
+
+
+def trace_in_flight(state: SyncState, now: datetime, grace: timedelta) -> bool:
+    """A trace of the winner's status is being sent, for less than ``grace``: its answer will
+    tell what edrone holds, so another one now would only repeat it. (After ``grace`` its sender
+    must have died.)"""
+    winner = state.winner
+    return winner is not None and any(
+        t.status == winner.status and t.state == SENDING and t.sent_at > now - grace
+        for t in state.traces
+    )
 
 
 def shop_needs_write(state: SyncState) -> bool:

@@ -13,8 +13,9 @@ import asyncpg
 from bridge.config import Settings
 from consumers import sync_store
 from consumers.convergence import Converger, shop_keys, utcnow
-from consumers.errors import database_retry
+from consumers.errors import Defer, database_retry
 from consumers.shop_target import ShopTarget
+from consumers.spec import Outcome
 from consumers.sync import ECHO, OLDER, WINS, Decision, OpenTrace, trace_answered
 from consumers.sync_store import Key, SyncBatch
 from schemas.platform_event import CustomerSubscriptionChanged
@@ -34,6 +35,8 @@ class Item:
     app_id: str
     event: CustomerSubscriptionChanged | None = None
     key: Key | None = None
+    # Delivered before and not acked: a trace it was sending died with its consumer.
+    redelivered: bool = False
 
 
 @dataclass
@@ -77,9 +80,10 @@ class TracePlanner:
         self._pool = pool
         self._converger = Converger(settings, targets)
         self._nudge = nudge
-        self._db_timeout_s = settings.traces.db_timeout_s
+        # The messages of the batch being planned that wait for another forwarder's trace.
+        self.waiting: set[int] = set()
 
-    async def plan(self, items: Sequence[Item]) -> tuple[list[TraceCall], dict[int, str]]:
+    async def plan(self, items: Sequence[Item]) -> tuple[list[TraceCall], dict[int, Outcome]]:
         """The calls to make, and the outcome of every message that gets none."""
         try:
             async with self._pool.acquire() as conn, conn.transaction():
@@ -97,8 +101,9 @@ class TracePlanner:
 
     async def _plan(
         self, conn: asyncpg.Connection, items: Sequence[Item]
-    ) -> tuple[list[TraceCall], dict[int, str], bool]:
+    ) -> tuple[list[TraceCall], dict[int, Outcome], bool]:
         converger = self._converger
+        self.waiting = set()
         keys_of = {item.index: _keys(item) for item in items}
         batch = await sync_store.lock(conn, (k for keys in keys_of.values() for k in keys))
         fresh = await sync_store.unseen(
@@ -119,7 +124,7 @@ class TracePlanner:
         converger.lapse(batch, now)
         await converger.bring_shop(batch, batch.states, set(), now)
         calls = await self._calls(batch, items, keys_of, won, now)
-        outcomes = {}
+        outcomes: dict[int, Outcome] = {}
         called = {call.index for call in calls}
         last = _last_item_per_customer(items, keys_of, batch)
         for item in items:
@@ -129,6 +134,9 @@ class TracePlanner:
             if label == WINS:
                 label = COALESCED if last.get(item.index) in called else NOOP
             outcomes[item.index] = label
+            if item.index in self.waiting and label not in (COALESCED,):
+                # Not the message's fault: this retry does not use up a tier.
+                outcomes[item.index] = Defer("a trace of this address is being sent", counts=False)
         await batch.save()
         return calls, outcomes, bool(batch.dispatch)
 
@@ -147,6 +155,10 @@ class TracePlanner:
         for item in items:
             for key in keys_of[item.index]:
                 if not converger.edrone_needs_trace(batch, key):
+                    continue
+                if not item.redelivered and converger.trace_in_flight(batch, key, now):
+                    # Another forwarder is sending it: its answer tells; this one checks again.
+                    self.waiting.add(item.index)
                     continue
                 email = key[2] if key[1] == "email" else batch.emails.get(key)
                 if email is None:

@@ -9,6 +9,7 @@ import json
 import math
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from urllib.parse import urlencode
@@ -145,11 +146,13 @@ class TraceForwarder:
     def _item(self, index: int, delivery: Delivery, consumed_at: datetime) -> Item:
         if delivery.type == RECONCILE_TYPE:
             try:
-                return reconcile_item(index, json.loads(delivery.body))
+                item = reconcile_item(index, json.loads(delivery.body))
+                return replace(item, redelivered=bool(delivery.redelivered))
             except (ValueError, TypeError, KeyError) as exc:
                 raise Reject(f"invalid reconcile request: {exc!r}") from None
         app_id, event = decode(delivery.body, self._apps, self._date_floor)
-        return Item(index, app_id, self._clamped(app_id, event, consumed_at))
+        event = self._clamped(app_id, event, consumed_at)
+        return Item(index, app_id, event, redelivered=bool(delivery.redelivered))
 
     def _clamped(
         self, app_id: str, event: CustomerSubscriptionChanged, consumed_at: datetime

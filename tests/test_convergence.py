@@ -19,6 +19,7 @@ import random
 import time
 from collections import Counter
 from dataclasses import dataclass
+from itertools import pairwise
 from pathlib import Path
 
 import aio_pika
@@ -35,8 +36,11 @@ from tests.faults.support import BridgeProcess, bridge_env, free_port, wait_read
 
 ADDRESSES = int(os.environ.get("EDRONE_BRIDGE_MODEL_ADDRESSES", "2000"))
 SEED = int(os.environ.get("EDRONE_BRIDGE_MODEL_SEED", str(random.SystemRandom().randrange(10**6))))
-# Timelines: starts spread over this, gaps from tens of milliseconds to tens of seconds.
-SPREAD_S, MIN_GAP_S, MAX_GAP_S = 30.0, 0.02, 20.0
+# Timelines: gaps from tens of milliseconds to tens of seconds; starts spread over 30 s per
+# 2,000 addresses, so that more addresses make a longer run at the same rate, not a heavier one
+# (one test process plays edrone and three shops on the same two cores as the bridge).
+MIN_GAP_S, MAX_GAP_S = 0.02, 20.0
+SPREAD_S = 30.0 * max(1.0, ADDRESSES / 2000)
 QUIET_S = 4.0  # nothing moving for this long, every queue and outbox empty: quiescent
 MODES = {"table": "tbl-app", "bus-caused-by": "buscb-app", "bus": "bus-app"}
 SECRETS = {app: f"{app}-secret" for app in MODES.values()}
@@ -94,6 +98,8 @@ def bridge_environment(settings, tmp_path: Path, trace_url: str, port: int) -> d
         EDRONE_BRIDGE_SUBSCRIPTIONS__FLUSH_INTERVAL_MS="10",
         EDRONE_BRIDGE_RELAY__POLL_INTERVAL_S="1",
         EDRONE_BRIDGE_SYNC__DISPATCH_POLL_INTERVAL_S="0.5",
+        # The simulated shops apply the bridge's events within tens of milliseconds.
+        EDRONE_BRIDGE_SYNC__ECHO_LATENCY_S="1.0",
         EDRONE_BRIDGE_LOG_LEVEL="warning",
     )
     env.pop("EDRONE_BRIDGE_APPS")  # every app is in the TOML file
@@ -116,8 +122,11 @@ async def drive(line: Timeline, run: Run, started: float) -> None:
 
 
 async def quiescent(
-    run: Run, amqp: aio_pika.abc.AbstractConnection, db: asyncpg.Connection
+    run: Run, amqp: aio_pika.abc.AbstractConnection, db: asyncpg.Connection, since: float
 ) -> bool:
+    """Every queue and outbox empty, no webhook on its way, and nothing moved (a trace, a
+    webhook taken, a bridge event applied) for QUIET_S, counted from ``since`` at the earliest
+    (when the last change was made)."""
     names = topology(run.settings)
     queues = [names.subscriptions_queue, names.traces_queue, *names.retry_queues((0.5, 2.0, 5.0))]
     channel = await amqp.channel()
@@ -133,6 +142,7 @@ async def quiescent(
     if run.edrone.pending:
         return False
     moved = max(
+        since,
         run.edrone.last_activity,
         *(shop.last_activity for shop in run.shops.values() if isinstance(shop, BusShop)),
     )
@@ -160,6 +170,8 @@ async def test_both_sides_converge_on_the_newest_change_a_person_made(
     accounts = {app: EdroneAccount(app, SECRETS[app]) for app in MODES.values()}
     pool = await create_pool(settings)
     channel = await amqp_connection.channel(publisher_confirms=True)
+    # The shops publish on a channel of their own, apart from the one they consume on.
+    publishing = await amqp_connection.channel(publisher_confirms=True)
     ingress = f"http://127.0.0.1:{port}{settings.webhook_path}"
     async with SimulatedEdrone(accounts, ingress, random.Random(rng.random())) as edrone:
         table = TableShop(pool, MODES["table"])
@@ -174,13 +186,14 @@ async def test_both_sides_converge_on_the_newest_change_a_person_made(
             exchange = await channel.declare_exchange(
                 settings.platform_exchange, aio_pika.ExchangeType.TOPIC, durable=True
             )
+            shop_exchange = await publishing.get_exchange(settings.platform_exchange)
             shops: dict[str, TableShop | BusShop] = {"table": table}
             for mode in ("bus-caused-by", "bus"):
                 shops[mode] = BusShop(
                     MODES[mode],
                     [line.email for line in lines[mode]],
                     caused_by=mode == "bus-caused-by",
-                    exchange=exchange,
+                    exchange=shop_exchange,
                     routing_key=settings.platform_routing_key,
                 )
             listen = await channel.declare_queue(exclusive=True, auto_delete=True)
@@ -201,9 +214,10 @@ async def test_both_sides_converge_on_the_newest_change_a_person_made(
             await asyncio.gather(
                 *(drive(line, run, started) for mode in lines for line in lines[mode])
             )
-            driven_s = time.monotonic() - started
+            driven = time.monotonic()
+            driven_s = driven - started
             async with asyncio.timeout(600):
-                while not await quiescent(run, amqp_connection, db):  # noqa: ASYNC110
+                while not await quiescent(run, amqp_connection, db, driven):  # noqa: ASYNC110
                     await asyncio.sleep(0.5)
             settled_s = time.monotonic() - started - driven_s
             results = await judge(run, db, measured, driven_s, settled_s)
@@ -211,6 +225,7 @@ async def test_both_sides_converge_on_the_newest_change_a_person_made(
             await relay.terminate(30)
             await bridge.terminate(30)
             await channel.close()
+            await publishing.close()
             await pool.close()
     for mode, counts in results.items():
         assert counts["divergent"] == 0, (mode, counts)
@@ -267,7 +282,24 @@ async def judge(
         f"[convergence] timelines driven in {driven_s:.1f} s, quiescent {settled_s:.1f} s later; "
         f"edrone: {dict(run.edrone.counts)}"
     )
+    raced = most_raced(run.lines["table"])
+    if raced is not None:
+        history = await read_history(db, MODES["table"], raced.email)
+        measured(f"[convergence] a raced address, as history shows it:\n{raced.describe()}")
+        measured(render(history))
     return results
+
+
+def most_raced(lines: list[Timeline]) -> Timeline | None:
+    """The address whose changes on the two sides came closest together."""
+
+    def closest(line: Timeline) -> float:
+        made = sorted(line.made, key=lambda change: change.at)
+        gaps = [(b.at - a.at).total_seconds() for a, b in pairwise(made) if a.side != b.side]
+        return min(gaps, default=float("inf"))
+
+    raced = [line for line in lines if len(line.made) >= 3]
+    return min(raced, key=closest, default=None)
 
 
 async def explain(run: Run, db, mode, line: Timeline, shop, edrone, want) -> str:

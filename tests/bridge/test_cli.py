@@ -106,6 +106,9 @@ class TestHelp:
             ["sign"],
             ["simulate"],
             ["fake-edrone"],
+            ["history"],
+            ["status"],
+            ["relay"],
         ],
         ids=lambda c: " ".join(c) or "edrone-bridge",
     )

@@ -81,7 +81,7 @@ class TestWinner:
         """A shop change newer than edrone's wins, and an edrone change newer than that."""
         bridge = Bridge()
         assert on_webhook(bridge.state, webhook(0, 1), SKEW).decision == WINS
-        assert on_shop_change(bridge.state, shop(1, 2), SKEW).decision == WINS
+        assert on_shop_change(bridge.state, shop(1, 2)).decision == WINS
         assert on_webhook(bridge.state, webhook(0, 1.5), SKEW).decision == OLDER
         assert on_webhook(bridge.state, webhook(0, 3), SKEW).decision == WINS
         assert (bridge.state.winner.status, bridge.state.winner.side) == (0, "edrone")
@@ -89,7 +89,7 @@ class TestWinner:
     def test_edrone_change_older_than_the_shops_is_recorded_not_applied(self):
         """Mechanism 2: a webhook is compared with the shop's later change too."""
         bridge = Bridge()
-        on_shop_change(bridge.state, shop(0, 10), SKEW)
+        on_shop_change(bridge.state, shop(0, 10))
         decision = on_webhook(bridge.state, webhook(1, 9), SKEW)
         assert decision.decision == OLDER and "shop's unsubscribed" in decision.why
         assert bridge.state.winner.status == 0
@@ -107,7 +107,7 @@ class TestWinner:
         """A whole-second date that wins by a tie over a millisecond one keeps that one's time
         as its floor: a millisecond change earlier than it cannot win over the tie."""
         bridge = Bridge()
-        on_shop_change(bridge.state, shop(1, 28.733), SKEW)
+        on_shop_change(bridge.state, shop(1, 28.733))
         assert on_webhook(bridge.state, webhook(1, 28, whole=True), SKEW).decision == WINS
         assert on_webhook(
             bridge.state, webhook(0, 28.528, CUSTOMER_UNSUBSCRIBED), SKEW
@@ -124,7 +124,7 @@ class TestAcknowledgements:
         trace of 0 is due, in either order of the two webhooks."""
         for order in ("person first", "ack first"):
             bridge = Bridge()
-            on_shop_change(bridge.state, shop(1, 10), SKEW)
+            on_shop_change(bridge.state, shop(1, 10))
             assert bridge.needs_trace(10)
             bridge.trace(10.1)
             person, ack = webhook(0, 11, CUSTOMER_UNSUBSCRIBED), webhook(1, 12, TRACE_SUBSCRIBED)
@@ -139,9 +139,9 @@ class TestAcknowledgements:
         """An acknowledgement is no change of its own: a shop change after the trace but
         before edrone's (later) processing date still wins."""
         bridge = Bridge()
-        on_shop_change(bridge.state, shop(1, 10), SKEW)
+        on_shop_change(bridge.state, shop(1, 10))
         bridge.trace(10.1)
-        assert on_shop_change(bridge.state, shop(0, 11), SKEW).decision == WINS
+        assert on_shop_change(bridge.state, shop(0, 11)).decision == WINS
         assert on_webhook(bridge.state, webhook(1, 13, TRACE_SUBSCRIBED), SKEW).decision == (
             ACKNOWLEDGED
         )
@@ -152,19 +152,19 @@ class TestAcknowledgements:
         """edrone's storefront script produces TRACE reasons too: without a trace of the
         bridge's with that status, it is a person's change."""
         bridge = Bridge()
-        on_shop_change(bridge.state, shop(0, 10), SKEW)
+        on_shop_change(bridge.state, shop(0, 10))
         assert on_webhook(bridge.state, webhook(1, 11, TRACE_SUBSCRIBED), SKEW).decision == WINS
 
     def test_noop_only_when_edrone_is_known_to_hold_the_status(self):
         """Nothing is known of edrone at first: trace. Known to hold it: no trace."""
         bridge = Bridge()
-        on_shop_change(bridge.state, shop(1, 10), SKEW)
+        on_shop_change(bridge.state, shop(1, 10))
         assert bridge.needs_trace(10)
         bridge.trace(10)
-        on_shop_change(bridge.state, shop(1, 20), SKEW)
+        on_shop_change(bridge.state, shop(1, 20))
         assert not bridge.needs_trace(20)
         on_webhook(bridge.state, webhook(0, 21, CUSTOMER_UNSUBSCRIBED), SKEW)
-        on_shop_change(bridge.state, shop(1, 22), SKEW)
+        on_shop_change(bridge.state, shop(1, 22))
         assert bridge.needs_trace(22)
 
 
@@ -176,9 +176,9 @@ class TestEchoes:
         bridge = Bridge()
         on_webhook(bridge.state, webhook(0, 6.9, CUSTOMER_UNSUBSCRIBED), SKEW)
         bridge.write(6.95, echoes=False)
-        assert on_shop_change(bridge.state, shop(1, 10.43), SKEW).decision == WINS
+        assert on_shop_change(bridge.state, shop(1, 10.43)).decision == WINS
         bridge.trace(10.44)
-        assert on_shop_change(bridge.state, shop(0, 11.26), SKEW).decision == WINS
+        assert on_shop_change(bridge.state, shop(0, 11.26)).decision == WINS
         assert bridge.needs_trace(11.27)
         bridge.trace(11.27)
         ack = webhook(1, 10.46, TRACE_SUBSCRIBED)
@@ -194,9 +194,9 @@ class TestEchoes:
         bridge.write(5.1)  # the shop held 1 already: no echo will come
         on_webhook(bridge.state, webhook(0, 8), SKEW)
         second = bridge.write(8.1)
-        assert on_shop_change(bridge.state, shop(0, 8.2, caused_by=second), SKEW).decision == ECHO
+        assert on_shop_change(bridge.state, shop(0, 8.2, caused_by=second)).decision == ECHO
         assert bridge.state.writes == []
-        assert on_shop_change(bridge.state, shop(1, 20), SKEW).decision == WINS
+        assert on_shop_change(bridge.state, shop(1, 20)).decision == WINS
 
     def test_stale_echo_of_an_earlier_write_is_no_change(self):
         """Mechanism 3: writes of 0 then of 1; the shop's late echo of the 0 is matched to
@@ -206,8 +206,8 @@ class TestEchoes:
         bridge.write(5.1)
         on_webhook(bridge.state, webhook(1, 8), SKEW)
         bridge.write(8.1)
-        assert on_shop_change(bridge.state, shop(0, 5.2), SKEW).decision == ECHO
-        assert on_shop_change(bridge.state, shop(1, 8.2), SKEW).decision == ECHO
+        assert on_shop_change(bridge.state, shop(0, 5.2)).decision == ECHO
+        assert on_shop_change(bridge.state, shop(1, 8.2)).decision == ECHO
         assert bridge.state.winner.status == 1
         assert not bridge.needs_trace(9)
 
@@ -216,21 +216,31 @@ class TestEchoes:
         bridge = Bridge()
         on_webhook(bridge.state, webhook(0, 5), SKEW)
         write_id = bridge.write(5.1)
-        assert on_shop_change(bridge.state, shop(0, 5.3, caused_by=write_id), SKEW).decision == (
-            ECHO
-        )
+        assert on_shop_change(bridge.state, shop(0, 5.3, caused_by=write_id)).decision == (ECHO)
         assert bridge.state.writes == []
 
-    def test_person_change_after_a_write_is_not_taken_for_its_echo(self):
-        """After a write of 0, the shop sets 1: a person's change; it also ends the wait for
-        the write's echo (the echo, coming late, is then an older change, never sent)."""
+    def test_write_applied_after_a_persons_change_is_still_its_echo(self):
+        """The bridge writes 0; a person sets 1 a moment later; the shop applies the write after
+        that and echoes 0: still the write's echo, never a change of anybody's, and since the
+        shop then holds 0, the person's 1 (the winner) is to be written back."""
         bridge = Bridge()
         on_webhook(bridge.state, webhook(0, 5), SKEW)
         bridge.write(5.1)
-        assert on_shop_change(bridge.state, shop(1, 6), SKEW).decision == WINS
-        assert bridge.state.writes == []
-        assert on_shop_change(bridge.state, shop(0, 5.2), SKEW).decision == OLDER
+        assert on_shop_change(bridge.state, shop(1, 5.2)).decision == WINS
+        assert on_shop_change(bridge.state, shop(0, 5.3)).decision == ECHO
         assert bridge.state.winner.status == 1
+        assert shop_needs_write(bridge.state)
+
+    def test_person_change_long_after_a_write_ends_the_wait(self):
+        """A person's change more than the echo latency after a write: the shop had applied
+        it without a change (it held that status), so a later change of that status is a
+        person's."""
+        bridge = Bridge()
+        on_webhook(bridge.state, webhook(1, 5), SKEW)
+        bridge.write(5.1)  # the shop held 1 already: no echo will come
+        assert on_shop_change(bridge.state, shop(0, 20)).decision == WINS
+        assert bridge.state.writes == []
+        assert on_shop_change(bridge.state, shop(1, 21)).decision == WINS
 
     def test_write_overwriting_an_unseen_shop_change_is_corrected(self):
         """The shop set 1 at 11.2, before the bridge wrote edrone's 0 of 11 at 11.5 over it:
@@ -239,6 +249,6 @@ class TestEchoes:
         bridge = Bridge()
         on_webhook(bridge.state, webhook(0, 11), SKEW)
         bridge.write(11.5, echoes=False)
-        assert on_shop_change(bridge.state, shop(1, 11.2), SKEW).decision == WINS
+        assert on_shop_change(bridge.state, shop(1, 11.2)).decision == WINS
         assert shop_needs_write(bridge.state)
         assert bridge.needs_trace(11.6)

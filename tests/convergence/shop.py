@@ -161,7 +161,7 @@ class BusShop:
                 message_id=event["event_id"],
             ),
             self.routing_key,
-            timeout=10,
+            timeout=60,
         )
         self.counts["events_published"] += 1
 
