@@ -197,6 +197,10 @@ def on_shop_change(
         for earlier in [w for w in state.writes if w.written_at <= write.written_at]:
             state.writes.remove(earlier)
             state.closed_writes[earlier.write_id] = "echoed" if earlier is write else "lapsed"
+        if state.writes and state.shop is not None:
+            # Later writes are on their way and the shop applies them in turn: it will hold
+            # the last one's status, so that one needs no writing again.
+            state.shop = Held(state.writes[-1].status, state.shop.stamp)
         return Decision(ECHO, f"mirrors the bridge's write {write.write_id}: no new change")
     if change.caused_by is not None:
         return Decision(ECHO, f"caused by the bridge's write {change.caused_by}: no new change")

@@ -30,7 +30,15 @@ from bridge.amqp import topology
 from bridge.db import create_pool
 from bridge.history import read_history, render
 from tests.convergence.edrone import EdroneAccount, SimulatedEdrone
-from tests.convergence.model import EDRONE, Made, Timeline, acceptable, timelines
+from tests.convergence.model import (
+    EDRONE,
+    INITIAL,
+    Made,
+    Timeline,
+    acceptable,
+    mark_doubtful,
+    timelines,
+)
 from tests.convergence.shop import TARGET, BusShop, TableShop
 from tests.faults.support import BridgeProcess, bridge_env, free_port, wait_ready
 
@@ -41,6 +49,8 @@ SEED = int(os.environ.get("EDRONE_BRIDGE_MODEL_SEED", str(random.SystemRandom().
 # (one test process plays edrone and three shops on the same two cores as the bridge).
 MIN_GAP_S, MAX_GAP_S = 0.02, 20.0
 SPREAD_S = 30.0 * max(1.0, ADDRESSES / 2000)
+# The simulated shops apply the bridge's events within tens of milliseconds.
+ECHO_LATENCY_S = 1.0
 QUIET_S = 4.0  # nothing moving for this long, every queue and outbox empty: quiescent
 MODES = {"table": "tbl-app", "bus-caused-by": "buscb-app", "bus": "bus-app"}
 SECRETS = {app: f"{app}-secret" for app in MODES.values()}
@@ -98,8 +108,7 @@ def bridge_environment(settings, tmp_path: Path, trace_url: str, port: int) -> d
         EDRONE_BRIDGE_SUBSCRIPTIONS__FLUSH_INTERVAL_MS="10",
         EDRONE_BRIDGE_RELAY__POLL_INTERVAL_S="1",
         EDRONE_BRIDGE_SYNC__DISPATCH_POLL_INTERVAL_S="0.5",
-        # The simulated shops apply the bridge's events within tens of milliseconds.
-        EDRONE_BRIDGE_SYNC__ECHO_LATENCY_S="1.0",
+        EDRONE_BRIDGE_SYNC__ECHO_LATENCY_S=str(ECHO_LATENCY_S),
         EDRONE_BRIDGE_LOG_LEVEL="warning",
     )
     env.pop("EDRONE_BRIDGE_APPS")  # every app is in the TOML file
@@ -252,10 +261,14 @@ async def judge(
         counts: Counter[str] = Counter(addresses=len(lines))
         for line in lines:
             counts["changes"] += len(line.made)
-            want = acceptable(line.made) or {1}  # nobody changed anything: both stay subscribed
-            shop, edrone = shop_status[line.email], edrone_status.get(line.email, 1)
+            shop_side = run.shops[mode]
+            if isinstance(shop_side, BusShop) and not shop_side.caused_by:
+                mark_doubtful(line.made, shop_side.unechoed[line.email], ECHO_LATENCY_S)
+            doubtful = any(change.doubtful for change in line.made)
+            want = acceptable(line.made) or {INITIAL}  # nobody changed anything
+            shop, edrone = shop_status[line.email], edrone_status.get(line.email, INITIAL)
             if len(want) > 1:
-                counts["tied_at_resolution"] += 1
+                counts["doubtful" if doubtful else "tied_at_resolution"] += 1
             if shop != edrone:
                 counts["divergent"] += 1
             elif shop not in want:
@@ -275,7 +288,8 @@ async def judge(
         measured(
             f"[convergence] {mode}: addresses={counts['addresses']}, changes={counts['changes']}, "
             f"traces={traces} (corrective {corrective}), webhooks={webhooks}, "
-            f"tied_at_resolution={counts['tied_at_resolution']}, divergent={counts['divergent']}, "
+            f"tied_at_resolution={counts['tied_at_resolution']}, "
+            f"echo_or_person={counts['doubtful']}, divergent={counts['divergent']}, "
             f"wrong_winner={counts['wrong_winner']}"
         )
     measured(

@@ -95,7 +95,9 @@ class SimulatedEdrone:
         account = self.accounts[app_id]
         if account.status.get(email, 1) == status:
             return None
+        # edrone writes dates to the millisecond at best: the oracle compares at that resolution.
         now = datetime.now(UTC)
+        now = now.replace(microsecond=now.microsecond - now.microsecond % 1000)
         account.status[email] = status
         whole = self._post_webhook(app_id, email, status, PERSON_REASON[status], now)
         self.counts["person_changes"] += 1

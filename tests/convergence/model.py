@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 EDRONE, SHOP = "edrone", "shop"
+INITIAL = 1  # every address starts subscribed on both sides
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,8 @@ class Made:
     status: int
     at: datetime
     whole_seconds: bool = False
+    # A shop change the bridge cannot tell from the echo of its own write (see ``doubtful``).
+    doubtful: bool = False
 
 
 @dataclass
@@ -43,6 +46,8 @@ class Timeline:
         lines = [f"{self.mode} {self.email}: start +{self.start_s:.3f} s"]
         for change in self.made:
             precision = " (whole-second date)" if change.whole_seconds else ""
+            if change.doubtful:
+                precision += " (looks like the echo of the bridge's write)"
             lines.append(
                 f"  {change.at.isoformat(timespec='milliseconds')} {change.side:<6} "
                 f"sets {change.status}{precision}"
@@ -72,10 +77,38 @@ def timelines(
     return made
 
 
+def mark_doubtful(
+    made: list[Made], unechoed: list[tuple[datetime, int]], echo_latency_s: float
+) -> None:
+    """A shop that names no causes: a person's change to the status of one of the bridge's
+    writes, made less than the echo latency after it, when that write changed nothing at the
+    shop (so its echo never came), is to the bridge what the write's echo would be. Such a
+    change may count or not (the README's "Two-way sync", echo contract)."""
+    for change in made:
+        if change.side == SHOP:
+            change.doubtful = any(
+                status == change.status
+                and 0 <= (change.at - published).total_seconds() < echo_latency_s
+                for published, status in unechoed
+            )
+
+
 def acceptable(made: list[Made]) -> set[int]:
-    """The statuses that may win: the newest change's; and, where a change of another status
-    ties with it at the coarser resolution of the two (an edrone date to the second), that
-    one's too: the bridge breaks such ties by the order it learned them."""
+    """The statuses that may win: the newest change's; where a change of another status ties
+    with it at the coarser resolution of the two (an edrone date to the second), that one's
+    too (the bridge breaks such ties by the order it learned them); and, for every choice of
+    doubtful changes left out, what wins then."""
+    doubtful = [change for change in made if change.doubtful]
+    if doubtful:
+        statuses: set[int] = set()
+        for mask in range(2 ** len(doubtful)):
+            left_out = {id(c) for n, c in enumerate(doubtful) if mask >> n & 1}
+            statuses |= _acceptable([c for c in made if id(c) not in left_out]) or {INITIAL}
+        return statuses
+    return _acceptable(made)
+
+
+def _acceptable(made: list[Made]) -> set[int]:
     if not made:
         return set()
     newest = max(made, key=lambda change: change.at)

@@ -107,6 +107,9 @@ class BusShop:
         self.counts: Counter[str] = Counter()
         self.log: dict[str, list[str]] = defaultdict(list)
         self.last_activity = time.monotonic()
+        # The bridge's events that changed nothing here (the shop held their status): no echo
+        # of theirs ever comes, (published_at, status) per customer.
+        self.unechoed: defaultdict[str, list[tuple[datetime, int]]] = defaultdict(list)
         # One customer's changes in turn, as one row's would be; customers in parallel.
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
 
@@ -134,6 +137,8 @@ class BusShop:
             self.last_activity = time.monotonic()
             if self.status.get(email) == status:
                 self.log[email].append(f"{_now()} shop: the bridge's {status}, no change")
+                published = datetime.fromisoformat(event["published_at"])
+                self.unechoed[email].append((published, status))
                 return
             self.status[email] = status
             now = datetime.now(UTC)
