@@ -121,14 +121,18 @@ async def preload(amqp_url: str, exchange_name: str, mix: Mix, in_flight: int = 
 
 
 async def reset_database(settings: Settings, schema: str, mix: Mix) -> None:
-    """Empty ledger and inbox, then the stored state that makes ``mix.older`` events older."""
+    """Empty ledger, inbox and sync state, then the stored state that makes ``mix.older``
+    events older (each repeat drains into the same deployment as the first)."""
     conn = await asyncpg.connect(
         settings.database_url.get_secret_value(),
         timeout=10,
         server_settings={"search_path": f'"{schema}"'},
     )
     try:
-        await conn.execute("TRUNCATE inbox, subscribers")
+        await conn.execute(
+            "TRUNCATE inbox, subscribers, sync_state, sync_history, sync_traces, sync_writes, "
+            "dispatch"
+        )
         addresses = [_stored_address(i) for i in range(mix.older)]
         await conn.execute(
             """INSERT INTO subscribers (app_id, channel, address, status, reason, event_id,
