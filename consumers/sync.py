@@ -189,7 +189,7 @@ def on_shop_change(
     ``tolerance`` (the shop's clock may lag the bridge's that much); ``echo_latency`` bounds how
     long after a write the shop applies it (and echoes it, if it changes the shop's value)."""
     stamp = Stamp(change.at, state.next_seq())
-    write = _echoed_write(state, change, tolerance)
+    write = _echoed_write(state, change, tolerance, echo_latency)
     _learn_held(state, SHOP, change.status, stamp)
     if write is not None:
         # The shop applies the bridge's writes in turn: the ones before this one have been
@@ -282,17 +282,21 @@ def _close_acknowledged(state: SyncState, trace: OpenTrace) -> None:
 
 
 def _echoed_write(
-    state: SyncState, change: ShopChange, tolerance: timedelta
+    state: SyncState, change: ShopChange, tolerance: timedelta, echo_latency: timedelta
 ) -> PendingWrite | None:
     """The write a shop change echoes: named by its caused_by, or else the oldest pending write
-    of the same status that it follows (an echo comes after its write: a change made before
-    the write was even published is a person's)."""
+    of the same status that it follows within the echo latency (an echo comes after its write:
+    a change made before the write was even published is a person's, and so is one made
+    longer after it than the shop takes to apply a write)."""
     if change.caused_by is not None:
         return next((w for w in state.writes if w.write_id == change.caused_by), None)
     if change.names_causes:
         return None
     for write in state.writes:
-        if write.status == change.status and change.at >= write.written_at - tolerance:
+        if (
+            write.status == change.status
+            and write.written_at - tolerance <= change.at <= write.written_at + echo_latency
+        ):
             return write
     return None
 

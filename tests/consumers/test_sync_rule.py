@@ -261,6 +261,18 @@ class TestEchoes:
         assert bridge.state.writes == []
         assert on_shop_change(bridge.state, shop(1, 21)).decision == WINS
 
+    def test_no_echo_comes_later_than_the_echo_latency(self):
+        """Found by the model test (seed 173759, bus-1524): a write of 1 changed nothing at the
+        shop; a person set 0 soon after (the write may still come: it stays awaited), and 17 s
+        later a person set 1: too late to be the write's echo, so it is a person's change."""
+        bridge = Bridge()
+        on_webhook(bridge.state, webhook(1, 5), SKEW)
+        bridge.write(5.1)  # the shop held 1 already: no echo will come
+        assert on_shop_change(bridge.state, shop(0, 5.5)).decision == WINS
+        assert len(bridge.state.writes) == 1
+        assert on_shop_change(bridge.state, shop(1, 22.5)).decision == WINS
+        assert bridge.state.winner.status == 1
+
     def test_write_overwriting_an_unseen_shop_change_is_corrected(self):
         """The shop set 1 at 11.2, before the bridge wrote edrone's 0 of 11 at 11.5 over it:
         the shop's change is the newer person's change and wins, and since the shop holds the
