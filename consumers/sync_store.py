@@ -14,7 +14,6 @@ from typing import Any
 
 import asyncpg
 
-from consumers.errors import RetryLater
 from consumers.sync import (
     Held,
     OpenTrace,
@@ -27,34 +26,28 @@ from consumers.sync import (
 
 Key = tuple[str, str, str]  # (app_id, channel, address)
 
-# The existing rows are locked in key order. A missing one is only read (from edrone's ledger
-# where it has a row: a deployment from before the sync state, or an address only edrone spoke
-# of; edrone holds that, and it is the winner) and inserted once decided: a replica that
-# inserted it meanwhile makes the insert find it, and the batch is decided again. Creating
-# rows only to update them in the same transaction cost a third of the drain rate.
+# One statement creates the missing rows and locks them all, in key order: a new address
+# starts from edrone's ledger where it has a row (a deployment from before the sync state, or an
+# address only edrone spoke of): edrone holds that, and it is the winner. ON CONFLICT DO UPDATE
+# locks and returns an existing row; its open traces and awaited writes come along as JSON.
 _LOCK_SQL = """
-SELECT s.* FROM sync_state AS s
-JOIN unnest($1::text[], $2::text[], $3::text[]) AS k(app_id, channel, address)
-  USING (app_id, channel, address)
-ORDER BY s.app_id, s.channel, s.address
-FOR UPDATE OF s
-"""
-_SEED_SQL = """
-SELECT k.app_id, k.channel, k.address,
-       CASE WHEN l.app_id IS NULL THEN 0 ELSE 1 END AS seq,
-       CASE WHEN l.app_id IS NULL THEN NULL ELSE 'edrone' END AS side,
-       l.status, l.ordered_at AS made_at,
-       CASE WHEN l.app_id IS NULL THEN NULL ELSE 1 END AS made_seq,
-       false AS whole_seconds, NULL::timestamptz AS made_floor, l.event_id,
-       l.app_id IS NOT NULL AS edrone_known, l.status AS edrone_status,
-       l.ordered_at AS edrone_at, CASE WHEN l.app_id IS NULL THEN NULL ELSE 1 END AS edrone_seq,
-       false AS edrone_whole, date_trunc('second', l.ordered_at) AS edrone_second,
+WITH k AS (
+    SELECT * FROM unnest($1::text[], $2::text[], $3::text[]) AS k(app_id, channel, address)
+)
+INSERT INTO sync_state AS s (app_id, channel, address, seq, side, status, made_at, made_seq,
+                             event_id, edrone_known, edrone_status, edrone_at, edrone_seq,
+                             edrone_second, edrone_seen)
+SELECT k.app_id, k.channel, k.address, CASE WHEN l.app_id IS NULL THEN 0 ELSE 1 END,
+       CASE WHEN l.app_id IS NULL THEN NULL ELSE 'edrone' END, l.status, l.ordered_at,
+       CASE WHEN l.app_id IS NULL THEN NULL ELSE 1 END, l.event_id, l.app_id IS NOT NULL,
+       l.status, l.ordered_at, CASE WHEN l.app_id IS NULL THEN NULL ELSE 1 END,
+       date_trunc('second', l.ordered_at),
        CASE WHEN l.app_id IS NULL THEN 0 WHEN l.status = 0 THEN 1 WHEN l.status = 1 THEN 2
-            ELSE 4 END AS edrone_seen,
-       false AS shop_known, NULL::smallint AS shop_status, NULL::timestamptz AS shop_at,
-       NULL::bigint AS shop_seq, NULL::text AS email, 0 AS open_traces, 0 AS awaited_writes
-FROM unnest($1::text[], $2::text[], $3::text[]) AS k(app_id, channel, address)
-LEFT JOIN subscribers AS l USING (app_id, channel, address)
+            ELSE 4 END
+FROM k LEFT JOIN subscribers AS l USING (app_id, channel, address)
+ORDER BY 1, 2, 3
+ON CONFLICT (app_id, channel, address) DO UPDATE SET seq = s.seq
+RETURNING s.*
 """
 _TRACES_SQL = """
 SELECT t.* FROM sync_traces AS t
@@ -91,22 +84,6 @@ FROM unnest(
        shop_status, shop_at, shop_seq, email, open_traces, awaited_writes, edrone_second,
        edrone_seen, made_floor)
 WHERE s.app_id = v.app_id AND s.channel = v.channel AND s.address = v.address
-"""
-_INSERT_SQL = """
-INSERT INTO sync_state (app_id, channel, address, seq, side, status, made_at, made_seq,
-                        whole_seconds, event_id, edrone_known, edrone_status, edrone_at,
-                        edrone_seq, edrone_whole, shop_known, shop_status, shop_at, shop_seq,
-                        email, open_traces, awaited_writes, edrone_second, edrone_seen,
-                        made_floor)
-SELECT * FROM unnest(
-    $1::text[], $2::text[], $3::text[], $4::bigint[], $5::text[], $6::smallint[],
-    $7::timestamptz[], $8::bigint[], $9::boolean[], $10::text[], $11::boolean[], $12::smallint[],
-    $13::timestamptz[], $14::bigint[], $15::boolean[], $16::boolean[], $17::smallint[],
-    $18::timestamptz[], $19::bigint[], $20::text[], $21::integer[], $22::integer[],
-    $23::timestamptz[], $24::smallint[], $25::timestamptz[]
-)
-ON CONFLICT (app_id, channel, address) DO NOTHING
-RETURNING 1
 """
 _HISTORY_SQL = """
 INSERT INTO sync_history (app_id, channel, address, seq, origin, kind, event_id, status, reason,
@@ -193,8 +170,6 @@ class SyncBatch:
     conn: asyncpg.Connection
     states: dict[Key, SyncState]
     emails: dict[Key, str] = field(default_factory=dict)
-    # The states that have no row yet: inserted by ``save``.
-    new: set[Key] = field(default_factory=set)
     history: list[HistoryRow] = field(default_factory=list)
     writes: list[WriteRow] = field(default_factory=list)
     dispatch: list[DispatchRow] = field(default_factory=list)
@@ -243,7 +218,7 @@ class SyncBatch:
         )
 
     async def save(self) -> None:
-        await save_states(self.conn, self.states, self.emails, self.new)
+        await save_states(self.conn, self.states, self.emails)
         if self.history:
             await self.conn.execute(
                 _HISTORY_SQL,
@@ -305,14 +280,8 @@ class SyncBatch:
 
 
 async def lock(conn: asyncpg.Connection, keys: Iterable[Key]) -> SyncBatch:
-    """The states of ``keys``, locked until the transaction ends where they exist (the others
-    are new: see :func:`save_states`)."""
-    wanted = sorted(set(keys))
-    rows = list(await conn.fetch(_LOCK_SQL, *_columns(wanted, 3)))
-    found = {(row["app_id"], row["channel"], row["address"]) for row in rows}
-    new = [key for key in wanted if key not in found]
-    if new:
-        rows += await conn.fetch(_SEED_SQL, *_columns(new, 3))
+    """The states of ``keys`` (created where new), locked until the transaction ends."""
+    rows = await conn.fetch(_LOCK_SQL, *_columns(sorted(set(keys)), 3))
     states: dict[Key, SyncState] = {}
     emails: dict[Key, str] = {}
     tracing: list[Key] = []
@@ -344,22 +313,16 @@ async def lock(conn: asyncpg.Connection, keys: Iterable[Key]) -> SyncBatch:
             states[(row["app_id"], row["channel"], row["address"])].writes.append(
                 PendingWrite(str(row["write_id"]), row["status"], row["written_at"])
             )
-    return SyncBatch(conn, states, emails, new=set(new))
+    return SyncBatch(conn, states, emails)
 
 
 async def save_states(
-    conn: asyncpg.Connection,
-    states: dict[Key, SyncState],
-    emails: dict[Key, str],
-    new: set[Key],
+    conn: asyncpg.Connection, states: dict[Key, SyncState], emails: dict[Key, str]
 ) -> None:
-    """Update the locked rows and insert the ``new`` ones; :class:`RetryLater` when another
-    transaction inserted one of those since :func:`lock` read it missing (this one decided
-    without knowing that one's changes, so the batch is decided again)."""
-    rows, inserts = [], []
+    rows = []
     for key, state in sorted(states.items()):
         winner, edrone, shop = state.winner, state.edrone, state.shop
-        (inserts if key in new else rows).append(
+        rows.append(
             (
                 *key,
                 state.seq,
@@ -388,10 +351,6 @@ async def save_states(
         )
     if rows:
         await conn.execute(_SAVE_SQL, *_columns(rows, 25))
-    if inserts:
-        inserted = await conn.fetch(_INSERT_SQL, *_columns(inserts, 25))
-        if len(inserted) != len(inserts):
-            raise RetryLater("an address's sync state was created concurrently", counts=False)
 
 
 async def unseen(
