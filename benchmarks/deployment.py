@@ -22,7 +22,8 @@ import aio_pika
 import asyncpg
 
 from bridge.amqp import declare_topology, declare_trace_topology, topology
-from bridge.config import AppConfig, Settings
+from bridge.app_config import AppConfig
+from bridge.config import Settings
 from bridge.migrate import migrate
 
 APP_ID = "bench-app"

@@ -20,7 +20,8 @@ from benchmarks.loadgen import LoadGenerator, Result
 from benchmarks.report import Row, Target, median
 from benchmarks.worker import Worker, ping
 from bridge.amqp import ROUTING_KEY_BY_CHANNEL, topology
-from bridge.config import AppConfig, Settings
+from bridge.app_config import AppConfig
+from bridge.config import Settings
 from bridge.simulate import build_webhook
 from bridge.webhook import verify_webhook
 

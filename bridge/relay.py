@@ -17,7 +17,7 @@ from bridge.amqp import connect, declare_trace_topology
 from bridge.config import ConfigError, Settings
 from bridge.db import CONTENT, TRANSIENT, UNAVAILABLE, classify, close_pool, create_pool
 from bridge.publisher import ConfirmedPublisher, PublishFailed
-from consumers.shop_target import ShopTarget, quote_ident, resolve_targets
+from bridge.shop_table import ShopTarget, quote_ident, resolve_targets
 from schemas.platform_event import CustomerSubscriptionChanged
 
 log = structlog.get_logger(__name__)

@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from pydantic import ValidationError
 
 from bridge import signing
-from bridge.config import AppConfig, ProtocolVersion
+from bridge.app_config import AppConfig, ProtocolVersion
 from schemas.fields import (
     DATE_FLOOR_CONTEXT,
     DEFAULT_DATE_FLOOR,

@@ -10,7 +10,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from bridge.config import Settings
-from consumers.shop_target import Applied, Change, ShopTarget, apply_changes, writable
+from bridge.shop_table import ShopTarget
+from consumers.shop_target import Applied, Change, apply_changes, writable
 from consumers.sync import (
     EDRONE,
     Decision,

@@ -16,16 +16,18 @@ from aio_pika.abc import AbstractConnection
 from pydantic import ValidationError
 
 from bridge.amqp import declare_topology, topology
-from bridge.config import AppConfig, Settings
+from bridge.app_config import AppConfig
+from bridge.config import Settings
 from bridge.db import answers
 from bridge.metrics import Metrics
+from bridge.shop_table import ShopTarget, resolve_targets
 from consumers import runtime, sync_store
 from consumers.convergence import Converger, utcnow, webhook_key
 from consumers.dispatch import dispatching
 from consumers.errors import Reject, RetryLater, database_retry, describe_validation_error
 from consumers.runtime import APPLIED, Consumer, Delivery, Outcome
 from consumers.service import serve_consumer
-from consumers.shop_target import UNKNOWN_CUSTOMER, ShopTarget, resolve_targets
+from consumers.shop_target import UNKNOWN_CUSTOMER
 from consumers.sync import WINS, Decision
 from consumers.sync_store import SyncBatch
 from schemas.fields import DATE_FLOOR_CONTEXT, DEFAULT_DATE_FLOOR, ordered_at

@@ -5,7 +5,7 @@ from __future__ import annotations
 from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING
 
-from bridge.config import AppConfig
+from bridge.app_config import AppConfig
 
 if TYPE_CHECKING:
     from consumers.trace_plan import TraceCall

@@ -11,10 +11,10 @@ from datetime import datetime
 import asyncpg
 
 from bridge.config import Settings
+from bridge.shop_table import ShopTarget
 from consumers import sync_store
 from consumers.convergence import Converger, shop_keys, utcnow
 from consumers.errors import Defer, database_retry
-from consumers.shop_target import ShopTarget
 from consumers.spec import Outcome
 from consumers.sync import ECHO, OLDER, WINS, Decision, OpenTrace, trace_answered
 from consumers.sync_store import Key, SyncBatch

@@ -21,16 +21,17 @@ from aio_pika.abc import AbstractConnection
 from pydantic import ValidationError
 
 from bridge.amqp import declare_trace_topology, topology
-from bridge.config import AppConfig, Settings, TraceSettings
+from bridge.app_config import AppConfig
+from bridge.config import Settings, TraceSettings
 from bridge.db import answers
 from bridge.metrics import Metrics
+from bridge.shop_table import ShopTarget, resolve_targets
 from consumers import runtime
 from consumers.convergence import RECONCILE_TYPE
 from consumers.dispatch import dispatching
 from consumers.errors import Defer, Reject, describe_validation_error
 from consumers.runtime import APPLIED, Consumer, Delivery, Outcome
 from consumers.service import serve_consumer
-from consumers.shop_target import ShopTarget, resolve_targets
 from consumers.sync import REFUSED, SENT, UNCERTAIN, UNSENT
 from consumers.throttle import Breaker, RateLimiter
 from consumers.trace_form import bridge_version, trace_form

@@ -19,7 +19,8 @@ import asyncpg
 import pytest
 
 from bridge.amqp import topology
-from bridge.config import AppConfig, Settings
+from bridge.app_config import AppConfig
+from bridge.config import Settings
 from bridge.migrate import migrate
 
 TEST_APP_ID = "5f3e1a2b3c4d5"

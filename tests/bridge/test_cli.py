@@ -24,7 +24,7 @@ import pytest
 from aiohttp import web
 from pamqp.commands import Basic
 
-from bridge.config import AppConfig
+from bridge.app_config import AppConfig
 from bridge.fake_edrone import FakeEdrone
 from bridge.signing import php_string
 from bridge.simulate import Summary, build_webhook, send_webhooks

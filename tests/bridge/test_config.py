@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from bridge.config import AppConfig, ConfigError, Settings, load_settings
+from bridge.app_config import AppConfig
+from bridge.config import ConfigError, Settings, load_settings
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -13,7 +13,8 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from bridge.amqp import ROUTING_KEY_BY_CHANNEL, topology
-from bridge.config import AppConfig, Settings
+from bridge.app_config import AppConfig
+from bridge.config import Settings
 from bridge.ingress.app import create_app
 from bridge.ingress.state import STATE
 from bridge.publisher import PublishFailed

@@ -10,13 +10,13 @@ import json
 import pytest
 
 from bridge.amqp import declare_topology, declare_trace_topology, topology
-from bridge.config import AppConfig
+from bridge.app_config import AppConfig
 from bridge.db import create_pool
 from bridge.fake_edrone import FakeEdrone
 from bridge.publisher import ConfirmedPublisher
 from bridge.relay import Relay, install_triggers, serve
+from bridge.shop_table import resolve_targets
 from consumers import traces
-from consumers.shop_target import resolve_targets
 from consumers.subscriptions import create_consumer
 from tests.bridge.test_cli import run_cli, run_cli_async
 from tests.conftest import TEST_APP_ID, TEST_SECRET

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bridge.config import AppConfig
+from bridge.app_config import AppConfig
 from bridge.signing import sign
 from bridge.webhook import WebhookRejected, detect_version, parse_event_date, verify_webhook
 from tests.vectors import APP_ID, EMAIL, SECRET, VECTOR_A, VECTOR_B, VECTOR_D, VECTOR_E

@@ -10,8 +10,8 @@ import time
 import asyncpg
 
 from bridge.amqp import HEADER_ERROR, topology
-from bridge.config import AppConfig
-from consumers.shop_target import resolve_targets
+from bridge.app_config import AppConfig
+from bridge.shop_table import resolve_targets
 from consumers.subscriptions import create_consumer
 from tests.conftest import TEST_APP_ID, TEST_SECRET
 from tests.consumers.support import (

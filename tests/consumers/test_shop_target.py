@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from bridge.config import AppConfig, load_settings
-from consumers.shop_target import TargetMismatch, resolve_targets
+from bridge.app_config import AppConfig
+from bridge.config import load_settings
+from bridge.shop_table import TargetMismatch, resolve_targets
 from consumers.subscriptions import create_consumer, serve
 from tests.conftest import TEST_APP_ID, TEST_SECRET
 from tests.consumers.support import make_event, publish, run_burst

@@ -19,7 +19,7 @@ from bridge.amqp import (
     connect,
     topology,
 )
-from bridge.config import AppConfig
+from bridge.app_config import AppConfig
 from consumers.subscriptions import create_consumer, serve
 from tests.conftest import TEST_APP_ID, TEST_SECRET
 from tests.consumers.support import (

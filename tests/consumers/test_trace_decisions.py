@@ -10,7 +10,7 @@ from urllib.parse import parse_qsl, urlencode
 import pytest
 from pydantic import ValidationError
 
-from bridge.config import AppConfig
+from bridge.app_config import AppConfig
 from consumers.trace_form import trace_form
 from consumers.trace_plan import TraceCall
 from schemas.platform_event import (

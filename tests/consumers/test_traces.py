@@ -22,7 +22,7 @@ from bridge.amqp import (
     HEADER_ORIGINAL_QUEUE,
     topology,
 )
-from bridge.config import AppConfig
+from bridge.app_config import AppConfig
 from bridge.fake_edrone import FORM
 from consumers.trace_form import bridge_version
 from schemas.platform_event import EXAMPLE_FILE

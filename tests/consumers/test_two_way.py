@@ -13,7 +13,7 @@ import aio_pika
 import pytest
 
 from bridge.amqp import declare_topology, declare_trace_topology
-from bridge.config import AppConfig
+from bridge.app_config import AppConfig
 from bridge.history import read_history, render
 from consumers.subscriptions import serve as serve_subscriptions
 from consumers.traces import serve as serve_traces
