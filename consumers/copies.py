@@ -6,12 +6,16 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import structlog
 from aio_pika.abc import AbstractIncomingMessage
 
 from consumers.deadletter import DeadLetterPublisher, RetryPublisher, attempts_so_far
 from consumers.errors import Defer, Reject
+
+if TYPE_CHECKING:  # consumers.spec imports Copy from here
+    from consumers.spec import Counters
 
 log = structlog.get_logger(__name__)
 
@@ -78,3 +82,31 @@ async def publish_copies(copies: Sequence[Copy]) -> list[Copy]:
         errors = [r for r in results if isinstance(r, BaseException)]
         log.warning("copy_publish_retry", count=len(failed), error=repr(errors[0]))
     return failed
+
+
+async def publish_all(
+    copies: list[Copy], counters: Counters, initial_backoff_s: float, max_backoff_s: float
+) -> bool:
+    """Publish every copy, confirmed, retrying the failed ones with backoff; False if their
+    channel was lost meanwhile (the broker redelivers the originals)."""
+    backoff_s = initial_backoff_s
+    while True:
+        failed = await publish_copies(copies)
+        for copy in copies:
+            if copy not in failed:
+                counters.record_copy(copy)
+        if not failed:
+            return True
+        copies = failed
+        if not any(channel_open(copy.delivery) for copy in copies):
+            return False
+        counters.record_retry()
+        await asyncio.sleep(backoff_s)
+        backoff_s = min(backoff_s * 2, max_backoff_s)
+
+
+def channel_open(delivery: AbstractIncomingMessage) -> bool:
+    try:
+        return not delivery.channel.is_closed
+    except RuntimeError:  # ChannelInvalidStateError: aio-pika refuses to hand out a closed one
+        return False

@@ -4,7 +4,6 @@ backoff and per-message dead-lettering; the handlers in ``consumers/`` supply on
 from __future__ import annotations
 
 import asyncio
-import sys
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -21,11 +20,11 @@ from aio_pika.abc import (
 )
 
 from bridge.amqp import Topology
-from bridge.config import ConsumerOptions
 from bridge.metrics import Metrics
-from consumers.copies import Copy, CopyPlanner, publish_copies
+from consumers.buffer import Buffer
+from consumers.copies import CopyPlanner, channel_open, publish_all
 from consumers.deadletter import DeadLetterPublisher, RetryPublisher
-from consumers.isolation import BatchAttempts, Probe
+from consumers.isolation import BatchAttempts
 from consumers.spec import (
     APPLIED as APPLIED,  # re-exported: handlers import the runtime's vocabulary from here
 )
@@ -33,7 +32,6 @@ from consumers.spec import (
     ConsumerSpec,
     Counters,
     Delivery,
-    Handler,
 )
 from consumers.spec import Outcome as Outcome
 from consumers.watchdog import WatchdogMixin
@@ -134,15 +132,7 @@ class Consumer(WatchdogMixin):
         self._recheck = asyncio.Event()
         self._watchdog: asyncio.Task[None] | None = None
 
-        # Filled by the consume callback; a plain list and one event, so that a delivery
-        # costs an append and no await of ours.
-        self._buffer: list[Delivery] = []
-        # When the oldest buffered message came: the flush interval runs from then, so a
-        # message that arrived while the last batch committed does not wait a whole interval
-        # more (benchmarks/: end-to-end p99 was about flush + 2 commits, now flush + 1).
-        self._first_arrival = 0.0
-        self._wanted = sys.maxsize
-        self._arrived = asyncio.Event()
+        self._buffer = Buffer()
         self._stopping = asyncio.Event()
         self._done = asyncio.Event()
         self._done.set()
@@ -221,7 +211,7 @@ class Consumer(WatchdogMixin):
             )
         self._copy_planner = CopyPlanner(dead_letters, retries)
         self._consumer_tag = await self._queue.consume(
-            self._on_message, timeout=self.publish_timeout_s
+            self._buffer.add, timeout=self.publish_timeout_s
         )
         self._registered = True
         self._channel.close_callbacks.add(self._on_channel_change)
@@ -239,13 +229,6 @@ class Consumer(WatchdogMixin):
                 await asyncio.wait_for(channel.close(), self.publish_timeout_s)
             except _CHANNEL_ERRORS as exc:
                 log.warning("channel_close_failed", queue=self.queue_name, error=repr(exc))
-
-    async def _on_message(self, message: Delivery) -> None:
-        if not self._buffer:
-            self._first_arrival = time.monotonic()
-        self._buffer.append(message)
-        if len(self._buffer) >= self._wanted:
-            self._arrived.set()
 
     async def run(self, *, burst: bool = False) -> None:
         """Handle batches until :meth:`stop`; with ``burst`` also return once the queue is idle."""
@@ -280,7 +263,7 @@ class Consumer(WatchdogMixin):
         then close the channels (the broker takes back whatever is still unacked)."""
         if not self._stopping.is_set():
             self._stopping.set()
-            self._arrived.set()
+            self._buffer.wake()
             self._start_drain_clock()
             await self._stop_watchdog()
             await self._cancel_consumer()
@@ -319,31 +302,12 @@ class Consumer(WatchdogMixin):
             if self._stopping.is_set():
                 return None
             idle_s = max(self.flush_interval_s, 0.05) if burst else None
-            if not await self._wait_for(1, idle_s) and burst and await self._queue_is_idle():
+            if not await self._buffer.wait_for(1, idle_s) and burst and await self._queue_is_idle():
                 return None
         if not self._stopping.is_set():
-            left_s = self._first_arrival + self.flush_interval_s - time.monotonic()
-            await self._wait_for(self.batch_size, max(left_s, 0.0))
-        batch = self._buffer[: self.batch_size]
-        del self._buffer[: self.batch_size]
-        # Whatever stays behind came before now; its interval is counted from now, at worst.
-        self._first_arrival = time.monotonic()
-        return batch
-
-    async def _wait_for(self, count: int, timeout_s: float | None) -> bool:
-        """Wait until ``count`` messages are buffered (or stop); False if ``timeout_s`` passed."""
-        if len(self._buffer) >= count:
-            return True
-        self._wanted = count
-        self._arrived.clear()
-        try:
-            async with asyncio.timeout(timeout_s):
-                await self._arrived.wait()
-        except TimeoutError:
-            return False
-        finally:
-            self._wanted = sys.maxsize
-        return True
+            left_s = self._buffer.first_arrival + self.flush_interval_s - time.monotonic()
+            await self._buffer.wait_for(self.batch_size, max(left_s, 0.0))
+        return self._buffer.take(self.batch_size)
 
     async def _queue_is_idle(self) -> bool:
         assert self._queue is not None
@@ -357,12 +321,12 @@ class Consumer(WatchdogMixin):
         if declared.message_count:
             return False
         # Deliveries sent before the declare-ok may still be on their way to the callback.
-        return not await self._wait_for(1, max(self.flush_interval_s, 0.05))
+        return not await self._buffer.wait_for(1, max(self.flush_interval_s, 0.05))
 
     def oldest_held_age_s(self) -> float | None:
         """Age of the oldest message this consumer holds, by its publish timestamp: on a FIFO
         queue, the queue's oldest message while it has a consumer. None when it holds none."""
-        held = self._in_flight or self._buffer
+        held = self._in_flight or self._buffer.deliveries
         stamp = held[0].timestamp if held else None
         if stamp is None:
             return None
@@ -386,7 +350,9 @@ class Consumer(WatchdogMixin):
         self.counters.record(outcomes, time.perf_counter() - started)
         assert self._copy_planner is not None
         copies = self._copy_planner.plan(batch, outcomes)
-        if copies and not await self._publish_copies(copies):
+        if copies and not await publish_all(
+            copies, self.counters, self.retry_initial_backoff_s, self.retry_max_backoff_s
+        ):
             self.counters.dropped += len(batch)
             log.warning("deliveries_dropped", reason="channel_lost", count=len(batch))
             return
@@ -400,7 +366,7 @@ class Consumer(WatchdogMixin):
 
     def _live(self, batch: list[Delivery]) -> list[Delivery]:
         """The deliveries whose channel is still open: only those can still be acked."""
-        live = [delivery for delivery in batch if _channel_open(delivery)]
+        live = [delivery for delivery in batch if channel_open(delivery)]
         lost = len(batch) - len(live)
         if lost:
             self.counters.dropped += lost
@@ -422,88 +388,9 @@ class Consumer(WatchdogMixin):
                 self.counters.dropped += len(group)
                 log.warning("batch_ack_failed", size=len(group), error=repr(exc))
 
-    async def _publish_copies(self, copies: list[Copy]) -> bool:
-        """Publish every copy, confirmed, retrying the failed ones; False if their channel was
-        lost meanwhile (the broker redelivers the originals)."""
-        backoff_s = self.retry_initial_backoff_s
-        while True:
-            failed = await publish_copies(copies)
-            for copy in copies:
-                if copy not in failed:
-                    self.counters.record_copy(copy)
-            if not failed:
-                return True
-            copies = failed
-            if not any(_channel_open(copy.delivery) for copy in copies):
-                return False
-            self.counters.record_retry()
-            await asyncio.sleep(backoff_s)
-            backoff_s = min(backoff_s * 2, self.retry_max_backoff_s)
-
-
-def create_consumer(
-    connection: AbstractConnection,
-    *,
-    queue: str,
-    handler: Handler,
-    options: ConsumerOptions,
-    topology: Topology,
-    timeout_s: float,
-    publish_timeout_s: float,
-    retry_tiers_s: Sequence[float] = (),
-    metrics: Metrics | None = None,
-    probe: Probe | None = None,
-) -> Consumer:
-    """A consumer configured from one consumer's settings group; ``probe`` tells whether the
-    handler's service answers (see :class:`consumers.isolation.BatchAttempts`)."""
-    spec = ConsumerSpec(
-        queue=queue,
-        handler=handler,
-        batch_size=options.batch_size,
-        flush_interval_s=options.flush_interval_ms / 1000,
-        prefetch=options.prefetch,
-        timeout_s=timeout_s,
-        probe=probe,
-    )
-    return Consumer(
-        connection,
-        spec,
-        topology=topology,
-        retry_initial_backoff_s=options.retry_initial_backoff_s,
-        retry_max_backoff_s=options.retry_max_backoff_s,
-        drain_timeout_s=options.drain_timeout_s,
-        publish_timeout_s=publish_timeout_s,
-        retry_tiers_s=retry_tiers_s,
-        metrics=metrics,
-        watchdog_interval_s=options.watchdog_interval_s,
-        max_batch_failures=options.max_batch_failures,
-    )
-
-
-async def consume_until(consumer: Consumer, stopping: asyncio.Event) -> None:
-    """Run ``consumer`` until ``stopping`` is set (or it stops by itself), then stop it."""
-    run = asyncio.create_task(consumer.run(), name=f"consume {consumer.queue_name}")
-    waiter = asyncio.create_task(stopping.wait())
-    try:
-        await asyncio.wait({run, waiter}, return_when=asyncio.FIRST_COMPLETED)
-        await consumer.stop()
-    except BaseException:
-        run.cancel()
-        raise
-    finally:
-        waiter.cancel()
-    await run  # re-raises what crashed the run loop, if anything did
-
 
 def _pick(value: _T | None, default: _T) -> _T:
     return default if value is None else value
-
-
-def _channel_open(delivery: Delivery) -> bool:
-    try:
-        return not delivery.channel.is_closed
-    except RuntimeError:  # ChannelInvalidStateError: aio-pika refuses to hand out a closed one
-        return False
 
 
 def _channel_id(delivery: Delivery) -> int:

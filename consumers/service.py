@@ -1,5 +1,6 @@
-"""A consumer process: pool, connection, topology, the consumer itself, its metrics server and
-its queue monitor, all closed in reverse order when ``stopping`` is set."""
+"""A consumer process: pool, connection, topology, the consumer itself (configured from its
+settings group), its metrics server and its queue monitor, all closed in reverse order when
+``stopping`` is set."""
 
 from __future__ import annotations
 
@@ -12,12 +13,14 @@ import asyncpg
 import structlog
 from aio_pika.abc import AbstractChannel, AbstractConnection
 
-from bridge.amqp import connect
-from bridge.config import Settings
+from bridge.amqp import Topology, connect
+from bridge.config import ConsumerOptions, Settings
 from bridge.db import close_pool, create_pool
 from bridge.metrics import Metrics, observability_app, serving
 from bridge.monitor import monitor
-from consumers.runtime import Consumer, consume_until
+from consumers.isolation import Probe
+from consumers.runtime import Consumer
+from consumers.spec import ConsumerSpec, Handler
 
 log = structlog.get_logger(__name__)
 
@@ -61,6 +64,60 @@ async def serve_consumer(
                 await consume_until(consumer, stopping)
     finally:
         await close_pool(pool, drain_timeout_s)
+
+
+def create_consumer(
+    connection: AbstractConnection,
+    *,
+    queue: str,
+    handler: Handler,
+    options: ConsumerOptions,
+    topology: Topology,
+    timeout_s: float,
+    publish_timeout_s: float,
+    retry_tiers_s: Sequence[float] = (),
+    metrics: Metrics | None = None,
+    probe: Probe | None = None,
+) -> Consumer:
+    """A consumer configured from one consumer's settings group; ``probe`` tells whether the
+    handler's service answers (see :class:`consumers.isolation.BatchAttempts`)."""
+    spec = ConsumerSpec(
+        queue=queue,
+        handler=handler,
+        batch_size=options.batch_size,
+        flush_interval_s=options.flush_interval_ms / 1000,
+        prefetch=options.prefetch,
+        timeout_s=timeout_s,
+        probe=probe,
+    )
+    return Consumer(
+        connection,
+        spec,
+        topology=topology,
+        retry_initial_backoff_s=options.retry_initial_backoff_s,
+        retry_max_backoff_s=options.retry_max_backoff_s,
+        drain_timeout_s=options.drain_timeout_s,
+        publish_timeout_s=publish_timeout_s,
+        retry_tiers_s=retry_tiers_s,
+        metrics=metrics,
+        watchdog_interval_s=options.watchdog_interval_s,
+        max_batch_failures=options.max_batch_failures,
+    )
+
+
+async def consume_until(consumer: Consumer, stopping: asyncio.Event) -> None:
+    """Run ``consumer`` until ``stopping`` is set (or it stops by itself), then stop it."""
+    run = asyncio.create_task(consumer.run(), name=f"consume {consumer.queue_name}")
+    waiter = asyncio.create_task(stopping.wait())
+    try:
+        await asyncio.wait({run, waiter}, return_when=asyncio.FIRST_COMPLETED)
+        await consumer.stop()
+    except BaseException:
+        run.cancel()
+        raise
+    finally:
+        waiter.cancel()
+    await run  # re-raises what crashed the run loop, if anything did
 
 
 def _ready(connection: AbstractConnection, consumer: Consumer) -> Callable[[], bool]:

@@ -21,7 +21,7 @@ from bridge.config import Settings
 from bridge.db import answers
 from bridge.metrics import Metrics
 from bridge.shop_table import ShopTarget, resolve_targets
-from consumers import runtime, sync_store
+from consumers import service, sync_store
 from consumers.convergence import Converger, utcnow, webhook_key
 from consumers.dispatch import dispatching
 from consumers.errors import Reject, RetryLater, database_retry, describe_validation_error
@@ -349,7 +349,7 @@ def create_consumer(
     :func:`resolve_targets`) are the shops' own tables it writes to as well; ``nudge`` wakes
     the dispatcher after a commit that left messages to publish."""
     applier = SubscriptionApplier(pool, settings, targets, metrics=metrics, nudge=nudge)
-    return runtime.create_consumer(
+    return service.create_consumer(
         connection,
         queue=topology(settings).subscriptions_queue,
         handler=applier,

@@ -26,7 +26,7 @@ from bridge.config import Settings, TraceSettings
 from bridge.db import answers
 from bridge.metrics import Metrics
 from bridge.shop_table import ShopTarget, resolve_targets
-from consumers import runtime
+from consumers import service
 from consumers.convergence import RECONCILE_TYPE
 from consumers.dispatch import dispatching
 from consumers.errors import Defer, Reject, describe_validation_error
@@ -320,7 +320,7 @@ def create_consumer(
     metrics: Metrics | None = None,
 ) -> Consumer:
     """The trace consumer, configured from ``settings.traces``, with its retry tiers."""
-    return runtime.create_consumer(
+    return service.create_consumer(
         connection,
         queue=topology(settings).traces_queue,
         handler=forwarder,
