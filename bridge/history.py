@@ -13,6 +13,7 @@ import asyncpg
 
 from schemas.fields import normalise_email
 from schemas.reasons import reason_name
+from schemas.subscription import status_name
 
 # edrone's webhooks keep their line of history in the inbox; the rest is in sync_history.
 _LINES_SQL = """
@@ -174,7 +175,7 @@ def render(history: History) -> str:
                 line.learned_at.isoformat(timespec="milliseconds"),
                 line.origin,
                 line.kind,
-                _status(line.status)
+                status_name(line.status)
                 + (f" ({line.reason_name or line.reason})" if line.reason is not None else ""),
                 line.made_at.isoformat(timespec="milliseconds") if line.made_at else "",
                 line.decision,
@@ -196,14 +197,10 @@ def _summary(now: Now) -> str:
         winner = "no change known"
     else:
         made = now.winner_made_at.isoformat(timespec="milliseconds") if now.winner_made_at else "?"
-        winner = f"{_status(now.winner_status)}, {now.winner_side}'s change of {made}"
-    edrone = _status(now.edrone_status) if now.edrone_known else "unknown"
-    shop = _status(now.shop_status) if now.shop_known else "unknown"
+        winner = f"{status_name(now.winner_status)}, {now.winner_side}'s change of {made}"
+    edrone = status_name(now.edrone_status) if now.edrone_known else "unknown"
+    shop = status_name(now.shop_status) if now.shop_known else "unknown"
     return f"now: winner {winner}; edrone holds {edrone}; the shop holds {shop}"
-
-
-def _status(status: int | None) -> str:
-    return {1: "subscribed", 0: "unsubscribed"}.get(status, "unknown")  # type: ignore[arg-type]
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:

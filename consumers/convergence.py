@@ -29,7 +29,7 @@ from consumers.sync import (
 from consumers.sync_store import DispatchRow, Key, SyncBatch, WriteRow
 from schemas.edrone_change import EVENT_TYPE, EdroneSubscriptionChanged
 from schemas.platform_event import CustomerSubscriptionChanged
-from schemas.subscription import SubscriptionStatusChanged
+from schemas.subscription import SubscriptionStatusChanged, status_name
 
 # The type of a request, on the trace queue, to bring edrone to an address's winner.
 RECONCILE_TYPE = "bridge.reconcile"
@@ -208,7 +208,7 @@ class Converger:
         elif not edrone_certain(state):
             held = "an unsure status (several seen in one second)"
         else:
-            held = _status(state.edrone.status)
+            held = status_name(state.edrone.status)
         batch.dispatch.append(
             DispatchRow(
                 "",
@@ -223,7 +223,7 @@ class Converger:
             key,
             None,
             "correction_requested",
-            f"edrone holds {held}, the winner is {_status(state.winner.status)}",
+            f"edrone holds {held}, the winner is {status_name(state.winner.status)}",
             kind="reconcile",
         )
 
@@ -253,7 +253,3 @@ def _whole_seconds(raw: str) -> bool:
     empty one (the legacy unsubscribe callback's) is its precise receipt time."""
     time_part = raw.replace("T", " ").partition(" ")[2]
     return bool(raw) and "." not in time_part and "," not in time_part
-
-
-def _status(status: int | None) -> str:
-    return {1: "subscribed", 0: "unsubscribed"}.get(status, "unknown")  # type: ignore[arg-type]

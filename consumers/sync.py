@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Literal
 
+from schemas.subscription import status_name
+
 Side = Literal["edrone", "shop"]
 EDRONE: Side = "edrone"
 SHOP: Side = "shop"
@@ -229,7 +231,7 @@ def _contend(state: SyncState, challenger: Winner) -> Decision:
         return Decision(WINS, "the newest change a person made")
     return Decision(
         OLDER,
-        f"older than the winner: {current.side}'s {_status(current.status)} of "
+        f"older than the winner: {current.side}'s {status_name(current.status)} of "
         f"{_fmt(current.stamp.at)}",
     )
 
@@ -370,10 +372,6 @@ def wrote(
     _learn_held(state, SHOP, status, Stamp(written_at, state.next_seq()))
     if echoes:
         state.writes.append(PendingWrite(write_id, status, written_at))
-
-
-def _status(status: int | None) -> str:
-    return {1: "subscribed", 0: "unsubscribed"}.get(status, "unknown")  # type: ignore[arg-type]
 
 
 def _fmt(when: datetime) -> str:

@@ -28,6 +28,11 @@ def _must_be_utc(value: datetime) -> datetime:
 UtcDatetime = Annotated[datetime, AfterValidator(_must_be_utc)]
 
 
+def status_name(status: int | None) -> str:
+    """A status as people read it: 1 subscribed, 0 unsubscribed, None (edrone's UNKNOWN)."""
+    return {1: "subscribed", 0: "unsubscribed"}.get(status, "unknown")  # type: ignore[arg-type]
+
+
 class SubscriptionStatusChanged(BaseModel):
     """A verified, normalised status change for one address on one channel of one app.
 
