@@ -17,7 +17,9 @@ import asyncpg
 from bridge.amqp import ROUTING_KEY_BY_CHANNEL, topology
 from bridge.config import Settings
 from consumers.runtime import Consumer
+from consumers.subscriptions import serve as serve_subscriptions
 from consumers.traces import TraceForwarder, create_consumer, create_session
+from consumers.traces import serve as serve_traces
 from schemas.subscription import SubscriptionStatusChanged
 from tests.conftest import TEST_APP_ID
 
@@ -228,3 +230,20 @@ async def depths(connection, settings) -> dict[str, int]:
         *names.retry_queues(settings.traces.retry_tiers_s),
     ]
     return {queue: await ready_count(connection, queue) for queue in queues}
+
+
+@asynccontextmanager
+async def serving_both(settings: Settings, timeout_s: float = 30.0) -> AsyncIterator[Settings]:
+    """The subscription consumer and the trace forwarder serving ``settings`` as their
+    processes do, until the block ends (then stopped, and awaited within ``timeout_s``)."""
+    stopping = asyncio.Event()
+    tasks = [
+        asyncio.create_task(serve_subscriptions(settings, stopping)),
+        asyncio.create_task(serve_traces(settings, stopping)),
+    ]
+    try:
+        yield settings
+    finally:
+        stopping.set()
+        async with asyncio.timeout(timeout_s):
+            await asyncio.gather(*tasks)

@@ -3,7 +3,6 @@ shop's own change through the trace forwarder to fake-edrone; an echo is never s
 
 from __future__ import annotations
 
-import asyncio
 from urllib.parse import urlencode
 
 import pytest
@@ -11,9 +10,13 @@ import pytest
 from bridge.amqp import declare_trace_topology, topology
 from bridge.fake_edrone import FakeEdrone
 from bridge.ingress.app import create_app
-from consumers.subscriptions import serve as serve_subscriptions
-from consumers.traces import serve as serve_traces
-from tests.consumers.support import publish_platform, ready_count, shop_event, wait_until
+from tests.consumers.support import (
+    publish_platform,
+    ready_count,
+    serving_both,
+    shop_event,
+    wait_until,
+)
 from tests.vectors import APP_ID, EMAIL, PHONE, VECTOR_A, VECTOR_B
 
 PATH = "/update_subscriber_status"
@@ -38,15 +41,8 @@ async def bridge(make_settings, fake, amqp_connection, db):
     channel = await amqp_connection.channel()
     async with channel:
         await declare_trace_topology(channel, settings)
-    stopping = asyncio.Event()
-    tasks = [
-        asyncio.create_task(serve_subscriptions(settings, stopping)),
-        asyncio.create_task(serve_traces(settings, stopping)),
-    ]
-    yield settings
-    stopping.set()
-    async with asyncio.timeout(30):
-        await asyncio.gather(*tasks)
+    async with serving_both(settings):
+        yield settings
 
 
 @pytest.fixture

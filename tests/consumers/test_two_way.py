@@ -15,12 +15,17 @@ import pytest
 from bridge.amqp import declare_topology, declare_trace_topology
 from bridge.app_config import AppConfig
 from bridge.history import read_history, render
-from consumers.subscriptions import serve as serve_subscriptions
-from consumers.traces import serve as serve_traces
 from schemas.edrone_change import EVENT_TYPE, EdroneSubscriptionChanged
 from tests.bridge.test_cli import run_cli_async
 from tests.conftest import TEST_APP_ID, TEST_SECRET
-from tests.consumers.support import make_event, publish, publish_platform, shop_event, wait_until
+from tests.consumers.support import (
+    make_event,
+    publish,
+    publish_platform,
+    serving_both,
+    shop_event,
+    wait_until,
+)
 
 EMAIL = "ola@example.com"
 TRACE_SUBSCRIBED, CUSTOMER_UNSUBSCRIBED = 10, 1
@@ -42,15 +47,8 @@ async def both(make_settings, fake, amqp_connection, db, request):
     async with channel:
         await declare_topology(channel, settings)
         await declare_trace_topology(channel, settings)
-    stopping = asyncio.Event()
-    tasks = [
-        asyncio.create_task(serve_subscriptions(settings, stopping)),
-        asyncio.create_task(serve_traces(settings, stopping)),
-    ]
-    yield settings
-    stopping.set()
-    async with asyncio.timeout(30):
-        await asyncio.gather(*tasks)
+    async with serving_both(settings):
+        yield settings
 
 
 def traced(fake, email=EMAIL):
