@@ -158,9 +158,9 @@ class Converger:
                     applied.written[key], echoes=False,
                 )
             )  # fmt: skip
-            self._history(batch, key, write_id, "written", "to the shop's table")
+            batch.note_bridge(key, "write", "written", "to the shop's table", write_id)
         elif key in applied.unknown:
-            self._history(batch, key, None, "unknown_customer", "no row in the shop's table")
+            batch.note_bridge(key, "write", "unknown_customer", "no row in the shop's table")
         if publish and self.settings.apps[key[0]].publish_changes:
             # Its echo is awaited: it changes what the shop holds. One that never comes (a
             # person set that status meanwhile) ends with a person's later change, or lapses.
@@ -170,7 +170,7 @@ class Converger:
                 WriteRow(write_id, key, winner.status, winner.event_id, "bus", now, True)
             )
             batch.dispatch.append(self._change_event(batch, key, write_id, now))
-            self._history(batch, key, write_id, "published", f"as {EVENT_TYPE} {write_id}")
+            batch.note_bridge(key, "write", "published", f"as {EVENT_TYPE} {write_id}", write_id)
 
     def _change_event(
         self, batch: SyncBatch, key: Key, write_id: str, now: datetime
@@ -218,30 +218,12 @@ class Converger:
                 {"app_id": key[0], "channel": key[1], "address": key[2]},
             )
         )
-        self._history(
-            batch,
+        batch.note_bridge(
             key,
-            None,
+            "reconcile",
             "correction_requested",
             f"edrone holds {held}, the winner is {status_name(state.winner.status)}",
-            kind="reconcile",
         )
-
-    def _history(
-        self,
-        batch: SyncBatch,
-        key: Key,
-        event_id: str | None,
-        decision: str,
-        why: str,
-        *,
-        kind: str = "write",
-    ) -> None:
-        winner = batch.states[key].winner
-        batch.note(
-            key, "bridge", kind, event_id, winner.status if winner else None, None,
-            winner.stamp.at if winner else None, decision, why,
-        )  # fmt: skip
 
 
 def utcnow() -> datetime:

@@ -217,6 +217,16 @@ class SyncBatch:
             HistoryRow(key, seq, origin, kind, event_id, status, reason, made_at, decision, why)
         )
 
+    def note_bridge(
+        self, key: Key, kind: str, decision: str, why: str, event_id: str | None = None
+    ) -> None:
+        """A line of history for what the bridge did about the address's winner."""
+        winner = self.states[key].winner
+        self.note(
+            key, "bridge", kind, event_id, winner.status if winner else None, None,
+            winner.stamp.at if winner else None, decision, why,
+        )  # fmt: skip
+
     async def save(self) -> None:
         await save_states(self.conn, self.states, self.emails)
         if self.history:

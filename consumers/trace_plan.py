@@ -162,7 +162,8 @@ class TracePlanner:
                     continue
                 email = key[2] if key[1] == "email" else batch.emails.get(key)
                 if email is None:
-                    _note(batch, key, UNREACHABLE, "no e-mail known for this phone: no trace")
+                    why = "no e-mail known for this phone: no trace"
+                    batch.note_bridge(key, "trace", UNREACHABLE, why)
                     continue
                 call = by_customer.setdefault(
                     (key[0], email),
@@ -188,7 +189,9 @@ class TracePlanner:
         for (key, _, call), trace in zip(wanted, traces, strict=True):
             call.traces.append((key, trace))
             kind = "corrective trace" if trace.corrective else "trace"
-            _note(batch, key, "sending", f"{kind} #{trace.id}: edrone is not known to hold it")
+            batch.note_bridge(
+                key, "trace", "sending", f"{kind} #{trace.id}: edrone is not known to hold it"
+            )
         return list(by_customer.values())
 
     async def record(self, answers: Sequence[tuple[TraceCall, Answer]]) -> None:
@@ -203,7 +206,9 @@ class TracePlanner:
             for call, answer in answers:
                 for key, trace in call.traces:
                     trace_answered(batch.states[key], trace.id, answer.state, now)
-                    _note(batch, key, answer.state, answer.why, event_id=answer.edrone_event_id)
+                    batch.note_bridge(
+                        key, "trace", answer.state, answer.why, answer.edrone_event_id
+                    )
             await batch.save()
 
 
@@ -260,16 +265,6 @@ def _last_item_per_customer(
         customer_of[item.index] = (key[0], email)
         last[(key[0], email)] = item.index
     return {index: last[customer] for index, customer in customer_of.items()}
-
-
-def _note(
-    batch: SyncBatch, key: Key, decision: str, why: str, *, event_id: str | None = None
-) -> None:
-    winner = batch.states[key].winner
-    batch.note(
-        key, "bridge", "trace", event_id, winner.status if winner else None, None,
-        winner.stamp.at if winner else None, decision, why,
-    )  # fmt: skip
 
 
 def reconcile_item(index: int, body: dict[str, object]) -> Item:
