@@ -195,7 +195,7 @@ class SubscriptionApplier:
             raise retry from exc
         if batch and batch.dispatch and self._nudge is not None:
             self._nudge()
-        self._count_clamped(events, when, {(row["app_id"], row["event_id"]) for row in rows})
+        self._count_clamped(events, when, fresh)
         return {
             (row["app_id"], row["event_id"]): (
                 OLDER
@@ -304,6 +304,7 @@ class SubscriptionApplier:
         )
         ordered = [event for event, _ in pairs]
         accepted = [self._apps[e.app_id].accepts_status(e.status) for e in ordered]
+        found = [decided.get((e.app_id, e.event_id)) for e in ordered]
         return [
             [e.app_id for e in ordered],
             [e.event_id for e in ordered],
@@ -317,24 +318,10 @@ class SubscriptionApplier:
             [e.received_at for e in ordered],
             [APPLIED if ok else FILTERED for ok in accepted],
             [when for _, when in pairs],
-            [decided.get((e.app_id, e.event_id), (None, None))[0] for e in ordered],
-            [_decision(decided, e) for e in ordered],
-            [_why(decided, e) for e in ordered],
+            [f[0] if f else None for f in found],
+            [f[1].decision if f else None for f in found],
+            [f[1].why if f else None for f in found],
         ]
-
-
-def _decision(
-    decided: Mapping[tuple[str, str], tuple[int, Decision]], event: SubscriptionStatusChanged
-) -> str | None:
-    found = decided.get((event.app_id, event.event_id))
-    return found[1].decision if found else None
-
-
-def _why(
-    decided: Mapping[tuple[str, str], tuple[int, Decision]], event: SubscriptionStatusChanged
-) -> str | None:
-    found = decided.get((event.app_id, event.event_id))
-    return found[1].why if found else None
 
 
 def create_consumer(
