@@ -21,6 +21,8 @@ import aio_pika
 import asyncpg
 from aio_pika.abc import AbstractIncomingMessage
 
+from tests.consumers.test_shop_target import MAGENTO_TARGET
+
 TABLE = """
 CREATE TABLE newsletter_subscriber (
     subscriber_id     serial PRIMARY KEY,
@@ -30,13 +32,8 @@ CREATE TABLE newsletter_subscriber (
 );
 CREATE UNIQUE INDEX newsletter_subscriber_email ON newsletter_subscriber (lower(subscriber_email));
 """
-TARGET = {
-    "table": "newsletter_subscriber",
-    "address_column": "subscriber_email",
-    "email_status_column": "subscriber_status",
-    "email_status_values": {"subscribed": 1, "unsubscribed": 3},
-    "set_now": ["change_status_at"],
-}
+# The Magento mapping of the shop-table tests, on this table (with its unique address index).
+TARGET = MAGENTO_TARGET
 _VALUE = {1: 1, 0: 3}
 _STATUS = {1: 1, 3: 0}
 
