@@ -7,7 +7,7 @@ import sys
 
 from aiohttp import web
 
-from bridge.cli import event_loop_factory
+from bridge.cli.main import event_loop_factory
 
 
 async def accept(request: web.Request) -> web.Response:

@@ -22,8 +22,8 @@ from benchmarks.worker import Worker, ping
 from bridge.amqp import ROUTING_KEY_BY_CHANNEL, topology
 from bridge.app_config import AppConfig
 from bridge.config import Settings
-from bridge.simulate import build_webhook
-from bridge.webhook import verify_webhook
+from bridge.devtools.simulate import build_webhook
+from bridge.ingress.webhook import verify_webhook
 
 PATH = "/update_subscriber_status"
 

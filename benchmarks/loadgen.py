@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
 
-from bridge.simulate import build_webhook
+from bridge.devtools.simulate import build_webhook
 
 Request = tuple[str, bytes]  # event_id, the whole HTTP request
 

@@ -9,7 +9,7 @@ import multiprocessing
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
-from bridge.cli import event_loop_factory
+from bridge.cli.main import event_loop_factory
 
 _T = TypeVar("_T")
 

@@ -15,7 +15,7 @@ import structlog
 from aio_pika.abc import AbstractChannel, AbstractConnection
 
 from bridge.config import Settings
-from bridge.publisher import ConfirmedPublisher
+from bridge.publishing import ConfirmedPublisher
 from consumers.errors import database_retry
 
 log = structlog.get_logger(__name__)

@@ -22,9 +22,8 @@ from bridge.amqp import topology
 from bridge.app_config import AppConfig
 from bridge.config import Settings
 from bridge.migrate import migrate
+from tests.support.apps import TEST_APP_ID, TEST_SECRET
 
-TEST_APP_ID = "5f3e1a2b3c4d5"
-TEST_SECRET = "s3cr3t-app-secret"
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/test"
 

@@ -28,7 +28,7 @@ import pytest
 
 from bridge.amqp import topology
 from bridge.db import create_pool
-from bridge.history import read_history, render
+from bridge.ops.history import read_history, render
 from tests.convergence.edrone import EdroneAccount, SimulatedEdrone
 from tests.convergence.model import (
     EDRONE,
@@ -40,7 +40,7 @@ from tests.convergence.model import (
     timelines,
 )
 from tests.convergence.shop import TARGET, BusShop, TableShop
-from tests.faults.support import BridgeProcess, bridge_env, free_port, wait_ready
+from tests.support.processes import BridgeProcess, bridge_env, free_port, wait_ready
 
 ADDRESSES = int(os.environ.get("EDRONE_BRIDGE_MODEL_ADDRESSES", "2000"))
 SEED = int(os.environ.get("EDRONE_BRIDGE_MODEL_SEED", str(random.SystemRandom().randrange(10**6))))

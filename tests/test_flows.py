@@ -19,7 +19,16 @@ from bridge.ingress.app import create_app
 from bridge.metrics import Metrics
 from bridge.signing import sign
 from consumers.subscriptions import serve as serve_subscriptions
-from tests.vectors import APP_ID, EMAIL, PHONE, SECRET, VECTOR_A, VECTOR_B, VECTOR_D, VECTOR_E
+from tests.support.vectors import (
+    APP_ID,
+    EMAIL,
+    PHONE,
+    SECRET,
+    VECTOR_A,
+    VECTOR_B,
+    VECTOR_D,
+    VECTOR_E,
+)
 
 PATH = "/update_subscriber_status"
 FORM = {"Content-Type": "application/x-www-form-urlencoded"}

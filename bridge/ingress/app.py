@@ -16,9 +16,9 @@ from bridge.ingress.body import too_large
 from bridge.ingress.guard import LINGERING_TIME_S, SWEEP_INTERVAL_S, ConnectionGuard, GuardedSite
 from bridge.ingress.handlers import healthz, readyz, update_subscriber_status
 from bridge.ingress.state import METRICS, SETTINGS, STATE, IngressState
+from bridge.ingress.webhook import WebhookRejected
 from bridge.metrics import Metrics, metrics_handler
-from bridge.publisher import ConfirmedPublisher
-from bridge.webhook import WebhookRejected
+from bridge.publishing import ConfirmedPublisher
 
 log = structlog.get_logger(__name__)
 

@@ -9,8 +9,8 @@ from urllib.parse import parse_qsl, unquote_plus
 
 from aiohttp import web
 
+from bridge.ingress.webhook import WebhookRejected
 from bridge.signing import php_string
-from bridge.webhook import WebhookRejected
 
 JSON = "application/json"
 FORM = "application/x-www-form-urlencoded"

@@ -11,8 +11,8 @@ from aiohttp import web
 from bridge.amqp import ROUTING_KEY_BY_CHANNEL
 from bridge.ingress.body import parse_form, read_fields
 from bridge.ingress.state import METRICS, SETTINGS, STATE
-from bridge.publisher import PublishFailed
-from bridge.webhook import verify_webhook
+from bridge.ingress.webhook import verify_webhook
+from bridge.publishing import PublishFailed
 
 log = structlog.get_logger(__name__)
 

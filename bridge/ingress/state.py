@@ -8,7 +8,7 @@ from aiohttp import web
 
 from bridge.config import Settings
 from bridge.metrics import Metrics
-from bridge.publisher import ConfirmedPublisher
+from bridge.publishing import ConfirmedPublisher
 
 
 @dataclass

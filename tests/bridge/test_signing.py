@@ -11,9 +11,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from bridge import signing
-from bridge.simulate import build_webhook, signature_parts
-from tests.vectors import APP_ID, SECRET, VECTOR_A
-from tests.vectors import VECTORS as ALL_VECTORS
+from bridge.devtools.simulate import build_webhook, signature_parts
+from tests.support.vectors import APP_ID, SECRET, VECTOR_A
+from tests.support.vectors import VECTORS as ALL_VECTORS
 
 VERSIONS = {
     "A": "NATIVE_5",

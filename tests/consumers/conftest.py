@@ -14,10 +14,10 @@ import pytest
 from bridge.amqp import declare_topology, declare_trace_topology
 from bridge.config import Settings, SubscriptionConsumerSettings
 from bridge.db import create_pool
-from bridge.fake_edrone import FakeEdrone
+from bridge.devtools.fake_edrone import FakeEdrone
 from consumers.runtime import Consumer
 from consumers.subscriptions import create_consumer
-from tests.consumers.support import TRACE_FAST
+from tests.support.consumers import TRACE_FAST
 
 # Small batches and short waits, so that every test runs in well under a second or two.
 FAST = {

@@ -11,7 +11,7 @@ import aiohttp
 from bridge.amqp import topology
 from bridge.metrics import Metrics, observability_app
 from consumers.subscriptions import serve
-from tests.consumers.support import make_event, publish, ready_count, wait_until
+from tests.support.consumers import make_event, publish, ready_count, wait_until
 
 
 def sample(metrics: Metrics, name: str, **labels: str) -> float | None:

@@ -13,8 +13,8 @@ from bridge.amqp import HEADER_ERROR, topology
 from bridge.app_config import AppConfig
 from bridge.shop_table import resolve_targets
 from consumers.subscriptions import create_consumer
-from tests.conftest import TEST_APP_ID, TEST_SECRET
-from tests.consumers.support import (
+from tests.support.apps import TEST_APP_ID, TEST_SECRET
+from tests.support.consumers import (
     depths,
     forward_burst,
     make_event,
@@ -25,7 +25,7 @@ from tests.consumers.support import (
     shop_event,
     take_all,
 )
-from tests.consumers.test_shop_target import MAGENTO_TARGET, magento
+from tests.support.shop_tables import MAGENTO_TARGET, magento
 
 # The shop's own trigger refuses one address: a data error that PostgreSQL raises for that
 # message's content alone (RaiseError, SQLSTATE P0001), however the batch is cut.

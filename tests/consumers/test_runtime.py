@@ -11,7 +11,7 @@ from bridge.amqp import HEADER_ATTEMPTS, HEADER_ERROR, HEADER_FIRST_FAILURE, top
 from consumers.deadletter import dead_letter_headers
 from consumers.errors import Reject, RetryLater
 from consumers.runtime import APPLIED, Consumer, ConsumerSpec
-from tests.consumers.support import publish, ready_count, run_burst, take_all, wait_until
+from tests.support.consumers import publish, ready_count, run_burst, take_all, wait_until
 
 
 class Recorder:

@@ -21,8 +21,8 @@ from bridge.amqp import (
 )
 from bridge.app_config import AppConfig
 from consumers.subscriptions import create_consumer, serve
-from tests.conftest import TEST_APP_ID, TEST_SECRET
-from tests.consumers.support import (
+from tests.support.apps import TEST_APP_ID, TEST_SECRET
+from tests.support.consumers import (
     BASE_DATE,
     make_event,
     publish,

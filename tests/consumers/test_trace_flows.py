@@ -8,16 +8,16 @@ from urllib.parse import urlencode
 import pytest
 
 from bridge.amqp import declare_trace_topology, topology
-from bridge.fake_edrone import FakeEdrone
+from bridge.devtools.fake_edrone import FakeEdrone
 from bridge.ingress.app import create_app
-from tests.consumers.support import (
+from tests.support.consumers import (
     publish_platform,
     ready_count,
     serving_both,
     shop_event,
     wait_until,
 )
-from tests.vectors import APP_ID, EMAIL, PHONE, VECTOR_A, VECTOR_B
+from tests.support.vectors import APP_ID, EMAIL, PHONE, VECTOR_A, VECTOR_B
 
 PATH = "/update_subscriber_status"
 FORM = {"Content-Type": "application/x-www-form-urlencoded"}

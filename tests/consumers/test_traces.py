@@ -23,11 +23,11 @@ from bridge.amqp import (
     topology,
 )
 from bridge.app_config import AppConfig
-from bridge.fake_edrone import FORM
+from bridge.devtools.fake_edrone import FORM
 from consumers.trace_form import bridge_version
 from schemas.platform_event import EXAMPLE_FILE
-from tests.conftest import TEST_APP_ID, TEST_SECRET
-from tests.consumers.support import (
+from tests.support.apps import TEST_APP_ID, TEST_SECRET
+from tests.support.consumers import (
     depths,
     forward_burst,
     publish_platform,

@@ -14,11 +14,11 @@ import pytest
 
 from bridge.amqp import declare_topology, declare_trace_topology
 from bridge.app_config import AppConfig
-from bridge.history import read_history, render
+from bridge.ops.history import read_history, render
 from schemas.edrone_change import EVENT_TYPE, EdroneSubscriptionChanged
-from tests.bridge.test_cli import run_cli_async
-from tests.conftest import TEST_APP_ID, TEST_SECRET
-from tests.consumers.support import (
+from tests.support.apps import TEST_APP_ID, TEST_SECRET
+from tests.support.cli import run_cli_async
+from tests.support.consumers import (
     make_event,
     publish,
     publish_platform,

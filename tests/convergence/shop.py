@@ -21,7 +21,7 @@ import aio_pika
 import asyncpg
 from aio_pika.abc import AbstractIncomingMessage
 
-from tests.consumers.test_shop_target import MAGENTO_TARGET
+from tests.support.shop_tables import MAGENTO_TARGET
 
 TABLE = """
 CREATE TABLE newsletter_subscriber (

@@ -9,10 +9,10 @@ from urllib.parse import urlsplit
 import pytest
 
 from bridge.config import Settings
-from bridge.fake_edrone import FakeEdrone
+from bridge.devtools.fake_edrone import FakeEdrone
 from consumers import subscriptions, traces
 from consumers.runtime import Consumer
-from tests.proxy import TcpProxy
+from tests.support.proxy import TcpProxy
 
 
 async def _proxy(url: str, default_port: int) -> AsyncIterator[TcpProxy]:

@@ -12,8 +12,8 @@ from bridge.config import Settings
 from bridge.ingress.app import create_app
 from consumers import subscriptions
 from consumers.runtime import Consumer
-from tests.consumers.support import ready_count, wait_until
-from tests.faults.support import (
+from tests.support.consumers import ready_count, wait_until
+from tests.support.processes import (
     FAST_SUBSCRIPTIONS,
     Answers,
     check_ledger,
@@ -25,7 +25,7 @@ from tests.faults.support import (
     wait_for_count,
     wait_ready,
 )
-from tests.proxy import TcpProxy
+from tests.support.proxy import TcpProxy
 
 
 class TestWebhooksThroughBrokerCuts:

@@ -17,7 +17,7 @@ from bridge.ingress.app import create_app
 from consumers import subscriptions, traces
 from consumers.runtime import Consumer
 from tests.conftest import remove_amqp
-from tests.consumers.support import (
+from tests.support.consumers import (
     make_event,
     publish,
     publish_platform,
@@ -27,7 +27,7 @@ from tests.consumers.support import (
     trace_consumer,
     wait_until,
 )
-from tests.faults.support import (
+from tests.support.processes import (
     FAST_SUBSCRIPTIONS,
     FAST_TRACES,
     Answers,

@@ -8,8 +8,8 @@ import asyncio
 
 from bridge.amqp import declare_topology, topology
 from consumers import subscriptions
-from tests.consumers.support import make_event, publish, ready_count
-from tests.faults.support import (
+from tests.support.consumers import make_event, publish, ready_count
+from tests.support.processes import (
     FAST_SUBSCRIPTIONS,
     check_ledger,
     history,

@@ -9,9 +9,9 @@ from collections import Counter
 
 from bridge.amqp import declare_trace_topology, topology
 from consumers import traces
-from tests.consumers.support import publish_platform, ready_count, shop_event, wait_until
-from tests.faults.support import FAST_TRACES, accepted, report
-from tests.proxy import TcpProxy
+from tests.support.consumers import publish_platform, ready_count, shop_event, wait_until
+from tests.support.processes import FAST_TRACES, accepted, report
+from tests.support.proxy import TcpProxy
 
 BREAKER = {"breaker_failures": 5, "breaker_initial_pause_s": 0.2, "breaker_max_pause_s": 0.5}
 

@@ -14,7 +14,7 @@ import pytest
 from bridge.amqp import declare_topology, declare_trace_topology, topology
 from bridge.ingress.app import create_app
 from consumers import subscriptions
-from tests.consumers.support import (
+from tests.support.consumers import (
     make_event,
     publish,
     publish_platform,
@@ -22,7 +22,7 @@ from tests.consumers.support import (
     shop_event,
     wait_until,
 )
-from tests.faults.support import (
+from tests.support.processes import (
     FAST_TRACES,
     Answers,
     BridgeProcess,

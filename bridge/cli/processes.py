@@ -1,0 +1,208 @@
+"""The long-running commands and ``migrate``: each process of the bridge is assembled here,
+from the parts (ingress, consumers, relay), which know nothing of one another."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import functools
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+
+import asyncpg
+import structlog
+
+from bridge.cli.common import EXIT_FAILED, Subcommands, UsageError, add_command, stop_on_signals
+from bridge.config import Settings
+from bridge.migrate import migrate
+
+log = structlog.get_logger(__name__)
+
+# A long-running part of the bridge: serves until the event is set, then drains and returns.
+Part = Callable[[Settings, asyncio.Event], Awaitable[None]]
+
+
+def add_commands(commands: Subcommands) -> None:
+    add_command(
+        commands,
+        "run",
+        run_all,
+        "migrate, then serve the ingress and both consumers in one process (until SIGTERM/SIGINT)",
+    )
+    ingress = add_command(
+        commands, "ingress", run_ingress, "serve only the webhook ingress (HTTP → RabbitMQ)"
+    )
+    # Set by the first process for the others when ingress_workers is above 1.
+    ingress.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    consume = commands.add_parser(
+        "consume", help="run one consumer", description="Run one consumer until SIGTERM/SIGINT."
+    )
+    consumers = consume.add_subparsers(dest="consumer", required=True, metavar="CONSUMER")
+    add_command(
+        consumers,
+        "subscriptions",
+        run_consume_subscriptions,
+        "apply edrone's status changes to PostgreSQL (RabbitMQ → edrone_bridge.subscribers)",
+    )
+    add_command(
+        consumers,
+        "traces",
+        run_consume_traces,
+        "forward the shop's subscription changes to edrone's trace API (RabbitMQ → edrone)",
+    )
+    add_command(commands, "migrate", run_migrate, "apply the pending SQL migrations and print them")
+    add_command(
+        commands,
+        "relay",
+        run_relay,
+        "install the outbox trigger on each app's target table, then publish the shop's changes "
+        "it records as platform events (PostgreSQL outbox → RabbitMQ), until SIGTERM/SIGINT",
+    )
+
+
+async def run_migrate(settings: Settings, args: argparse.Namespace) -> int:
+    applied = await apply_migrations(settings)
+    for name in applied:
+        print(f"applied {name}")
+    if not applied:
+        print(f"schema {settings.database_schema} is up to date")
+    return 0
+
+
+async def apply_migrations(settings: Settings) -> list[str]:
+    conn = await asyncpg.connect(settings.database_url.get_secret_value(), timeout=10)
+    try:
+        return await migrate(conn, settings.database_schema)
+    finally:
+        await conn.close()
+
+
+# The parts are imported only by the commands that run them, so that `sign`, `migrate` and
+# `--help` work without them.
+def ingress_part() -> Part:
+    from bridge.ingress.app import serve
+
+    return serve
+
+
+def subscriptions_part() -> Part:
+    from consumers.subscriptions import serve
+
+    return serve
+
+
+def traces_part() -> Part:
+    from consumers.traces import serve
+
+    return serve
+
+
+async def run_ingress(settings: Settings, args: argparse.Namespace) -> int:
+    stopping = stop_on_signals()
+    if args.worker or settings.ingress_workers == 1:
+        from bridge.ingress.app import serve
+
+        await serve(settings, stopping, reuse_port=args.worker)
+        return 0
+    if settings.http_port == 0:
+        raise UsageError("ingress_workers above 1 needs a fixed http_port (0 picks one each)")
+    return await serve_ingress_workers(settings, stopping)
+
+
+async def serve_ingress_workers(settings: Settings, stopping: asyncio.Event) -> int:
+    """Serve as one of ``ingress_workers`` processes on one port; the others are ``ingress
+    --worker`` children (same environment, so the same settings). A stop reaches them all; a
+    worker that exits unasked stops the rest, and the exit code is then 1."""
+    workers = [
+        await asyncio.create_subprocess_exec(sys.executable, "-m", "bridge", "ingress", "--worker")
+        for _ in range(settings.ingress_workers - 1)
+    ]
+    log.info("ingress_workers_started", pids=[worker.pid for worker in workers])
+    failed: list[int] = []
+
+    async def watch(worker: asyncio.subprocess.Process) -> None:
+        code = await worker.wait()
+        if not stopping.is_set():
+            log.error("ingress_worker_exited", pid=worker.pid, code=code)
+            failed.append(worker.pid)
+            stopping.set()
+
+    async def relay_stop() -> None:
+        await stopping.wait()
+        for worker in workers:
+            if worker.returncode is None:
+                worker.send_signal(signal.SIGTERM)
+
+    watchers = [asyncio.create_task(watch(worker)) for worker in workers]
+    relay = asyncio.create_task(relay_stop())
+    from bridge.ingress.app import serve
+
+    try:
+        await serve(settings, stopping, reuse_port=True)
+    finally:
+        stopping.set()
+        await relay
+        # The workers drain within the same shutdown timeout as this process.
+        await asyncio.wait(watchers, timeout=settings.shutdown_timeout_s + 5.0)
+        for worker in workers:
+            if worker.returncode is None:
+                worker.kill()
+        await asyncio.gather(*watchers, return_exceptions=True)
+    return EXIT_FAILED if failed else 0
+
+
+async def run_consume_subscriptions(settings: Settings, args: argparse.Namespace) -> int:
+    await subscriptions_part()(settings, stop_on_signals())
+    return 0
+
+
+async def run_consume_traces(settings: Settings, args: argparse.Namespace) -> int:
+    await traces_part()(settings, stop_on_signals())
+    return 0
+
+
+async def run_relay(settings: Settings, args: argparse.Namespace) -> int:
+    from bridge.relay import serve
+
+    await serve(settings, stop_on_signals())
+    return 0
+
+
+async def run_all(settings: Settings, args: argparse.Namespace) -> int:
+    """Migrate, then the ingress and both consumers side by side; each declares the topology it
+    needs. A crash in one cancels the others; a part that returns before a stop was asked for
+    stops the others gracefully and makes the exit code non-zero."""
+    from bridge.metrics import Metrics
+
+    # One registry for the process, exposed on the ingress's /metrics.
+    metrics = Metrics()
+    consume_subscriptions, consume_traces = subscriptions_part(), traces_part()
+    parts: dict[str, Part] = {
+        "ingress": functools.partial(ingress_part(), metrics=metrics),
+        "consume subscriptions": functools.partial(
+            consume_subscriptions, metrics=metrics, expose_metrics=False
+        ),
+        "consume traces": functools.partial(consume_traces, metrics=metrics, expose_metrics=False),
+    }
+    await apply_migrations(settings)
+    stopping = stop_on_signals()
+    failed: list[str] = []
+
+    async def supervise(name: str, serve: Part) -> None:
+        await serve(settings, stopping)
+        if not stopping.is_set():
+            log.error("part_exited", part=name)
+            failed.append(name)
+            stopping.set()
+
+    try:
+        async with asyncio.TaskGroup() as group:
+            for name, serve in parts.items():
+                group.create_task(supervise(name, serve), name=name)
+    except ExceptionGroup as crashed:
+        # Usually one part crashed and the other was cancelled: report that one error plainly.
+        if len(crashed.exceptions) == 1:
+            raise crashed.exceptions[0] from None
+        raise
+    return EXIT_FAILED if failed else 0

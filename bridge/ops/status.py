@@ -1,0 +1,346 @@
+"""The engine of ``edrone-bridge status``: every queue's depth, consumers and oldest age, the
+database and its migrations, and the verdict on what is unhealthy and why."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+from yarl import URL
+
+from bridge.amqp import topology
+from bridge.config import Settings
+from bridge.migrate import load_migrations
+from bridge.ops.queue_status import (
+    BrokerStatus,
+    Management,
+    QueueSpec,
+    QueueStatus,
+    error_text,
+    inspect_broker,
+    management_for,
+)
+
+DEFAULT_TIMEOUT_S = 5.0
+DEFAULT_MAX_AGE_S = 600.0
+# Database failures that status reports instead of raising.
+_DB_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What still counts as healthy: dead letters allowed per DLQ, age of the oldest message."""
+
+    max_dlq: int = 0
+    max_age_s: float = DEFAULT_MAX_AGE_S
+
+
+@dataclass
+class DatabaseStatus:
+    url: str  # without credentials
+    schema: str
+    reachable: bool = False
+    error: str | None = None
+    response_ms: float | None = None  # connect plus SELECT 1
+    applied: list[str] = field(default_factory=list)
+    pending: list[str] = field(default_factory=list)
+    changed: list[str] = field(default_factory=list)  # edited after they were applied
+    unknown: list[str] = field(default_factory=list)  # applied by a newer bridge
+
+
+@dataclass(frozen=True)
+class Problem:
+    code: str  # stable: broker_unreachable, missing_queue, dead_letters, no_consumer, ...
+    subject: str  # a queue name, "broker" or "database"
+    reason: str
+
+
+@dataclass
+class Status:
+    checked_at: datetime
+    prefix: str
+    limits: Limits
+    broker: BrokerStatus
+    queues: list[QueueStatus]
+    database: DatabaseStatus
+    problems: list[Problem] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def healthy(self) -> bool:
+        return not self.problems
+
+
+# --- the check -------------------------------------------------------------------------------
+
+
+async def check_status(
+    settings: Settings,
+    *,
+    management: Management | None = None,
+    limits: Limits = Limits(),
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+) -> Status:
+    """Look at the broker and the database side by side (every wait bounded by ``timeout_s``)
+    and judge the deployment against ``limits``. Never removes or acks a message."""
+    amqp_url = settings.amqp_url.get_secret_value()
+    management = management or management_for(amqp_url)
+    specs = queue_specs(settings)
+    checked_at = datetime.now(UTC)
+    (broker, queues, notes), database = await asyncio.gather(
+        inspect_broker(amqp_url, specs, management, timeout_s),
+        inspect_database(settings, timeout_s),
+    )
+    for queue, spec in zip(queues, specs, strict=True):
+        if queue.kind != "dlq":
+            queue.age_limit_s = spec.scheduled_s + limits.max_age_s
+    status = Status(checked_at, settings.amqp_prefix, limits, broker, queues, database)
+    status.problems = evaluate(status)
+    status.notes = notes + _notes(status)
+    return status
+
+
+def queue_specs(settings: Settings) -> list[QueueSpec]:
+    """Every queue of the deployment, in ``Topology.queues()`` order."""
+    names = topology(settings)
+    work = names.work_queues()
+    specs = [QueueSpec(q, "work", q) for q in work]
+    specs += [QueueSpec(names.dead_letter_queue(q), "dlq", q) for q in work]
+    tiers = settings.traces.retry_tiers_s
+    specs += [
+        QueueSpec(name, "retry", names.traces_queue, scheduled_s=sum(tiers[: i + 1]))
+        for i, name in enumerate(names.retry_queues(tiers))
+    ]
+    return specs
+
+
+def evaluate(status: Status) -> list[Problem]:
+    """What is unhealthy, and why, in the order the status shows it."""
+    problems: list[Problem] = []
+    broker = status.broker
+    if not broker.reachable:
+        problems.append(
+            Problem("broker_unreachable", "broker", f"RabbitMQ at {broker.url}: {broker.error}")
+        )
+    for queue in status.queues:
+        problems += _queue_problems(queue, status.limits, status.prefix)
+    return problems + _database_problems(status.database)
+
+
+def _queue_problems(queue: QueueStatus, limits: Limits, prefix: str) -> list[Problem]:
+    found: list[Problem] = []
+    short = queue.work_queue.removeprefix(f"{prefix}.")
+    if queue.exists is False:
+        why = f"does not exist; `edrone-bridge consume {short}` (or `run`) declares it at start"
+        return [Problem("missing_queue", queue.name, why)]
+    messages = queue.messages or 0
+    if queue.kind == "dlq" and messages > limits.max_dlq:
+        found.append(
+            Problem(
+                "dead_letters",
+                queue.name,
+                f"holds {_plural(messages, 'dead-lettered message')} "
+                f"(allowed: {limits.max_dlq}), oldest {_age_text(queue.oldest_age_s)}; "
+                f"see `edrone-bridge dlq list {short}`",
+            )
+        )
+    if queue.kind == "work" and (queue.ready or 0) > 0 and queue.consumers == 0:
+        found.append(
+            Problem(
+                "no_consumer",
+                queue.name,
+                f"{_plural(queue.ready, 'ready message')} and no consumer",
+            )
+        )
+    age, limit = queue.oldest_age_s, queue.age_limit_s
+    if age is not None and limit is not None and age > limit:
+        found.append(
+            Problem(
+                "too_old",
+                queue.name,
+                f"oldest message is {_age_text(age)} old (limit {_age_text(limit)})",
+            )
+        )
+    return found
+
+
+def _database_problems(database: DatabaseStatus) -> list[Problem]:
+    where = f"PostgreSQL at {database.url}"
+    if not database.reachable:
+        return [Problem("database_unreachable", "database", f"{where}: {database.error}")]
+    found = []
+    if database.error:  # reachable, but the migrations could not be read
+        found.append(Problem("migrations_unknown", "database", f"{where}: {database.error}"))
+    if database.pending:
+        found.append(
+            Problem(
+                "migrations_pending",
+                "database",
+                f"{_plural(len(database.pending), 'migration')} pending in schema "
+                f"{database.schema}: {', '.join(database.pending)}; run `edrone-bridge migrate`",
+            )
+        )
+    for name in database.changed:
+        found.append(
+            Problem("migration_changed", "database", f"{name} was changed after it was applied")
+        )
+    return found
+
+
+def _notes(status: Status) -> list[str]:
+    notes = []
+    if status.broker.management_error is not None and status.broker.reachable:
+        notes.append(
+            f"management API unavailable ({status.broker.management_error}): ready and consumer "
+            "counts come from AMQP, unacked counts are unknown; enable it with `rabbitmq-plugins "
+            "enable rabbitmq_management` or give --management-url"
+        )
+    unsampled = [q.name for q in status.queues if q.exists and q.source == "amqp"]
+    if status.broker.management_error is None and unsampled:
+        notes.append(
+            "the management API has no statistics yet for "
+            + ", ".join(unsampled)
+            + " (new queues): counted over AMQP, unacked unknown"
+        )
+    if any(q.kind == "work" and q.messages and q.oldest_age_s is None for q in status.queues):
+        notes.append(
+            "work queues are never peeked (a read would count toward their delivery limit): "
+            "their oldest age is unknown here; each consumer's /metrics has the age of what it "
+            "holds"
+        )
+    if status.database.unknown:
+        notes.append("migrations applied by a newer bridge: " + ", ".join(status.database.unknown))
+    return notes
+
+
+def _plural(count: int | None, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
+def _age_text(seconds: float | None) -> str:
+    return "unknown" if seconds is None else f"{seconds:.0f} s"
+
+
+# --- the database ----------------------------------------------------------------------------
+
+
+async def inspect_database(settings: Settings, timeout_s: float) -> DatabaseStatus:
+    """Connect and ``SELECT 1``, then compare ``schema_migrations`` with the migration files."""
+    url = settings.database_url.get_secret_value()
+    database = DatabaseStatus(_database_shown(url), settings.database_schema)
+    started = time.monotonic()
+    try:
+        conn = await asyncpg.connect(url, timeout=timeout_s)
+    except _DB_ERRORS as exc:
+        database.error = error_text(exc, timeout_s)
+        return database
+    try:
+        await conn.fetchval("SELECT 1", timeout=timeout_s)
+        database.response_ms = (time.monotonic() - started) * 1000
+        database.reachable = True
+        rows = await _applied_migrations(conn, settings.database_schema, timeout_s)
+        _compare_migrations(database, rows)
+    except _DB_ERRORS as exc:
+        database.error = error_text(exc, timeout_s)
+    finally:
+        await conn.close(timeout=timeout_s)
+    return database
+
+
+async def _applied_migrations(
+    conn: asyncpg.Connection, schema: str, timeout_s: float
+) -> list[asyncpg.Record]:
+    # The schema name is validated by Settings (lower-case identifier), so quoting suffices.
+    try:
+        rows: list[asyncpg.Record] = await conn.fetch(
+            f'SELECT version, name, checksum FROM "{schema}".schema_migrations', timeout=timeout_s
+        )
+    except (asyncpg.UndefinedTableError, asyncpg.InvalidSchemaNameError):
+        return []  # never migrated: every migration is pending
+    return rows
+
+
+def _compare_migrations(database: DatabaseStatus, rows: Sequence[asyncpg.Record]) -> None:
+    done = {row["version"]: row for row in rows}
+    known = load_migrations()
+    for migration in known:
+        row = done.get(migration.version)
+        if row is None:
+            database.pending.append(migration.name)
+        elif row["checksum"] != migration.checksum:
+            database.changed.append(migration.name)
+        else:
+            database.applied.append(migration.name)
+    versions = {m.version for m in known}
+    database.unknown = [row["name"] for v, row in sorted(done.items()) if v not in versions]
+
+
+def _database_shown(url: str) -> str:
+    parsed = URL(url)
+    return str(parsed.with_user(None).with_query(None)) if parsed.host else "(local socket)"
+
+
+# --- JSON ------------------------------------------------------------------------------------
+
+
+def to_json(status: Status) -> dict[str, Any]:
+    """The ``status --json`` document; its keys are a contract for monitoring scripts."""
+    broker, database = status.broker, status.database
+    return {
+        "healthy": status.healthy,
+        "checked_at": status.checked_at.isoformat(timespec="seconds"),
+        "prefix": status.prefix,
+        "limits": {"max_dlq": status.limits.max_dlq, "max_age_s": status.limits.max_age_s},
+        "broker": {
+            "url": broker.url,
+            "vhost": broker.vhost,
+            "reachable": broker.reachable,
+            "error": broker.error,
+            "management_url": broker.management_url,
+            "management_reachable": broker.management_error is None,
+            "management_error": broker.management_error,
+        },
+        "queues": [_queue_json(queue) for queue in status.queues],
+        "database": {
+            "url": database.url,
+            "schema": database.schema,
+            "reachable": database.reachable,
+            "error": database.error,
+            "response_ms": _rounded(database.response_ms, 1),
+            "migrations": {
+                "applied": database.applied,
+                "pending": database.pending,
+                "changed": database.changed,
+                "unknown": database.unknown,
+            },
+        },
+        "problems": [
+            {"code": p.code, "subject": p.subject, "reason": p.reason} for p in status.problems
+        ],
+        "notes": status.notes,
+    }
+
+
+def _queue_json(queue: QueueStatus) -> dict[str, Any]:
+    return {
+        "name": queue.name,
+        "kind": queue.kind,
+        "work_queue": queue.work_queue,
+        "exists": queue.exists,
+        "ready": queue.ready,
+        "unacked": queue.unacked,
+        "consumers": queue.consumers,
+        "source": queue.source,
+        "oldest_age_s": _rounded(queue.oldest_age_s, 3),
+        "age_since": queue.age_since,
+        "age_limit_s": queue.age_limit_s,
+    }
+
+
+def _rounded(value: float | None, digits: int) -> float | None:
+    return None if value is None else round(value, digits)

@@ -1,0 +1,2 @@
+"""Helpers the tests share: one home for each (apps, vectors, cli, consumers, processes, proxy,
+shop tables, webhooks)."""
