@@ -1,5 +1,5 @@
-# Benchmarks run against the local RabbitMQ and PostgreSQL (the tests' services); see the
-# README's "Benchmarks" section.
+# Benchmarks run against the local RabbitMQ and PostgreSQL (the tests' services); see
+# docs/benchmarks.md.
 PYTHON ?= .venv/bin/python
 BENCH_ARGS ?=
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import aio_pika
 import structlog
@@ -17,13 +17,6 @@ log = structlog.get_logger(__name__)
 
 # Routing keys of the webhook exchange: one per channel, so a deployment may split the two.
 ROUTING_KEY_BY_CHANNEL = {"email": "subscription.email", "sms": "subscription.sms"}
-
-# Headers the runtime sets on a message it dead-letters (DESIGN.md promise 4).
-HEADER_ERROR = "x-error"
-HEADER_ATTEMPTS = "x-attempts"
-HEADER_FIRST_FAILURE = "x-first-failure-at"
-HEADER_DEAD_LETTERED_AT = "x-dead-lettered-at"
-HEADER_ORIGINAL_QUEUE = "x-original-queue"
 
 
 @dataclass(frozen=True)
@@ -78,6 +71,59 @@ class Topology:
 
 def topology(settings: Settings) -> Topology:
     return Topology(settings.amqp_prefix)
+
+
+QueueKind = Literal["work", "dlq", "retry"]
+
+
+@dataclass(frozen=True)
+class QueueSpec:
+    """One queue of the deployment: what it is for, the work queue it serves, and the numbers
+    it is declared with, so that the tools read them from here instead of deriving them anew."""
+
+    name: str
+    kind: QueueKind
+    work_queue: str
+    # A work queue's x-delivery-limit (None: none, as on dead-letter and retry-tier queues).
+    delivery_limit: int | None = None
+    # A retry tier's own delay, and how long its message has waited by design since its first
+    # failure: this tier and every shorter one.
+    delay_s: float | None = None
+    scheduled_s: float = 0.0
+
+
+def queue_specs(settings: Settings) -> list[QueueSpec]:
+    """Every queue of the deployment, in ``Topology.queues()`` order."""
+    names = topology(settings)
+    limits = {
+        names.subscriptions_queue: settings.subscriptions.delivery_limit,
+        names.traces_queue: settings.traces.delivery_limit,
+    }
+    work = names.work_queues()
+    specs = [QueueSpec(q, "work", q, delivery_limit=limits[q]) for q in work]
+    specs += [QueueSpec(names.dead_letter_queue(q), "dlq", q) for q in work]
+    tiers = settings.traces.retry_tiers_s
+    specs += [
+        QueueSpec(
+            names.retry_queue(names.traces_queue, delay_s),
+            "retry",
+            names.traces_queue,
+            delay_s=delay_s,
+            scheduled_s=sum(tiers[: i + 1]),
+        )
+        for i, delay_s in enumerate(tiers)
+    ]
+    return specs
+
+
+def delivery_limits(settings: Settings) -> dict[str, int]:
+    """Each work queue's x-delivery-limit, to count the attempts of a broker-dead-lettered
+    message (declaration fails unless the queue's argument matches these settings)."""
+    return {
+        spec.name: spec.delivery_limit
+        for spec in queue_specs(settings)
+        if spec.delivery_limit is not None
+    }
 
 
 async def connect(settings: Settings, name: str) -> AbstractRobustConnection:

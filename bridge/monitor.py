@@ -13,7 +13,7 @@ import asyncpg
 import structlog
 from aio_pika.abc import AbstractChannel, AbstractConnection
 
-from bridge.amqp import HEADER_DEAD_LETTERED_AT
+from bridge.headers import head_age
 from bridge.metrics import Metrics
 
 log = structlog.get_logger(__name__)
@@ -90,12 +90,7 @@ async def _peek_age(channel: AbstractChannel, name: str) -> float | None:
     if message is None:
         return None
     try:
-        stamp = (message.headers or {}).get(HEADER_DEAD_LETTERED_AT)
-        when = datetime.fromisoformat(stamp) if isinstance(stamp, str) else message.timestamp
-    except ValueError:
-        when = message.timestamp
+        age, _ = head_age("dlq", message.headers or {}, message.timestamp, datetime.now(UTC))
     finally:
         await message.reject(requeue=True)
-    if when is None:
-        return None
-    return max(0.0, (datetime.now(UTC) - when.replace(tzinfo=when.tzinfo or UTC)).total_seconds())
+    return age

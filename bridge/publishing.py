@@ -1,4 +1,6 @@
-"""Confirmed publishing: a message counts as sent only when the broker has confirmed it."""
+"""Confirmed publishing, the one way the bridge publishes: a message counts as sent only when
+the broker has confirmed it (the ingress, the relay, the dispatcher, the runtime's dead-letter
+and retry copies, and ``dlq replay`` all go through :func:`publish_confirmed`)."""
 
 from __future__ import annotations
 
@@ -9,14 +11,72 @@ from typing import Any
 
 import aio_pika
 import structlog
-from aio_pika.abc import AbstractChannel, AbstractExchange
+from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMessage
 from pamqp.commands import Basic
 
 log = structlog.get_logger(__name__)
 
 
 class PublishFailed(Exception):
-    """The broker did not confirm the message (unreachable, refused, unroutable or too slow)."""
+    """The broker did not confirm the message (unreachable, refused, unroutable or too slow).
+
+    ``timed_out``: no answer in time (the message may have been stored after all);
+    ``refused``: the broker answered, and not with an ack ("nacked", "returned as unroutable");
+    neither: the channel or connection was lost (the cause is chained)."""
+
+    def __init__(self, reason: str, *, timed_out: bool = False, refused: str | None = None) -> None:
+        super().__init__(reason)
+        self.timed_out = timed_out
+        self.refused = refused
+
+
+async def publish_confirmed(
+    exchange: AbstractExchange,
+    message: aio_pika.Message,
+    routing_key: str,
+    *,
+    timeout_s: float,
+    mandatory: bool = True,
+) -> None:
+    """Publish ``message`` and return once the broker confirmed it stored it; raise
+    :class:`PublishFailed` otherwise. ``exchange`` must belong to a channel with publisher
+    confirms. ``mandatory`` makes an unroutable message a failure instead of a silent drop."""
+    try:
+        confirmation = await exchange.publish(
+            message, routing_key, mandatory=mandatory, timeout=timeout_s
+        )
+    except TimeoutError:
+        raise PublishFailed(f"no confirm within {timeout_s:g}s", timed_out=True) from None
+    except Exception as exc:
+        # Not only aio-pika's errors, ConnectionError and RuntimeError: aiormq fails a
+        # pending publish with the bare Exception class when its channel closes without an
+        # error of its own. Unconfirmed either way.
+        raise PublishFailed(repr(exc)) from exc
+    # Basic.Ack is the only answer that means stored; a returned message means unroutable.
+    if not isinstance(confirmation, Basic.Ack):
+        why = "nacked" if isinstance(confirmation, Basic.Nack) else "returned as unroutable"
+        raise PublishFailed(f"broker did not store the message ({why})", refused=why)
+
+
+def copy_of(
+    delivery: AbstractIncomingMessage, headers: Mapping[str, Any], *, message_id: str | None = None
+) -> aio_pika.Message:
+    """A persistent copy of ``delivery`` with new ``headers`` and every property kept. aiormq
+    matches a broker's return to its publish by message_id: a copy without one would pass for
+    a confirmed one if unroutable, so ``message_id`` gives one where the delivery has none."""
+    return aio_pika.Message(
+        delivery.body,
+        headers=dict(headers),
+        content_type=delivery.content_type,
+        content_encoding=delivery.content_encoding,
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        message_id=delivery.message_id or message_id,
+        correlation_id=delivery.correlation_id,
+        timestamp=delivery.timestamp,
+        type=delivery.type,
+        app_id=delivery.app_id,
+        priority=delivery.priority,
+    )
 
 
 class ConfirmedPublisher:
@@ -94,17 +154,11 @@ class ConfirmedPublisher:
             # The consumers read a message's age from it (queue_oldest_message_age_seconds).
             timestamp=datetime.now(UTC),
         )
-        try:
-            confirmation = await self._exchange.publish(
-                message, routing_key, mandatory=self._mandatory, timeout=self._timeout_s
-            )
-        except TimeoutError:
-            raise PublishFailed(f"no confirm within {self._timeout_s}s") from None
-        except Exception as exc:
-            # Not only aio-pika's errors, ConnectionError and RuntimeError: aiormq fails a
-            # pending publish with the bare Exception class when its channel closes without an
-            # error of its own. Unconfirmed either way: a 503, never a 500 (promise 1).
-            raise PublishFailed(repr(exc)) from exc
-        # Basic.Ack is the only answer that means stored; a returned message means unroutable.
-        if not isinstance(confirmation, Basic.Ack):
-            raise PublishFailed(f"broker did not store the message: {type(confirmation).__name__}")
+        # A 503, never a 500, when unconfirmed (docs/design.md promise 1).
+        await publish_confirmed(
+            self._exchange,
+            message,
+            routing_key,
+            timeout_s=self._timeout_s,
+            mandatory=self._mandatory,
+        )

@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING
 import structlog
 from aio_pika.abc import AbstractIncomingMessage
 
-from consumers.deadletter import DeadLetterPublisher, RetryPublisher, attempts_so_far
+from bridge.headers import attempts_so_far
+from consumers.deadletter import DeadLetterPublisher, RetryPublisher
 from consumers.errors import Defer, Reject
 
 if TYPE_CHECKING:  # consumers.spec imports Copy from here

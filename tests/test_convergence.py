@@ -8,7 +8,7 @@ relay, and two that publish their own changes and echo the bridge's (with and wi
 that status must be the newest change a person made.
 
 ``EDRONE_BRIDGE_MODEL_ADDRESSES`` sets the addresses per shop (2,000), and
-``EDRONE_BRIDGE_MODEL_SEED`` replays a run (the seed is printed); see the README."""
+``EDRONE_BRIDGE_MODEL_SEED`` replays a run (the seed is printed); see docs/testing.md."""
 
 from __future__ import annotations
 

@@ -20,11 +20,12 @@ from aio_pika.abc import (
     AbstractQueue,
 )
 from aio_pika.exceptions import AMQPError, ChannelInvalidStateError, ChannelNotFoundEntity
-from pamqp.commands import Basic
 
-from bridge.amqp import Topology, topology
+from bridge.amqp import Topology, delivery_limits, topology
 from bridge.config import Settings
-from bridge.ops.dlq_messages import DeadLetter, describe, replay_headers
+from bridge.headers import replay_headers
+from bridge.ops.dlq_messages import DeadLetter, describe
+from bridge.publishing import PublishFailed, copy_of, publish_confirmed
 
 log = structlog.get_logger(__name__)
 
@@ -45,7 +46,14 @@ class UnknownQueue(DeadLetterError):
 
 
 # What ends a replay early; nothing is lost, as every message not yet acked goes back to the DLQ.
-_STOPS_A_REPLAY = (DeadLetterError, AMQPError, ChannelInvalidStateError, OSError, TimeoutError)
+_STOPS_A_REPLAY = (
+    DeadLetterError,
+    PublishFailed,
+    AMQPError,
+    ChannelInvalidStateError,
+    OSError,
+    TimeoutError,
+)
 
 
 @dataclass(frozen=True)
@@ -90,16 +98,6 @@ def resolve_queue(names: Topology, name: str) -> tuple[str, str]:
         f"{name!r} is not a dead-letter queue of this deployment (prefix {names.prefix!r}); "
         f"give one of {', '.join(short)} or {', '.join(work_by_dlq)}"
     )
-
-
-def delivery_limits(settings: Settings) -> dict[str, int]:
-    """Each work queue's x-delivery-limit, to count the attempts of a broker-dead-lettered
-    message (declaration fails unless the queue's argument matches these settings)."""
-    names = topology(settings)
-    return {
-        names.subscriptions_queue: settings.subscriptions.delivery_limit,
-        names.traces_queue: settings.traces.delivery_limit,
-    }
 
 
 # --- operations ------------------------------------------------------------------------------
@@ -208,7 +206,9 @@ async def purge(
 def _why_stopped(exc: BaseException, timeout_s: float) -> str:
     if isinstance(exc, DeadLetterError):
         return str(exc)
-    if isinstance(exc, TimeoutError):
+    if isinstance(exc, PublishFailed) and exc.__cause__ is not None:
+        exc = exc.__cause__
+    if isinstance(exc, TimeoutError) or (isinstance(exc, PublishFailed) and exc.timed_out):
         # Maybe stored after all: the message stays in the DLQ and may be in both queues.
         return f"RabbitMQ did not confirm a republish within {timeout_s:g} s"
     return f"lost the channel to RabbitMQ ({type(exc).__name__})"
@@ -322,28 +322,20 @@ class _Replayer:
             await _require_queue(self._opened.connection, target, self._timeout_s)
             self._checked.add(target)
         await self._pacer.wait()
-        message = aio_pika.Message(
-            delivery.body,
-            headers=replay_headers(delivery.headers, datetime.now(UTC)),
-            content_type=delivery.content_type,
-            content_encoding=delivery.content_encoding,
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            # aiormq matches a broker's return to its publish by message_id: without one, an
-            # unroutable copy would pass for a confirmed one.
-            message_id=delivery.message_id or dead.id,
-            correlation_id=delivery.correlation_id,
-            timestamp=delivery.timestamp,
-            type=delivery.type,
-            app_id=delivery.app_id,
-            priority=delivery.priority,
-        )
         # mandatory: a copy no queue took must come back as a failure, not vanish.
-        confirmation = await self._opened.channel.default_exchange.publish(
-            message, target, mandatory=True, timeout=self._timeout_s
+        message = copy_of(
+            delivery, replay_headers(delivery.headers, datetime.now(UTC)), message_id=dead.id
         )
-        if not isinstance(confirmation, Basic.Ack):
-            why = "nacked" if isinstance(confirmation, Basic.Nack) else "returned as unroutable"
-            raise DeadLetterError(f"message {dead.id}: {target} did not take it ({why})")
+        try:
+            await publish_confirmed(
+                self._opened.channel.default_exchange, message, target, timeout_s=self._timeout_s
+            )
+        except PublishFailed as exc:
+            if exc.refused is None:
+                raise
+            raise DeadLetterError(
+                f"message {dead.id}: {target} did not take it ({exc.refused})"
+            ) from None
         await delivery.ack()
         log.info("dlq_message_replayed", queue=target, id=dead.id)
         return target

@@ -1,5 +1,5 @@
-"""What a dead-lettered message's headers say: id, attempts, last error, age, original queue;
-and the headers it carries when replayed."""
+"""A dead-lettered message as ``dlq`` shows it: id, attempts, last error, age and original
+queue, read from the headers of bridge/headers.py; its body and properties as JSON."""
 
 from __future__ import annotations
 
@@ -8,41 +8,23 @@ import hashlib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
 from aio_pika.abc import AbstractIncomingMessage
 
-from bridge.amqp import (
+from bridge.headers import (
+    DEATH_DELIVERY_LIMIT,
     HEADER_ATTEMPTS,
     HEADER_DEAD_LETTERED_AT,
+    HEADER_DELIVERY_COUNT,
     HEADER_ERROR,
     HEADER_FIRST_FAILURE,
     HEADER_ORIGINAL_QUEUE,
+    as_datetime,
+    broker_death,
 )
-
-HEADER_REPLAYED_AT = "x-replayed-at"
-# Set by the quorum DLQ itself: how often *this copy* was delivered, and every read without
-# removing counts. It says nothing about the failed attempts, so it is neither shown nor replayed.
-HEADER_DELIVERY_COUNT = "x-delivery-count"
-HEADER_DEATHS = "x-death"
-# A replayed message starts over: no trace of its past failures (issue 3, item 6).
-RESET_HEADERS = frozenset(
-    {
-        HEADER_ATTEMPTS,
-        HEADER_ERROR,
-        HEADER_FIRST_FAILURE,
-        HEADER_DEAD_LETTERED_AT,
-        HEADER_ORIGINAL_QUEUE,
-        HEADER_DEATHS,
-        HEADER_DELIVERY_COUNT,
-    }
-)
-RESET_HEADER_PREFIXES = ("x-first-death-", "x-last-death-")
-# x-death reasons; "expired" is a retry tier handing a message back, not a failure.
-DEATH_EXPIRED = "expired"
-DEATH_DELIVERY_LIMIT = "delivery_limit"
 
 MESSAGE_PROPERTIES = (
     "message_id",
@@ -152,31 +134,11 @@ def _broker_story(
     return (recorded or 0) + deliveries, story, as_datetime(death.get("time"))
 
 
-def broker_death(headers: Mapping[str, Any]) -> dict[str, Any] | None:
-    """The newest ``x-death`` entry that records a failure, if the broker dead-lettered it."""
-    deaths = headers.get(HEADER_DEATHS)
-    if not isinstance(deaths, list):
-        return None
-    failures = (d for d in deaths if isinstance(d, dict) and d.get("reason") != DEATH_EXPIRED)
-    return next(failures, None)
-
-
 def fallback_id(body: bytes, headers: Mapping[str, Any]) -> str:
     """An id for a message without ``message_id``: the same on every read of the same copy."""
     stable = {k: v for k, v in headers.items() if k != HEADER_DELIVERY_COUNT}
     canonical = json.dumps(jsonable(stable), sort_keys=True).encode()
     return "sha256-" + hashlib.sha256(body + b"\0" + canonical).hexdigest()[:16]
-
-
-def replay_headers(headers: Mapping[str, Any] | None, now: datetime) -> dict[str, Any]:
-    """The headers a replayed message carries: its own, without any record of its failures."""
-    kept = {
-        name: value
-        for name, value in (headers or {}).items()
-        if name not in RESET_HEADERS and not name.startswith(RESET_HEADER_PREFIXES)
-    }
-    kept[HEADER_REPLAYED_AT] = now.isoformat(timespec="milliseconds")
-    return kept
 
 
 def decode_body(body: bytes) -> tuple[str, Any]:
@@ -219,21 +181,6 @@ def _as_str(value: Any) -> str | None:
     if isinstance(value, bytes):
         value = value.decode("utf-8", errors="replace")
     return value if isinstance(value, str) and value else None
-
-
-def as_datetime(value: Any) -> datetime | None:
-    """A header's time (an ISO string, its bytes, or an AMQP timestamp) as an aware datetime;
-    None when it is none of those."""
-    if isinstance(value, bytes):
-        value = value.decode("utf-8", errors="replace")
-    if isinstance(value, str):
-        try:
-            value = datetime.fromisoformat(value)
-        except ValueError:
-            return None
-    if not isinstance(value, datetime):
-        return None
-    return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
 def _iso(value: datetime | None) -> str | None:

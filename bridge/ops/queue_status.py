@@ -20,8 +20,8 @@ from aio_pika.abc import AbstractConnection
 from aio_pika.exceptions import AMQPError, ChannelInvalidStateError, ChannelNotFoundEntity
 from yarl import URL
 
-from bridge.amqp import HEADER_DEAD_LETTERED_AT, HEADER_FIRST_FAILURE
-from bridge.ops.dlq_messages import as_datetime, broker_death
+from bridge.amqp import QueueKind, QueueSpec
+from bridge.headers import AgeSince, head_age
 
 MANAGEMENT_PORT = 15672
 MANAGEMENT_TLS_PORT = 15671
@@ -30,10 +30,6 @@ _API_COLUMNS = "name,messages_ready,messages_unacknowledged,consumers,head_messa
 # Broker failures that status reports instead of raising.
 AMQP_ERRORS = (OSError, TimeoutError, AMQPError, ChannelInvalidStateError)
 
-QueueKind = Literal["work", "dlq", "retry"]
-# What a head message's age is counted from.
-AgeSince = Literal["dead_lettered", "first_failure", "published"]
-
 
 @dataclass(frozen=True)
 class Management:
@@ -41,17 +37,6 @@ class Management:
 
     url: str
     authorization: str = field(repr=False)
-
-
-@dataclass(frozen=True)
-class QueueSpec:
-    """One queue of the deployment and how long its messages may wait by design."""
-
-    name: str
-    kind: QueueKind
-    work_queue: str
-    # A retry tier's message has waited this tier and every shorter one since its first failure.
-    scheduled_s: float = 0.0
 
 
 @dataclass
@@ -258,26 +243,6 @@ async def _peek_age(connection: AbstractConnection, queue: QueueStatus, timeout_
     if head is not None:
         age = head_age(queue.kind, head.headers or {}, head.timestamp, datetime.now(UTC))
         queue.oldest_age_s, queue.age_since = age
-
-
-def head_age(
-    kind: QueueKind, headers: Mapping[str, Any], timestamp: datetime | None, now: datetime
-) -> tuple[float | None, AgeSince | None]:
-    """Seconds since a dead letter was dead-lettered, since a retried message first failed, or
-    since the message was published, whichever its headers and properties tell first."""
-    candidates: list[tuple[AgeSince, Any]] = []
-    if kind == "dlq":
-        death = broker_death(headers)  # the broker's record, when it dead-lettered it itself
-        candidates += [
-            ("dead_lettered", headers.get(HEADER_DEAD_LETTERED_AT)),
-            ("dead_lettered", death.get("time") if death else None),
-        ]
-    candidates += [("first_failure", headers.get(HEADER_FIRST_FAILURE)), ("published", timestamp)]
-    for since, value in candidates:
-        when = as_datetime(value)
-        if when is not None:
-            return max((now - when).total_seconds(), 0.0), since
-    return None, None
 
 
 async def _close(connection: AbstractConnection, timeout_s: float) -> None:

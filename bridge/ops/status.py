@@ -13,13 +13,12 @@ from typing import Any
 import asyncpg
 from yarl import URL
 
-from bridge.amqp import topology
+from bridge.amqp import queue_specs
 from bridge.config import Settings
 from bridge.migrate import load_migrations
 from bridge.ops.queue_status import (
     BrokerStatus,
     Management,
-    QueueSpec,
     QueueStatus,
     error_text,
     inspect_broker,
@@ -103,20 +102,6 @@ async def check_status(
     status.problems = evaluate(status)
     status.notes = notes + _notes(status)
     return status
-
-
-def queue_specs(settings: Settings) -> list[QueueSpec]:
-    """Every queue of the deployment, in ``Topology.queues()`` order."""
-    names = topology(settings)
-    work = names.work_queues()
-    specs = [QueueSpec(q, "work", q) for q in work]
-    specs += [QueueSpec(names.dead_letter_queue(q), "dlq", q) for q in work]
-    tiers = settings.traces.retry_tiers_s
-    specs += [
-        QueueSpec(name, "retry", names.traces_queue, scheduled_s=sum(tiers[: i + 1]))
-        for i, name in enumerate(names.retry_queues(tiers))
-    ]
-    return specs
 
 
 def evaluate(status: Status) -> list[Problem]:

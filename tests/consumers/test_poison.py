@@ -9,8 +9,9 @@ import time
 
 import asyncpg
 
-from bridge.amqp import HEADER_ERROR, topology
+from bridge.amqp import topology
 from bridge.app_config import AppConfig
+from bridge.headers import HEADER_ERROR
 from bridge.shop_table import resolve_targets
 from consumers.subscriptions import create_consumer
 from tests.support.apps import TEST_APP_ID, TEST_SECRET

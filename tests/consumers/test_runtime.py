@@ -7,8 +7,8 @@ import asyncio
 
 import pytest
 
-from bridge.amqp import HEADER_ATTEMPTS, HEADER_ERROR, HEADER_FIRST_FAILURE, topology
-from consumers.deadletter import dead_letter_headers
+from bridge.amqp import topology
+from bridge.headers import HEADER_ATTEMPTS, HEADER_ERROR, HEADER_FIRST_FAILURE, dead_letter_headers
 from consumers.errors import Reject, RetryLater
 from consumers.runtime import APPLIED, Consumer, ConsumerSpec
 from tests.support.consumers import publish, ready_count, run_burst, take_all, wait_until

@@ -203,7 +203,7 @@ class TestValidation:
 
 
 def readme_target_examples() -> list[str]:
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[2] / "docs" / "shop-tables.md").read_text()
     blocks = [part.split("```", 1)[0] for part in readme.split("```toml\n")[1:]]
     return [block for block in blocks if ".target]" in block]
 
@@ -217,7 +217,7 @@ def load_example(block: str, tmp_path: Path) -> dict[str, AppConfig]:
 
 
 async def test_readme_examples_fit_their_tables(db, pool, tmp_path):
-    """The README's Magento and PrestaShop target examples load and pass the start's check
+    """docs/shop-tables.md's Magento and PrestaShop target examples load and pass the start's check
     against the tables these tests create (PrestaShop's in the test's schema, not public)."""
     blocks = readme_target_examples()
     assert len(blocks) == 2

@@ -10,16 +10,15 @@ from datetime import timedelta
 
 import pytest
 
-from bridge.amqp import (
+from bridge.amqp import connect, topology
+from bridge.app_config import AppConfig
+from bridge.headers import (
     HEADER_ATTEMPTS,
     HEADER_DEAD_LETTERED_AT,
     HEADER_ERROR,
     HEADER_FIRST_FAILURE,
     HEADER_ORIGINAL_QUEUE,
-    connect,
-    topology,
 )
-from bridge.app_config import AppConfig
 from consumers.subscriptions import create_consumer, serve
 from tests.support.apps import TEST_APP_ID, TEST_SECRET
 from tests.support.consumers import (

@@ -14,16 +14,16 @@ from urllib.parse import parse_qsl
 
 import pytest
 
-from bridge.amqp import (
+from bridge.amqp import topology
+from bridge.app_config import AppConfig
+from bridge.devtools.fake_edrone import FORM
+from bridge.headers import (
     HEADER_ATTEMPTS,
     HEADER_DEAD_LETTERED_AT,
     HEADER_ERROR,
     HEADER_FIRST_FAILURE,
     HEADER_ORIGINAL_QUEUE,
-    topology,
 )
-from bridge.app_config import AppConfig
-from bridge.devtools.fake_edrone import FORM
 from consumers.trace_form import bridge_version
 from schemas.platform_event import EXAMPLE_FILE
 from tests.support.apps import TEST_APP_ID, TEST_SECRET

@@ -83,7 +83,7 @@ def mark_doubtful(
     """A shop that names no causes: a person's change to the status of one of the bridge's
     writes, made less than the echo latency after it, when that write changed nothing at the
     shop (so its echo never came), is to the bridge what the write's echo would be. Such a
-    change may count or not (the README's "Two-way sync", echo contract)."""
+    change may count or not (docs/design.md, "Two-way sync", the echo contract)."""
     for change in made:
         if change.side == SHOP:
             change.doubtful = any(

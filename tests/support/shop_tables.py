@@ -1,4 +1,5 @@
-"""A Magento-like and a PrestaShop-like shop table, and their targets as the README shows them."""
+"""A Magento-like and a PrestaShop-like shop table, and their targets as docs/shop-tables.md
+shows them."""
 
 from __future__ import annotations
 

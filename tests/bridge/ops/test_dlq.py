@@ -20,9 +20,6 @@ from pamqp.commands import Basic
 from pamqp.header import ContentHeader
 
 from bridge.amqp import (
-    HEADER_ATTEMPTS,
-    HEADER_ERROR,
-    HEADER_ORIGINAL_QUEUE,
     Topology,
     declare_dead_letter_queue,
     declare_topology,
@@ -30,9 +27,16 @@ from bridge.amqp import (
     topology,
 )
 from bridge.cli.dlq import format_age
+from bridge.headers import (
+    HEADER_ATTEMPTS,
+    HEADER_ERROR,
+    HEADER_ORIGINAL_QUEUE,
+    HEADER_REPLAYED_AT,
+    dead_letter_headers,
+    replay_headers,
+)
 from bridge.ops import dlq
-from bridge.ops.dlq_messages import HEADER_REPLAYED_AT, fallback_id, replay_headers
-from consumers.deadletter import dead_letter_headers
+from bridge.ops.dlq_messages import fallback_id
 from tests.support.apps import TEST_APP_ID
 from tests.support.cli import run_cli, run_cli_async
 from tests.support.proxy import TcpProxy

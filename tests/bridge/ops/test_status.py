@@ -18,19 +18,19 @@ import pytest
 import structlog
 from pamqp.commands import Basic
 
-from bridge.amqp import (
+from bridge.amqp import Topology, declare_topology, declare_trace_topology, queue_specs, topology
+from bridge.cli import main as cli
+from bridge.headers import (
     HEADER_DEAD_LETTERED_AT,
     HEADER_FIRST_FAILURE,
-    Topology,
-    declare_topology,
-    declare_trace_topology,
-    topology,
+    dead_letter_headers,
+    head_age,
 )
-from bridge.cli import main as cli
+from bridge.metrics import Metrics
 from bridge.migrate import load_migrations, migrate
-from bridge.ops.queue_status import head_age, management_for, vhost_of
-from bridge.ops.status import Limits, Status, check_status, queue_specs, to_json
-from consumers.deadletter import dead_letter_headers
+from bridge.monitor import monitor
+from bridge.ops.queue_status import management_for, vhost_of
+from bridge.ops.status import Limits, Status, check_status, to_json
 from tests.support.cli import closed_port, run_cli
 
 # The broker publishes queue statistics every 5 s, and a new queue's first ones within ~10 s.
@@ -445,3 +445,61 @@ class TestPieces:
         tiers = settings.traces.retry_tiers_s
         retry = [s for s in queue_specs(settings) if s.kind == "retry"]
         assert [s.scheduled_s for s in retry] == [sum(tiers[: i + 1]) for i in range(len(tiers))]
+
+
+class TestOneHeadAge:
+    """``/metrics`` (the monitor) and ``status`` read a queue's head age with one reader."""
+
+    async def test_they_agree_on_a_message_the_broker_dead_lettered(
+        self, amqp_connection, settings, no_management
+    ):
+        """A message published an hour ago that the broker dead-lettered itself (its delivery
+        limit) seconds ago: both say seconds, counted from the broker's x-death time, not an
+        hour from its publish timestamp."""
+        limited = settings.model_copy(
+            update={
+                "subscriptions": settings.subscriptions.model_copy(update={"delivery_limit": 1})
+            }
+        )
+        names = topology(limited)
+        work, dlq = names.subscriptions_queue, names.dead_letter_queue(names.subscriptions_queue)
+        channel = await amqp_connection.channel(publisher_confirms=True)
+        async with channel:
+            await declare_topology(channel, limited)
+            message = aio_pika.Message(
+                b'{"event_id": "evt-1"}',
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                timestamp=datetime.now(UTC) - timedelta(hours=1),
+            )
+            await channel.default_exchange.publish(message, work, mandatory=True, timeout=5)
+            source = await channel.get_queue(work)
+            for _ in range(10):  # handed back until the broker gives up on it
+                delivery = await source.get(no_ack=False, fail=False, timeout=5)
+                if delivery is None:
+                    break
+                await delivery.reject(requeue=True)
+        await asyncio.sleep(1.0)
+
+        status = await check_status(
+            limited, management=management_for(settings.amqp_url.get_secret_value(), no_management)
+        )
+        status_age = queue_of(status, dlq).oldest_age_s
+
+        metrics = Metrics()
+        sampler = asyncio.create_task(
+            monitor(
+                amqp_connection, metrics, work_queues={}, dead_letter_queues=[dlq], interval_s=60
+            )
+        )
+        gauge = "edrone_bridge_queue_oldest_message_age_seconds"
+        try:
+            async with asyncio.timeout(10):
+                while not metrics.registry.get_sample_value(gauge, {"queue": dlq}):  # noqa: ASYNC110
+                    await asyncio.sleep(0.05)  # the sampler's first round
+        finally:
+            sampler.cancel()
+        metrics_age = metrics.registry.get_sample_value(gauge, {"queue": dlq})
+
+        assert status_age is not None and metrics_age is not None
+        assert status_age < 600 and metrics_age < 600  # not the hour since the publish
+        assert abs(metrics_age - status_age) < 5
