@@ -72,6 +72,12 @@ def classify(exc: BaseException) -> str:
     return TRANSIENT
 
 
+# Every way a database call fails that is about the service or the statement, not the code:
+# what a caller that reports instead of raising (status, the monitor, the relay's listener)
+# catches. Which of them are worth retrying is classify()'s answer.
+DATABASE_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
+
+
 async def answers(pool: asyncpg.Pool, timeout_s: float) -> bool:
     """Whether the database answers a trivial query now (a failure's cause: it or the work)."""
     try:

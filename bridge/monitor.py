@@ -13,6 +13,7 @@ import asyncpg
 import structlog
 from aio_pika.abc import AbstractChannel, AbstractConnection
 
+from bridge.db import answers
 from bridge.headers import head_age
 from bridge.metrics import Metrics
 
@@ -37,7 +38,7 @@ async def monitor(
     while True:
         metrics.broker_connected.set(0 if connection.is_closed else 1)
         if pool is not None:
-            metrics.database_connected.set(1 if await _database_answers(pool, timeout_s) else 0)
+            metrics.database_connected.set(1 if await answers(pool, timeout_s) else 0)
         if not connection.is_closed:
             try:
                 async with asyncio.timeout(timeout_s * 4):
@@ -47,15 +48,6 @@ async def monitor(
             except (TimeoutError, aio_pika.exceptions.AMQPError, RuntimeError, OSError) as exc:
                 log.warning("queue_sample_failed", error=repr(exc))
         await asyncio.sleep(interval_s)
-
-
-async def _database_answers(pool: asyncpg.Pool, timeout_s: float) -> bool:
-    try:
-        async with asyncio.timeout(timeout_s), pool.acquire() as conn:
-            await conn.fetchval("SELECT 1")
-    except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
-        return False
-    return True
 
 
 async def _sample_queues(

@@ -15,6 +15,7 @@ from yarl import URL
 
 from bridge.amqp import queue_specs
 from bridge.config import Settings
+from bridge.db import DATABASE_ERRORS
 from bridge.migrate import load_migrations
 from bridge.ops.queue_status import (
     BrokerStatus,
@@ -27,8 +28,6 @@ from bridge.ops.queue_status import (
 
 DEFAULT_TIMEOUT_S = 5.0
 DEFAULT_MAX_AGE_S = 600.0
-# Database failures that status reports instead of raising.
-_DB_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
 
 
 @dataclass(frozen=True)
@@ -221,7 +220,7 @@ async def inspect_database(settings: Settings, timeout_s: float) -> DatabaseStat
     started = time.monotonic()
     try:
         conn = await asyncpg.connect(url, timeout=timeout_s)
-    except _DB_ERRORS as exc:
+    except DATABASE_ERRORS as exc:
         database.error = error_text(exc, timeout_s)
         return database
     try:
@@ -230,7 +229,7 @@ async def inspect_database(settings: Settings, timeout_s: float) -> DatabaseStat
         database.reachable = True
         rows = await _applied_migrations(conn, settings.database_schema, timeout_s)
         _compare_migrations(database, rows)
-    except _DB_ERRORS as exc:
+    except DATABASE_ERRORS as exc:
         database.error = error_text(exc, timeout_s)
     finally:
         await conn.close(timeout=timeout_s)

@@ -15,7 +15,15 @@ from pydantic import ValidationError
 
 from bridge.amqp import connect, declare_trace_topology
 from bridge.config import ConfigError, Settings
-from bridge.db import CONTENT, TRANSIENT, UNAVAILABLE, classify, close_pool, create_pool
+from bridge.db import (
+    CONTENT,
+    DATABASE_ERRORS,
+    TRANSIENT,
+    UNAVAILABLE,
+    classify,
+    close_pool,
+    create_pool,
+)
 from bridge.publishing import ConfirmedPublisher, PublishFailed
 from bridge.relay.triggers import install_triggers, notify_channel
 from bridge.shop_table import resolve_targets
@@ -213,7 +221,7 @@ class Relay:
                 server_settings={"application_name": "edrone-bridge relay"},
             )
             await conn.add_listener(notify_channel(self._settings), lambda *_: wake.set())
-        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+        except DATABASE_ERRORS as exc:
             log.warning(
                 "relay_listen_failed",
                 error=repr(exc),
