@@ -58,7 +58,7 @@ class ConsumerOptions(BaseModel):
     # How often the consumer checks that the broker still delivers to it; a consumer found
     # lost at two checks in a row is registered again on fresh channels.
     watchdog_interval_s: float = Field(default=5.0, gt=0)
-    # A message in this many failed batches is dead-lettered whatever the cause (DESIGN.md
+    # A message in this many failed batches is dead-lettered whatever the cause (docs/design.md
     # promise 7); only failures while the database answered count, so an outage does not.
     max_batch_failures: int = Field(default=10, ge=1, le=1_000)
 
@@ -103,7 +103,7 @@ class TraceSettings(ConsumerOptions):
 
 
 class SyncSettings(BaseModel):
-    """How the two directions are kept converging (DESIGN.md promise 6)."""
+    """How the two directions are kept converging (docs/design.md promise 6)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 

@@ -38,7 +38,7 @@ async def close_pool(pool: asyncpg.Pool, timeout_s: float) -> None:
         pool.terminate()
 
 
-# What a database error says about a batch (DESIGN.md promise 7):
+# What a database error says about a batch (docs/design.md promise 7):
 UNAVAILABLE = "unavailable"  # the database was not reached or went away: nothing was tried
 TRANSIENT = "transient"  # reached, but the same work may well succeed again (a deadlock, say)
 CONTENT = "content"  # may lie in one message's content: find it, dead-letter it alone

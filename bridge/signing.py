@@ -1,4 +1,4 @@
-"""edrone's webhook signatures (edrone-protocol.md §1), compared in constant time."""
+"""edrone's webhook signatures (docs/protocol.md §1), compared in constant time."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 e-mail addresses in one canonical form, integers the database holds, and dates that can be true.
 
 The ingress and the consumers validate with the same rules, so that a webhook answered 200 is
-never dead-lettered later for its content (DESIGN.md promise 7)."""
+never dead-lettered later for its content (docs/design.md promise 7)."""
 
 from __future__ import annotations
 

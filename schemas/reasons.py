@@ -1,4 +1,4 @@
-"""edrone's status-reason codes (edrone-protocol.md §3), which differ per channel."""
+"""edrone's status-reason codes (docs/protocol.md §3), which differ per channel."""
 
 from __future__ import annotations
 

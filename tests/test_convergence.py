@@ -1,4 +1,4 @@
-"""Two-way convergence, model-based, against the real services (DESIGN.md promise 6): random
+"""Two-way convergence, model-based, against the real services (docs/design.md promise 6): random
 timelines of people changing statuses on both sides of thousands of addresses, a simulated
 edrone that answers traces as edrone does (webhooks back with TRACE reasons and its own date,
 delayed, reordered, some twice, dated to the second or the millisecond), the real ingress,

@@ -115,7 +115,7 @@ class TestEndToEnd:
         assert await db.fetchval("SELECT count(*) FROM inbox WHERE event_id = 'evt-123'") == 1
 
     async def test_older_event_after_newer_changes_nothing(self, client, consumer, db):
-        """A late, older event never overwrites a newer status (DESIGN.md promise 3)."""
+        """A late, older event never overwrites a newer status (docs/design.md promise 3)."""
         await post(
             client, native5(event_id="new", subscriber_status="1", event_date="2024-02-01 00:00:00")
         )
@@ -170,7 +170,7 @@ class TestEndToEnd:
 
 
 class TestDatesThatCannotBeTrue:
-    """DESIGN.md promise 6: no date can freeze an address."""
+    """docs/design.md promise 6: no date can freeze an address."""
 
     async def test_after_a_year_9999_webhook_todays_change_applies(
         self, aiohttp_client, make_settings, db

@@ -24,7 +24,7 @@ log = structlog.get_logger(__name__)
 TRACE_PATH = "/trace"
 FORM = "application/x-www-form-urlencoded"
 EVENT_ID_HEADER = "x-edrone-event-id"
-# Checked in this order, so the error names the first one missing (edrone-protocol.md §2).
+# Checked in this order, so the error names the first one missing (docs/protocol.md §2).
 REQUIRED_FIELDS = ("app_id", "email", "action_type")
 RECORDED_HEADERS = ("content-type", "content-length", "user-agent")
 DEFAULT_MAX_RECORDS = 100_000

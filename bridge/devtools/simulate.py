@@ -22,7 +22,7 @@ CHANNELS = ("email", "sms")
 BODY_FORMATS = ("json", "form")
 SECRET_PART = "app_secret"
 
-# A plausible reason per (channel, status) when the caller names none (edrone-protocol.md §3).
+# A plausible reason per (channel, status) when the caller names none (docs/protocol.md §3).
 _DEFAULT_REASON = {
     ("email", "1"): "10",  # TRACE_SUBSCRIBED
     ("email", "0"): "1",  # CUSTOMER_UNSUBSCRIBED

@@ -21,7 +21,7 @@ def too_large(limit: int) -> WebhookRejected:
 
 
 async def read_fields(request: web.Request, limit: int, timeout_s: float) -> dict[str, str]:
-    """The body's fields as PHP would see them (edrone-protocol.md §1, "Body encoding"); the
+    """The body's fields as PHP would see them (docs/protocol.md §1, "Body encoding"); the
     whole body must arrive within ``timeout_s``, or it is a 408 (a dripping client is cut).
 
     An empty body gives no fields: the legacy callbacks may come in the query string alone."""

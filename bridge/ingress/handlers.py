@@ -33,7 +33,7 @@ def not_stored(request: web.Request, detail: str) -> web.Response:
 
 
 async def update_subscriber_status(request: web.Request) -> web.Response:
-    """Answer 200 only once the broker has confirmed the event (DESIGN.md promise 1)."""
+    """Answer 200 only once the broker has confirmed the event (docs/design.md promise 1)."""
     settings = request.app[SETTINGS]
     state = request.app[STATE]
     metrics = request.app[METRICS]

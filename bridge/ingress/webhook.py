@@ -1,6 +1,6 @@
 """From a webhook's raw fields to a verified ``SubscriptionStatusChanged``: pure, no I/O.
 
-edrone-protocol.md §1 is the reference for every field, version and formula used here."""
+docs/protocol.md §1 is the reference for every field, version and formula used here."""
 
 from __future__ import annotations
 

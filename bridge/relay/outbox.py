@@ -46,7 +46,7 @@ FROM unnest($1::bigint[], $2::text[]) AS e(id, error)
 WHERE o.id = e.id
 """
 # The outbox's dead letter: the oldest unsent row, which failed alone, is set aside with its
-# error so that the rows behind it go on (DESIGN.md promise 7).
+# error so that the rows behind it go on (docs/design.md promise 7).
 _SET_ASIDE_SQL = """
 UPDATE outbox SET sent_at = now(), error = $1
 WHERE id = (SELECT id FROM outbox WHERE sent_at IS NULL ORDER BY id LIMIT 1)

@@ -1,5 +1,5 @@
-"""Configuration: DESIGN.md defaults, the TOML file, environment variables over it, per-app
-options, and errors that name the offending key."""
+"""Configuration: the documented defaults (docs/configuration.md), the TOML file, environment
+variables over it, per-app options, and errors that name the offending key."""
 
 from __future__ import annotations
 
@@ -103,7 +103,7 @@ def write_toml(tmp_path: Path, text: str) -> Path:
 
 class TestDefaults:
     def test_defaults_are_the_design_ones(self):
-        """With nothing configured, the values are DESIGN.md's defaults (the local services)."""
+        """With nothing configured, the values are the documented defaults (the local services)."""
         settings = load_settings()
         assert settings.amqp_url.get_secret_value() == "amqp://guest:guest@localhost:5672/"
         assert (

@@ -43,7 +43,7 @@ class TestMigrate:
         assert {"subscribers", "inbox", "schema_migrations"} <= tables
 
     async def test_ledger_has_the_design_columns(self, db, settings):
-        """edrone_bridge.subscribers has at least the columns DESIGN.md promises."""
+        """edrone_bridge.subscribers has at least the columns docs/design.md promises."""
         rows = await db.fetch(
             "SELECT column_name FROM information_schema.columns "
             "WHERE table_schema = $1 AND table_name = 'subscribers'",

@@ -1,4 +1,4 @@
-"""edrone's webhook signatures: every test vector of edrone-protocol.md §1, the NATIVE_4 reading,
+"""edrone's webhook signatures: every test vector of docs/protocol.md §1, the NATIVE_4 reading,
 PHP-style value rendering, and the constant-time check against current and previous secrets."""
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ VECTOR_IDS = [vector[0] for vector in VECTORS]
 class TestVectors:
     @pytest.mark.parametrize(("name", "version", "fields", "expected"), VECTORS, ids=VECTOR_IDS)
     def test_sign_reproduces_the_vector(self, name, version, fields, expected):
-        """Each edrone-protocol.md vector, computed by edrone's PHP, is reproduced exactly."""
+        """Each docs/protocol.md vector, computed by edrone's PHP, is reproduced exactly."""
         assert signing.sign(version, fields, SECRET, APP_ID) == expected
 
     @pytest.mark.parametrize(("name", "version", "fields", "expected"), VECTORS, ids=VECTOR_IDS)

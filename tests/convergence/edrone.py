@@ -1,4 +1,4 @@
-"""A simulated edrone that behaves like edrone (edrone-protocol.md §5): a status per address; a
+"""A simulated edrone that behaves like edrone (docs/protocol.md §5): a status per address; a
 signed webhook to the bridge's ingress for every change of it, those a trace of the bridge's
 made included (TRACE reasons, edrone's own processing date); random delays, so webhooks come
 reordered, some twice; dates written to the second or to the millisecond; its own people

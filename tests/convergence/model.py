@@ -1,5 +1,5 @@
 """The model of the convergence test: random timelines of people changing one address's status on
-either side, and the oracle that says which status must win (DESIGN.md promise 6)."""
+either side, and the oracle that says which status must win (docs/design.md promise 6)."""
 
 from __future__ import annotations
 

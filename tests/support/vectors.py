@@ -1,4 +1,4 @@
-"""The test vectors of edrone-protocol.md §1, as the fields edrone sends (app_id 5f3e1a2b3c4d5)."""
+"""The test vectors of docs/protocol.md §1, as the fields edrone sends (app_id 5f3e1a2b3c4d5)."""
 
 from __future__ import annotations
 

@@ -168,7 +168,7 @@ class TestMigrate:
 
 class TestSign:
     def test_prints_vector_a(self):
-        """``sign`` prints edrone-protocol.md vector A's signature, and nothing else."""
+        """``sign`` prints docs/protocol.md vector A's signature, and nothing else."""
         result = run_cli("sign", f"--app-id={TEST_APP_ID}", f"--secret={TEST_SECRET}", *VECTOR_A)
         assert result.returncode == 0, result.stderr
         assert result.stdout == SIG_A + "\n"

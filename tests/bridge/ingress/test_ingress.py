@@ -52,7 +52,7 @@ class TestAccepted:
     async def test_vector_is_published_normalised(
         self, client, settings, amqp_connection, name, encode
     ):
-        """Every test vector of edrone-protocol.md is accepted as JSON and as form, and published
+        """Every test vector of docs/protocol.md is accepted as JSON and as form, and published
         as a normalised message with message_id = event_id and the channel's routing key."""
         fields, channel, address, status, reason, protocol = VECTORS[name]
         response = await client.post(PATH, **encode(fields))

@@ -1,6 +1,7 @@
 """The ingress under arbitrary input: hypothesis POSTs bodies, headers, content types and query
 strings to the real app against the real broker. No answer is a 5xx other than the broker's 503,
-and nothing is published without a valid signature (DESIGN.md promise 1 holds only for those)."""
+and nothing is published without a valid signature (docs/design.md promise 1 holds only for
+those)."""
 
 from __future__ import annotations
 
@@ -161,7 +162,7 @@ async def test_arbitrary_requests(client, queues, body, content_type, extra, que
 
 # --- signed webhooks with one signed field changed -------------------------------------------
 
-# The fields each vector's signature covers (edrone-protocol.md §1). The others (the phone of an
+# The fields each vector's signature covers (docs/protocol.md §1). The others (the phone of an
 # e-mail change, the e-mail of an SMS change) are outside edrone's formula, so changing them is
 # not a forgery this test can expect to be refused.
 SIGNED_FIELDS: dict[str, tuple[dict[str, str], tuple[str, ...]]] = {
@@ -297,7 +298,7 @@ async def applier(db, settings):
 async def test_answered_200_means_applied(client, queues, applier, resigned):
     """A correctly signed webhook with arbitrary values is refused with a 4xx and publishes
     nothing, or is answered 200 and then applied by the real consumer's handler: a 200 is
-    never followed by a dead letter for the message's content (DESIGN.md promise 7)."""
+    never followed by a dead letter for the message's content (docs/design.md promise 7)."""
     fields, encoding = resigned
     if encoding == "json":
         request = {"data": json.dumps(fields), "headers": {"Content-Type": JSON}}

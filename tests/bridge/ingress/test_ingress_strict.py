@@ -1,4 +1,4 @@
-"""The ingress answers 2xx only for what the consumer will apply (DESIGN.md promises 1 and 7):
+"""The ingress answers 2xx only for what the consumer will apply (docs/design.md promises 1 and 7):
 validly signed webhooks that could never be stored get a 400 naming the field, and nothing is
 published; dates are checked against the floor; an address has one form on every path."""
 

@@ -136,7 +136,7 @@ class TestOutbox:
         """A row no batch can be read with (a date Python cannot hold, year 10000) fails its
         batch: the relay takes the rows one by one, sets the failing one aside with its error
         (the outbox's dead letter) and publishes every other row, before and behind it
-        (DESIGN.md promise 7)."""
+        (docs/design.md promise 7)."""
         for n in range(5):
             await db.execute(
                 "INSERT INTO newsletter_subscriber (subscriber_email, subscriber_status) "
