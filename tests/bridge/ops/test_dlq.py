@@ -39,6 +39,7 @@ from bridge.ops import dlq
 from bridge.ops.dlq_messages import fallback_id
 from tests.support.apps import TEST_APP_ID
 from tests.support.cli import run_cli, run_cli_async
+from tests.support.consumers import take_all
 from tests.support.proxy import TcpProxy
 
 ERROR_400 = 'HTTP 400: {"error": "Missing required field: email"}'
@@ -150,13 +151,7 @@ class Broker:
         return await self.depth(queue)
 
     async def take_all(self, queue: str) -> list[aio_pika.abc.AbstractIncomingMessage]:
-        channel = await self.connection.channel()
-        async with channel:
-            source = await channel.get_queue(queue)
-            taken = []
-            while (message := await source.get(no_ack=True, fail=False, timeout=5)) is not None:
-                taken.append(message)
-            return taken
+        return await take_all(self.connection, queue)
 
 
 @pytest.fixture

@@ -32,6 +32,7 @@ from bridge.monitor import monitor
 from bridge.ops.queue_status import management_for, vhost_of
 from bridge.ops.status import Limits, Status, check_status, to_json
 from tests.support.cli import closed_port, run_cli
+from tests.support.consumers import take_all
 
 # The broker publishes queue statistics every 5 s, and a new queue's first ones within ~10 s.
 STATS_WAIT_S = 25.0
@@ -109,13 +110,7 @@ class Deployment:
         await source.consume(self.held.append)
 
     async def take_all(self, queue: str) -> list[aio_pika.abc.AbstractIncomingMessage]:
-        channel = await self.connection.channel()
-        async with channel:
-            source = await channel.get_queue(queue)
-            taken = []
-            while (message := await source.get(no_ack=True, fail=False, timeout=5)) is not None:
-                taken.append(message)
-            return taken
+        return await take_all(self.connection, queue)
 
 
 @pytest.fixture
