@@ -28,7 +28,7 @@ from consumers.errors import Reject, RetryLater, database_retry, describe_valida
 from consumers.runtime import APPLIED, Consumer, Delivery, Outcome
 from consumers.service import serve_consumer
 from consumers.shop_target import UNKNOWN_CUSTOMER
-from consumers.sync import WINS, Decision
+from consumers.sync import Decision, Verdict
 from consumers.sync_store import SyncBatch
 from schemas.fields import DATE_FLOOR_CONTEXT, DEFAULT_DATE_FLOOR, ordered_at
 from schemas.subscription import SubscriptionStatusChanged
@@ -252,7 +252,7 @@ class SubscriptionApplier:
             webhook_key(event)
             for event in events
             if (found := decided.get((event.app_id, event.event_id))) is not None
-            and found[1].decision == WINS
+            and found[1].decision == Verdict.WINS
         }
         unknown = await converger.bring_shop(batch, batch.states, won, now)
         for key in sorted(batch.states):

@@ -16,7 +16,7 @@ from consumers import sync_store
 from consumers.convergence import Converger, shop_keys, utcnow
 from consumers.errors import Defer, database_retry
 from consumers.spec import Outcome
-from consumers.sync import ECHO, OLDER, WINS, Decision, OpenTrace, trace_answered
+from consumers.sync import Decision, OpenTrace, Verdict, trace_answered
 from consumers.sync_store import Key, SyncBatch
 from schemas.platform_event import CustomerSubscriptionChanged
 
@@ -119,7 +119,7 @@ class TracePlanner:
                 continue
             decisions = converger.read_shop_change(batch, item.app_id, item.event)
             labels[item.index] = _label(decisions)
-            won.update(key for key, d in decisions.items() if d.decision == WINS)
+            won.update(key for key, d in decisions.items() if d.decision == Verdict.WINS)
         now = utcnow()
         converger.lapse(batch, now)
         await converger.bring_shop(batch, batch.states, set(), now)
@@ -131,7 +131,7 @@ class TracePlanner:
             if item.index in called:
                 continue
             label = labels.get(item.index, NOOP)
-            if label == WINS:
+            if label == Verdict.WINS:
                 label = COALESCED if last.get(item.index) in called else NOOP
             outcomes[item.index] = label
             if item.index in self.waiting and label not in (COALESCED,):
@@ -222,7 +222,7 @@ def _keys(item: Item) -> list[Key]:
 def _label(decisions: Mapping[Key, Decision]) -> str:
     """A shop change's outcome before any call: its e-mail's decision, else its phone's."""
     names = [d.decision for d in decisions.values()]
-    for name in (WINS, OLDER, ECHO):
+    for name in (Verdict.WINS, Verdict.OLDER, Verdict.ECHO):
         if name in names:
             return name
     return NOOP
