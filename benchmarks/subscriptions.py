@@ -28,7 +28,7 @@ from bridge.amqp import ROUTING_KEY_BY_CHANNEL, connect, topology
 from bridge.config import Settings
 from bridge.db import create_pool
 from bridge.migrate import migrate
-from consumers.errors import Reject
+from consumers.outcomes import InvalidMessage
 from consumers.subscriptions import create_consumer, decode
 from schemas.subscription import SubscriptionStatusChanged
 
@@ -295,7 +295,7 @@ async def drain_naive(
                 async for message in messages:
                     try:
                         outcome = await _naive_apply(conn, decode(message.body, apps))
-                    except Reject:
+                    except InvalidMessage:
                         outcome = "rejected"
                     await message.ack()
                     outcomes[outcome] += 1

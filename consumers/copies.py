@@ -12,7 +12,7 @@ import structlog
 from aio_pika.abc import AbstractIncomingMessage
 
 from consumers.deadletter import DeadLetterPublisher, RetryPublisher, attempts_so_far
-from consumers.errors import Defer, Reject
+from consumers.outcomes import Defer, Reject
 
 if TYPE_CHECKING:  # consumers.spec imports Copy from here
     from consumers.spec import Counters

@@ -25,15 +25,7 @@ from consumers.buffer import Buffer
 from consumers.copies import CopyPlanner, channel_open, publish_all
 from consumers.deadletter import DeadLetterPublisher, RetryPublisher
 from consumers.isolation import BatchAttempts
-from consumers.spec import (
-    APPLIED as APPLIED,  # re-exported: handlers import the runtime's vocabulary from here
-)
-from consumers.spec import (
-    ConsumerSpec,
-    Counters,
-    Delivery,
-)
-from consumers.spec import Outcome as Outcome
+from consumers.spec import ConsumerSpec, Counters, Delivery
 from consumers.watchdog import WatchdogMixin
 
 log = structlog.get_logger(__name__)

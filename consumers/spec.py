@@ -11,15 +11,11 @@ from aio_pika.abc import AbstractIncomingMessage
 
 from bridge.metrics import Metrics
 from consumers.copies import Copy
-from consumers.errors import Defer, Reject
+from consumers.outcomes import Outcome, Result
 
 Delivery = AbstractIncomingMessage
-# Per message: the name of what happened ("applied", or a skip reason such as "duplicate"),
-# the Reject that sends it to the dead-letter queue, or the Defer that sends it to a retry tier.
-Outcome = str | Reject | Defer
-Handler = Callable[[Sequence[Delivery]], Awaitable[Sequence[Outcome]]]
-
-APPLIED = "applied"
+# One result per delivery, in order (consumers/outcomes.py); raises for the whole batch.
+Handler = Callable[[Sequence[Delivery]], Awaitable[Sequence[Result]]]
 
 
 @dataclass(frozen=True)
@@ -71,14 +67,15 @@ class Counters:
             if self.metrics:
                 self.metrics.retries.labels(self.queue, f"{copy.tier_s:g}s").inc()
 
-    def record(self, outcomes: Sequence[Outcome], duration_s: float) -> None:
-        tally = Counter(o for o in outcomes if isinstance(o, str))
+    def record(self, outcomes: Sequence[Result], duration_s: float) -> None:
+        # Plain names: they show in repr(), in the logs and as metric labels.
+        tally = Counter(str(o) for o in outcomes if isinstance(o, str))
         if self.metrics:
             for outcome, count in tally.items():
                 self.metrics.events.labels(self.queue, outcome).inc(count)
             self.metrics.batch_size.labels(self.queue).observe(len(outcomes))
             self.metrics.batch_seconds.labels(self.queue).observe(duration_s)
-        self.applied += tally.pop(APPLIED, 0)
+        self.applied += tally.pop(Outcome.APPLIED, 0)
         self.skipped.update(tally)
         self.batches += 1
 

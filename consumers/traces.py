@@ -29,9 +29,17 @@ from bridge.shop_table import ShopTarget, resolve_targets
 from consumers import service
 from consumers.convergence import RECONCILE_TYPE
 from consumers.dispatch import dispatching
-from consumers.errors import Defer, Reject, describe_validation_error
-from consumers.runtime import APPLIED, Consumer, Delivery, Outcome
+from consumers.outcomes import (
+    Defer,
+    InvalidMessage,
+    Outcome,
+    Reject,
+    Result,
+    describe_validation_error,
+)
+from consumers.runtime import Consumer
 from consumers.service import serve_consumer
+from consumers.spec import Delivery
 from consumers.sync import REFUSED, SENT, UNCERTAIN, UNSENT
 from consumers.throttle import Breaker, RateLimiter
 from consumers.trace_form import bridge_version, trace_form
@@ -52,21 +60,23 @@ _FORM_HEADERS = {"Content-Type": "application/x-www-form-urlencoded"}
 def decode(
     body: bytes, apps: Mapping[str, AppConfig], date_floor: datetime = DEFAULT_DATE_FLOOR
 ) -> tuple[str, CustomerSubscriptionChanged]:
-    """(app_id, event); :class:`Reject` when the message breaks the contract (or holds what
+    """(app_id, event); :class:`InvalidMessage` when the message breaks the contract (or holds what
     PostgreSQL cannot store: it would fail every batch it is in)."""
     try:
         event = CustomerSubscriptionChanged.model_validate_json(
             body, context={DATE_FLOOR_CONTEXT: date_floor}
         )
     except ValidationError as exc:
-        raise Reject(f"invalid platform event: {describe_validation_error(exc)}") from None
+        raise InvalidMessage(f"invalid platform event: {describe_validation_error(exc)}") from None
     app_id = event.app_id
     if app_id is None:
         if len(apps) != 1:
-            raise Reject("platform event without app_id, and not exactly one app is configured")
+            raise InvalidMessage(
+                "platform event without app_id, and not exactly one app is configured"
+            )
         app_id = next(iter(apps))
     if app_id not in apps:
-        raise Reject(f"unknown app_id {app_id!r}: not among the configured apps")
+        raise InvalidMessage(f"unknown app_id {app_id!r}: not among the configured apps")
     return app_id, event
 
 
@@ -123,15 +133,15 @@ class TraceForwarder:
         )
         self.rate_limit_waits = 0
 
-    async def __call__(self, deliveries: Sequence[Delivery]) -> list[Outcome]:
-        outcomes: list[Outcome | None] = [None] * len(deliveries)
+    async def __call__(self, deliveries: Sequence[Delivery]) -> list[Result]:
+        outcomes: list[Result | None] = [None] * len(deliveries)
         items = []
         consumed_at = datetime.now(UTC)
         for index, delivery in enumerate(deliveries):
             try:
                 items.append(self._item(index, delivery, consumed_at))
-            except Reject as exc:
-                outcomes[index] = exc
+            except InvalidMessage as exc:
+                outcomes[index] = Reject(exc.reason)
         if items:
             calls, labels = await self._planner.plan(items)
             for index, label in labels.items():
@@ -142,7 +152,7 @@ class TraceForwarder:
                 outcomes[call.index] = outcome
                 answers.append((call, answer))
             await self._record(answers)
-        return [outcome if outcome is not None else APPLIED for outcome in outcomes]
+        return [outcome if outcome is not None else Outcome.APPLIED for outcome in outcomes]
 
     def _item(self, index: int, delivery: Delivery, consumed_at: datetime) -> Item:
         if delivery.type == RECONCILE_TYPE:
@@ -150,7 +160,7 @@ class TraceForwarder:
                 item = reconcile_item(index, json.loads(delivery.body))
                 return replace(item, redelivered=bool(delivery.redelivered))
             except (ValueError, TypeError, KeyError) as exc:
-                raise Reject(f"invalid reconcile request: {exc!r}") from None
+                raise InvalidMessage(f"invalid reconcile request: {exc!r}") from None
         app_id, event = decode(delivery.body, self._apps, self._date_floor)
         event = self._clamped(app_id, event, consumed_at)
         return Item(index, app_id, event, redelivered=bool(delivery.redelivered))
@@ -174,7 +184,7 @@ class TraceForwarder:
         self._metrics.dates_clamped.labels(self._queue).inc()
         return event.model_copy(update={"occurred_at": when})
 
-    async def _send_all(self, calls: list[TraceCall]) -> list[tuple[Outcome, Answer]]:
+    async def _send_all(self, calls: list[TraceCall]) -> list[tuple[Result, Answer]]:
         if not calls:
             return []
         if self.breaker.probing:
@@ -187,7 +197,7 @@ class TraceForwarder:
             return [first, *rest]
         return list(await asyncio.gather(*(self._send(call) for call in calls)))
 
-    async def _send(self, call: TraceCall) -> tuple[Outcome, Answer]:
+    async def _send(self, call: TraceCall) -> tuple[Result, Answer]:
         """One trace call and its outcome, with what it tells of edrone's state."""
         event_id = call.event.event_id if call.event is not None else None
         with structlog.contextvars.bound_contextvars(app_id=call.app_id, event_id=event_id):
@@ -219,7 +229,7 @@ class TraceForwarder:
         # (a tenth of the forwarder's CPU per trace, benchmarks/).
         return urlencode(form, doseq=True, encoding="utf-8").encode()
 
-    async def _post(self, encoded: bytes) -> tuple[Outcome, Answer]:
+    async def _post(self, encoded: bytes) -> tuple[Result, Answer]:
         try:
             async with self._session.post(
                 self._url, data=encoded, headers=_FORM_HEADERS
@@ -240,7 +250,7 @@ class TraceForwarder:
             self.breaker.succeeded()
             self._metrics.traces.labels("sent").inc()
             log.debug("trace_sent", edrone_event_id=edrone_id)
-            return APPLIED, Answer(SENT, f"edrone answered {status}", edrone_id)
+            return Outcome.APPLIED, Answer(SENT, f"edrone answered {status}", edrone_id)
         if status in _RETRYABLE_STATUSES or status >= 500:
             self.breaker.failed()
             self._metrics.traces.labels("retryable_status").inc()

@@ -9,8 +9,9 @@ import pytest
 
 from bridge.amqp import HEADER_ATTEMPTS, HEADER_ERROR, HEADER_FIRST_FAILURE, topology
 from consumers.deadletter import dead_letter_headers
-from consumers.errors import Reject, RetryLater
-from consumers.runtime import APPLIED, Consumer, ConsumerSpec
+from consumers.outcomes import Outcome, Reject, RetryLater
+from consumers.runtime import Consumer
+from consumers.spec import ConsumerSpec
 from tests.support.consumers import publish, ready_count, run_burst, take_all, wait_until
 
 
@@ -25,7 +26,7 @@ class Recorder:
         self.batches.append([d.body for d in deliveries])
         if self.failures:
             raise self.failures.pop(0)
-        return [Reject("odd") if d.body.endswith(b"!") else APPLIED for d in deliveries]
+        return [Reject("odd") if d.body.endswith(b"!") else Outcome.APPLIED for d in deliveries]
 
 
 def make_runtime(connection, settings, handler, **options):
@@ -105,7 +106,7 @@ async def test_slow_handler_is_timed_out_and_retried(broker, settings):
         calls.append(len(deliveries))
         if len(calls) == 1:
             await asyncio.sleep(5)
-        return [APPLIED] * len(deliveries)
+        return [Outcome.APPLIED] * len(deliveries)
 
     await publish(broker, settings, bodies(3))
     consumer = await run_burst(make_runtime(broker, settings, slow_once, timeout_s=0.1))
@@ -124,7 +125,7 @@ async def test_rejected_outcomes_are_dead_lettered(broker, settings):
             if d.body == b"bad!"
             else "duplicate"
             if d.body == b"dup"
-            else APPLIED
+            else Outcome.APPLIED
             for d in deliveries
         ]
 
@@ -146,7 +147,7 @@ async def test_wrong_number_of_outcomes_is_never_taken(broker, settings):
 
     async def short(deliveries):
         calls.append(len(deliveries))
-        return ["duplicate" if len(deliveries) > 1 else APPLIED]
+        return ["duplicate" if len(deliveries) > 1 else Outcome.APPLIED]
 
     await publish(broker, settings, bodies(3))
     consumer = await run_burst(make_runtime(broker, settings, short))
@@ -183,7 +184,7 @@ class TestIsolation:
             calls.append([d.body for d in deliveries])
             if any(marker in d.body for d in deliveries):
                 raise error
-            return [APPLIED] * len(deliveries)
+            return [Outcome.APPLIED] * len(deliveries)
 
         handler.calls = calls
         return handler

@@ -20,7 +20,7 @@ from bridge.ingress.allowlist import source_address, within
 from bridge.ingress.app import create_app
 from bridge.ingress.webhook import REQUIRED_FIELDS
 from bridge.signing import php_string, sign
-from consumers.errors import Reject
+from consumers.outcomes import Reject
 from consumers.subscriptions import SubscriptionApplier
 from tests.support.vectors import APP_ID, SECRET, VECTOR_A, VECTOR_B, VECTOR_D, VECTOR_E
 from tests.support.webhooks import EDRONE, FORM, PATH, PROXY
