@@ -156,7 +156,7 @@ def _cpu_s() -> float:
 async def drain_consumer(settings: Settings, expected: int) -> dict[str, Any]:
     """The real subscription consumer (``create_consumer``, the settings' batch, prefetch and
     flush) from a full queue until ``expected`` messages have an outcome."""
-    pool = await create_pool(settings)
+    pool = await create_pool(settings, command_timeout_s=settings.subscriptions.db_batch_timeout_s)
     try:
         connection = await connect(settings, "bench drain")
         async with connection:

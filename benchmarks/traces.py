@@ -69,7 +69,7 @@ async def preload(settings: Settings, count: int, tag: str) -> None:
 async def forward(settings: Settings, expected: int, duration_s: float | None) -> dict[str, Any]:
     """The real forwarder, wired as ``consume traces`` wires it, until ``expected`` traces
     were sent (or for ``duration_s``); traces/s."""
-    pool = await create_pool(settings)
+    pool = await create_pool(settings, command_timeout_s=settings.traces.db_timeout_s)
     try:
         connection = await connect(settings, "bench traces")
         async with connection, create_session(settings) as session:

@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
 from datetime import UTC, datetime
 from types import TracebackType
-from typing import TypeVar
 
 import structlog
 from aio_pika.abc import (
@@ -20,6 +18,7 @@ from aio_pika.abc import (
 )
 
 from bridge.amqp import Topology
+from bridge.config import ConsumerOptions
 from bridge.metrics import Metrics
 from consumers.buffer import Buffer
 from consumers.copies import CopyPlanner, channel_open, publish_all
@@ -30,7 +29,6 @@ from consumers.watchdog import WatchdogMixin
 
 log = structlog.get_logger(__name__)
 
-_T = TypeVar("_T")
 # What a failed ack/cancel/close on a lost channel raises: aio-pika's and aiormq's errors,
 # ConnectionError, RuntimeError (ChannelInvalidStateError), TimeoutError, and even the bare
 # Exception class, with which aiormq fails whatever was pending when a channel closes without
@@ -49,62 +47,42 @@ class Consumer(WatchdogMixin):
     which alone is dead-lettered (:class:`consumers.isolation.BatchAttempts`, promise 7).
     Nothing is nacked, so the quorum queue's delivery limit counts only real redeliveries.
 
-    Use as ``async with Consumer(connection, spec, topology=...) as consumer: await
+    Use as ``async with Consumer(connection, spec, options, ...) as consumer: await
     consumer.run()``; :meth:`stop` (from another task) ends :meth:`run` gracefully.
 
     :param connection: an open (preferably robust) connection; the consumer opens and closes
         its own channels on it but leaves the connection to the caller.
-    :param topology: names the dead-letter exchange and the queue's dead-letter routing key.
-    :param retry_tiers_s: delays of the queue's retry tiers (declared with the topology); a
-        :class:`Defer` outcome goes to one of them, or to the dead-letter queue without them.
-    :param drain_timeout_s: how long :meth:`stop` lets buffered batches commit and ack.
+    :param options: every number of the runtime (batching, prefetch, backoffs, draining, the
+        watchdog, the failure limit), from the consumer's settings group.
+    :param topology: names the dead-letter exchange, the queue's dead-letter routing key and
+        its retry tiers (``spec.retry_tiers_s``).
     :param publish_timeout_s: bound on each dead-letter confirm, on opening the channels and
         on each ack, cancel and close.
-    :param watchdog_interval_s: how often the consumer checks that the broker still delivers
-        to it (see :attr:`ready`).
-    :param max_batch_failures: a message in this many counted failed batches is narrowed down
-        and dead-lettered whatever the cause.
     """
 
     def __init__(
         self,
         connection: AbstractConnection,
         spec: ConsumerSpec,
+        options: ConsumerOptions,
         *,
         topology: Topology,
-        batch_size: int = 100,
-        flush_interval_s: float = 0.02,
-        prefetch: int | None = None,
-        timeout_s: float = 30.0,
-        retry_initial_backoff_s: float = 0.5,
-        retry_max_backoff_s: float = 30.0,
-        drain_timeout_s: float = 10.0,
-        publish_timeout_s: float = 5.0,
-        retry_tiers_s: Sequence[float] = (),
+        publish_timeout_s: float,
         metrics: Metrics | None = None,
-        watchdog_interval_s: float = 5.0,
-        max_batch_failures: int = 10,
     ) -> None:
         self.spec = spec
+        self.options = options
         self.queue_name = spec.queue
-        self.batch_size = _pick(spec.batch_size, batch_size)
-        self.flush_interval_s = _pick(spec.flush_interval_s, flush_interval_s)
-        # Twice the batch by default, so that the next batch fills while one commits.
-        self.prefetch = _pick(spec.prefetch, _pick(prefetch, 2 * self.batch_size))
-        self.timeout_s = _pick(spec.timeout_s, timeout_s)
-        self.retry_initial_backoff_s = retry_initial_backoff_s
-        self.retry_max_backoff_s = retry_max_backoff_s
-        self.drain_timeout_s = drain_timeout_s
+        self.flush_interval_s = options.flush_interval_ms / 1000
         self.publish_timeout_s = publish_timeout_s
-        self.watchdog_interval_s = watchdog_interval_s
         self.counters = Counters(queue=spec.queue, metrics=metrics)
         self._in_flight: list[Delivery] = []
         self._attempts = BatchAttempts(
             spec.handler,
-            timeout_s=self.timeout_s,
-            initial_backoff_s=retry_initial_backoff_s,
-            max_backoff_s=retry_max_backoff_s,
-            max_failures=max_batch_failures,
+            timeout_s=spec.timeout_s,
+            initial_backoff_s=options.retry_initial_backoff_s,
+            max_backoff_s=options.retry_max_backoff_s,
+            max_failures=options.max_batch_failures,
             counters=self.counters,
             probe=spec.probe,
         )
@@ -113,7 +91,7 @@ class Consumer(WatchdogMixin):
         self._dead_letter_exchange_name = topology.dead_letter_exchange
         self._dead_letter_routing_key = topology.dead_letter_queue(spec.queue)
         self._retry_exchange_name = topology.retry_exchange
-        self._retry_tiers = [(d, topology.retry_queue(spec.queue, d)) for d in retry_tiers_s]
+        self._retry_tiers = [(d, topology.retry_queue(spec.queue, d)) for d in spec.retry_tiers_s]
         self._copy_planner: CopyPlanner | None = None
         self._channel: AbstractChannel | None = None
         self._queue: AbstractQueue | None = None
@@ -162,9 +140,9 @@ class Consumer(WatchdogMixin):
         log.info(
             "consumer_started",
             queue=self.queue_name,
-            batch_size=self.batch_size,
+            batch_size=self.options.batch_size,
             flush_interval_s=self.flush_interval_s,
-            prefetch=self.prefetch,
+            prefetch=self.options.prefetch,
         )
         return self
 
@@ -179,7 +157,7 @@ class Consumer(WatchdogMixin):
 
     async def _open(self) -> None:
         self._channel = await self._connection.channel(publisher_confirms=False)
-        await self._channel.set_qos(prefetch_count=self.prefetch)
+        await self._channel.set_qos(prefetch_count=self.options.prefetch)
         # Passive: declaring the topology is the process's job; a missing queue stops the start.
         self._queue = await self._channel.get_queue(self.queue_name, ensure=True)
         self._dead_letter_channel = await self._connection.channel(publisher_confirms=True)
@@ -243,7 +221,7 @@ class Consumer(WatchdogMixin):
             log.warning(
                 "consumer_drain_timeout",
                 queue=self.queue_name,
-                drain_timeout_s=self.drain_timeout_s,
+                drain_timeout_s=self.options.drain_timeout_s,
                 buffered=len(self._buffer),
             )
         finally:
@@ -261,7 +239,7 @@ class Consumer(WatchdogMixin):
             await self._cancel_consumer()
         try:
             # The drain clock ends run(); the extra second covers its own cleanup.
-            async with asyncio.timeout(self.drain_timeout_s + 1.0):
+            async with asyncio.timeout(self.options.drain_timeout_s + 1.0):
                 await self._done.wait()
         except TimeoutError:
             log.error("consumer_stop_timeout", queue=self.queue_name)
@@ -269,7 +247,7 @@ class Consumer(WatchdogMixin):
 
     def _start_drain_clock(self) -> None:
         if self._drain is not None:
-            self._drain.reschedule(asyncio.get_running_loop().time() + self.drain_timeout_s)
+            self._drain.reschedule(asyncio.get_running_loop().time() + self.options.drain_timeout_s)
 
     async def _cancel_consumer(self) -> None:
         tag, self._consumer_tag = self._consumer_tag, None
@@ -298,8 +276,8 @@ class Consumer(WatchdogMixin):
                 return None
         if not self._stopping.is_set():
             left_s = self._buffer.first_arrival + self.flush_interval_s - time.monotonic()
-            await self._buffer.wait_for(self.batch_size, max(left_s, 0.0))
-        return self._buffer.take(self.batch_size)
+            await self._buffer.wait_for(self.options.batch_size, max(left_s, 0.0))
+        return self._buffer.take(self.options.batch_size)
 
     async def _queue_is_idle(self) -> bool:
         assert self._queue is not None
@@ -343,7 +321,10 @@ class Consumer(WatchdogMixin):
         assert self._copy_planner is not None
         copies = self._copy_planner.plan(batch, outcomes)
         if copies and not await publish_all(
-            copies, self.counters, self.retry_initial_backoff_s, self.retry_max_backoff_s
+            copies,
+            self.counters,
+            self.options.retry_initial_backoff_s,
+            self.options.retry_max_backoff_s,
         ):
             self.counters.dropped += len(batch)
             log.warning("deliveries_dropped", reason="channel_lost", count=len(batch))
@@ -379,10 +360,6 @@ class Consumer(WatchdogMixin):
             except _CHANNEL_ERRORS as exc:
                 self.counters.dropped += len(group)
                 log.warning("batch_ack_failed", size=len(group), error=repr(exc))
-
-
-def _pick(value: _T | None, default: _T) -> _T:
-    return default if value is None else value
 
 
 def _channel_id(delivery: Delivery) -> int:

@@ -35,6 +35,7 @@ async def serve_consumer(
     name: str,
     declare: Declare,
     build: Build,
+    command_timeout_s: float,
     drain_timeout_s: float,
     metrics: Metrics | None,
     expose_metrics: bool,
@@ -46,7 +47,7 @@ async def serve_consumer(
     ``expose_metrics`` serves ``/metrics``, ``/healthz`` and ``/readyz`` on
     ``settings.metrics_port``; ``run`` turns it off and exposes one registry on the ingress."""
     metrics = metrics if metrics is not None else Metrics()
-    pool = await create_pool(settings)
+    pool = await create_pool(settings, command_timeout_s=command_timeout_s)
     try:
         connection = await connect(settings, name)
         # The declaring channel stays open while consuming: aio-pika declares the topology
@@ -81,27 +82,14 @@ def create_consumer(
 ) -> Consumer:
     """A consumer configured from one consumer's settings group; ``probe`` tells whether the
     handler's service answers (see :class:`consumers.isolation.BatchAttempts`)."""
-    spec = ConsumerSpec(
-        queue=queue,
-        handler=handler,
-        batch_size=options.batch_size,
-        flush_interval_s=options.flush_interval_ms / 1000,
-        prefetch=options.prefetch,
-        timeout_s=timeout_s,
-        probe=probe,
-    )
+    spec = ConsumerSpec(queue, handler, timeout_s, retry_tiers_s, probe)
     return Consumer(
         connection,
         spec,
+        options,
         topology=topology,
-        retry_initial_backoff_s=options.retry_initial_backoff_s,
-        retry_max_backoff_s=options.retry_max_backoff_s,
-        drain_timeout_s=options.drain_timeout_s,
         publish_timeout_s=publish_timeout_s,
-        retry_tiers_s=retry_tiers_s,
         metrics=metrics,
-        watchdog_interval_s=options.watchdog_interval_s,
-        max_batch_failures=options.max_batch_failures,
     )
 
 

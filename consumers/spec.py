@@ -20,16 +20,16 @@ Handler = Callable[[Sequence[Delivery]], Awaitable[Sequence[Result]]]
 
 @dataclass(frozen=True)
 class ConsumerSpec:
-    """What to consume and how to handle it; ``None`` fields take the :class:`Consumer`'s
-    defaults, as arq's ``func()`` options fall back to the worker's."""
+    """What to consume and how to handle it: what is not a setting. The runtime's numbers
+    come from the consumer's settings group (``bridge.config.ConsumerOptions``)."""
 
     queue: str
     handler: Handler
-    batch_size: int | None = None
-    flush_interval_s: float | None = None
-    prefetch: int | None = None
     # Bound on one handler call (one database transaction); past it the batch is retried.
-    timeout_s: float | None = None
+    timeout_s: float
+    # Delays of the queue's retry tiers (declared with the topology): a Defer goes to one of
+    # them, or to the dead-letter queue without them.
+    retry_tiers_s: Sequence[float] = ()
     # Does the handler's service (its database) answer now? Asked after a batch failed for a
     # reason about the service: if not, the failure does not count against the messages.
     probe: Callable[[], Awaitable[bool]] | None = None

@@ -388,6 +388,7 @@ async def serve(
         name="consume subscriptions",
         declare=declare_topology,
         build=build,
+        command_timeout_s=settings.subscriptions.db_batch_timeout_s,
         drain_timeout_s=settings.subscriptions.drain_timeout_s,
         metrics=metrics,
         expose_metrics=expose_metrics,

@@ -377,6 +377,7 @@ async def serve(
         name="consume traces",
         declare=declare_trace_topology,
         build=build,
+        command_timeout_s=settings.traces.db_timeout_s,
         drain_timeout_s=settings.traces.drain_timeout_s,
         metrics=metrics,
         expose_metrics=expose_metrics,

@@ -12,6 +12,7 @@ import structlog
 if TYPE_CHECKING:
     from aio_pika.abc import AbstractChannel, AbstractConnection, ConsumerTag
 
+    from bridge.config import ConsumerOptions
     from consumers.spec import Counters
 
 log = structlog.get_logger(__name__)
@@ -25,7 +26,7 @@ class WatchdogMixin:
 
     queue_name: str
     publish_timeout_s: float
-    watchdog_interval_s: float
+    options: ConsumerOptions
     counters: Counters
     _connection: AbstractConnection
     _channel: AbstractChannel | None
@@ -56,7 +57,7 @@ class WatchdogMixin:
         lost = 0
         while True:
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.watchdog_interval_s):
+                async with asyncio.timeout(self.options.watchdog_interval_s):
                     await self._recheck.wait()
             self._recheck.clear()
             try:

@@ -66,7 +66,7 @@ async def broker(
 @pytest.fixture
 async def pool(db: asyncpg.Connection, settings: Settings) -> AsyncIterator[asyncpg.Pool]:
     """A bridge pool inside the test's migrated schema."""
-    value = await create_pool(settings)
+    value = await create_pool(settings, command_timeout_s=settings.subscriptions.db_batch_timeout_s)
     yield value
     await asyncio.wait_for(value.close(), 10)
 

@@ -8,6 +8,7 @@ import asyncio
 import pytest
 
 from bridge.amqp import HEADER_ATTEMPTS, HEADER_ERROR, HEADER_FIRST_FAILURE, topology
+from bridge.config import ConsumerOptions
 from consumers.deadletter import dead_letter_headers
 from consumers.outcomes import Outcome, Reject, RetryLater
 from consumers.runtime import Consumer
@@ -29,11 +30,25 @@ class Recorder:
         return [Reject("odd") if d.body.endswith(b"!") else Outcome.APPLIED for d in deliveries]
 
 
-def make_runtime(connection, settings, handler, **options):
+def make_runtime(connection, settings, handler, *, timeout_s=30.0, probe=None, **options):
+    """A consumer of the subscriptions queue with ``handler``; keyword arguments override
+    the small batches and short backoffs of these tests' ConsumerOptions."""
     names = topology(settings)
-    spec = ConsumerSpec(queue=names.subscriptions_queue, handler=handler, batch_size=10)
-    options = {"flush_interval_s": 0.02, "retry_initial_backoff_s": 0.02, **options}
-    return Consumer(connection, spec, topology=names, **options)
+    spec = ConsumerSpec(names.subscriptions_queue, handler, timeout_s, probe=probe)
+    fast = {
+        "batch_size": 10,
+        "prefetch": 20,
+        "flush_interval_ms": 20,
+        "retry_initial_backoff_s": 0.02,
+        **options,
+    }
+    return Consumer(
+        connection,
+        spec,
+        ConsumerOptions(**fast),
+        topology=names,
+        publish_timeout_s=settings.publish_timeout_s,
+    )
 
 
 def bodies(count):
@@ -257,16 +272,7 @@ class TestIsolation:
             *[RetryLater("timeout", delay_s=0.001)] * 4,
         )
         await publish(broker, settings, bodies(5))
-        names = topology(settings)
-        spec = ConsumerSpec(names.subscriptions_queue, handler, batch_size=10, probe=probe)
-        consumer = Consumer(
-            broker,
-            spec,
-            topology=names,
-            flush_interval_s=0.02,
-            retry_initial_backoff_s=0.02,
-            max_batch_failures=2,
-        )
+        consumer = make_runtime(broker, settings, handler, probe=probe, max_batch_failures=2)
         await run_burst(consumer)
 
         assert handler.batches == [bodies(5)] * 9

@@ -72,7 +72,9 @@ class TestSubscriptionConsumer:
         and afterwards are all applied, once."""
         bridge = proxied(subscriptions=FAST_SUBSCRIPTIONS)
         connection = await connect(bridge, "test")
-        pool = await create_pool(settings)
+        pool = await create_pool(
+            settings, command_timeout_s=settings.subscriptions.db_batch_timeout_s
+        )
         names = topology(bridge)
         try:
             channel = await connection.channel()
@@ -114,7 +116,9 @@ class TestSubscriptionConsumer:
         the consumer is registered again and applies what was published meanwhile."""
         bridge = proxied(subscriptions=FAST_SUBSCRIPTIONS)
         connection = await connect(bridge, "test")
-        pool = await create_pool(settings)
+        pool = await create_pool(
+            settings, command_timeout_s=settings.subscriptions.db_batch_timeout_s
+        )
         try:
             channel = await connection.channel()
             async with channel:
@@ -150,7 +154,9 @@ class TestTraceConsumer:
         async with channel:
             await declare_trace_topology(channel, direct)
         connection = await connect(bridge, "test")
-        pool = await create_pool(settings)
+        pool = await create_pool(
+            settings, command_timeout_s=settings.subscriptions.db_batch_timeout_s
+        )
         try:
             async with (
                 trace_consumer(connection, pool, bridge) as consumer,

@@ -284,7 +284,7 @@ def resign(version: str, fields: dict[str, Any]) -> dict[str, Any]:
 @pytest.fixture
 async def applier(db, settings):
     """The subscription consumer's own batch handler, on the test's migrated schema."""
-    pool = await create_pool(settings)
+    pool = await create_pool(settings, command_timeout_s=settings.subscriptions.db_batch_timeout_s)
     yield SubscriptionApplier(pool, settings)
     await pool.close()
 

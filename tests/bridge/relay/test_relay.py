@@ -48,7 +48,9 @@ def shop_settings(make_settings, settings, fake):
 
 @pytest.fixture
 async def pool(db, shop_settings):
-    value = await create_pool(shop_settings)
+    value = await create_pool(
+        shop_settings, command_timeout_s=shop_settings.subscriptions.db_batch_timeout_s
+    )
     yield value
     await asyncio.wait_for(value.close(), 10)
 
@@ -299,7 +301,7 @@ async def test_sms_columns_are_applied_and_relayed(make_settings, db, amqp_conne
         apps={TEST_APP_ID: AppConfig(secret=TEST_SECRET, target=target)},
         subscriptions=SUBSCRIPTIONS,
     )
-    pool = await create_pool(settings)
+    pool = await create_pool(settings, command_timeout_s=settings.subscriptions.db_batch_timeout_s)
     try:
         targets = await resolve_targets(pool, settings.apps)
         await install_triggers(db, settings, targets)
