@@ -8,6 +8,7 @@ import time
 from datetime import UTC, datetime
 from types import TracebackType
 
+import aiormq
 import structlog
 from aio_pika.abc import (
     AbstractChannel,
@@ -25,7 +26,7 @@ from consumers.copies import CopyPlanner, channel_open, publish_all
 from consumers.deadletter import DeadLetterPublisher, RetryPublisher
 from consumers.isolation import BatchAttempts
 from consumers.spec import ConsumerSpec, Counters, Delivery
-from consumers.watchdog import WatchdogMixin
+from consumers.watchdog import Watchdog
 
 log = structlog.get_logger(__name__)
 
@@ -36,7 +37,7 @@ log = structlog.get_logger(__name__)
 _CHANNEL_ERRORS = (Exception,)
 
 
-class Consumer(WatchdogMixin):
+class Consumer:
     """Consumes ``spec.queue`` in micro-batches and hands each batch to ``spec.handler``.
 
     One batch is handled at a time while the next one fills from the prefetch. A batch is acked
@@ -88,19 +89,21 @@ class Consumer(WatchdogMixin):
         )
 
         self._connection = connection
-        self._dead_letter_exchange_name = topology.dead_letter_exchange
-        self._dead_letter_routing_key = topology.dead_letter_queue(spec.queue)
-        self._retry_exchange_name = topology.retry_exchange
+        self._topology = topology
         self._retry_tiers = [(d, topology.retry_queue(spec.queue, d)) for d in spec.retry_tiers_s]
         self._copy_planner: CopyPlanner | None = None
         self._channel: AbstractChannel | None = None
         self._queue: AbstractQueue | None = None
         self._dead_letter_channel: AbstractChannel | None = None
         self._consumer_tag: ConsumerTag | None = None
-        # Whether the broker delivered to our consumer tag at the last look (see `ready`).
-        self._registered = False
-        self._recheck = asyncio.Event()
-        self._watchdog: asyncio.Task[None] | None = None
+        self._watchdog = Watchdog(
+            spec.queue,
+            options.watchdog_interval_s,
+            publish_timeout_s,
+            consuming=self._consuming,
+            connected=connection.connected.is_set,
+            register_again=self._register_again,
+        )
 
         self._buffer = Buffer()
         self._stopping = asyncio.Event()
@@ -123,7 +126,7 @@ class Consumer(WatchdogMixin):
         is unreachable) and the broker delivering to our consumer tag at the last check."""
         channel = self._channel
         return (
-            self._registered
+            self._watchdog.registered
             and not self._stopping.is_set()
             and channel is not None
             and not channel.is_closed
@@ -136,7 +139,7 @@ class Consumer(WatchdogMixin):
         except BaseException:
             await self._close()
             raise
-        self._watchdog = asyncio.create_task(self._watch(), name=f"watchdog {self.queue_name}")
+        self._watchdog.start()
         log.info(
             "consumer_started",
             queue=self.queue_name,
@@ -163,9 +166,9 @@ class Consumer(WatchdogMixin):
         self._dead_letter_channel = await self._connection.channel(publisher_confirms=True)
         dead_letters = DeadLetterPublisher(
             await self._dead_letter_channel.get_exchange(
-                self._dead_letter_exchange_name, ensure=True
+                self._topology.dead_letter_exchange, ensure=True
             ),
-            routing_key=self._dead_letter_routing_key,
+            routing_key=self._topology.dead_letter_queue(self.queue_name),
             queue=self.queue_name,
             timeout_s=self.publish_timeout_s,
         )
@@ -173,7 +176,7 @@ class Consumer(WatchdogMixin):
         if self._retry_tiers:
             retries = RetryPublisher(
                 await self._dead_letter_channel.get_exchange(
-                    self._retry_exchange_name, ensure=True
+                    self._topology.retry_exchange, ensure=True
                 ),
                 tiers=self._retry_tiers,
                 queue=self.queue_name,
@@ -183,10 +186,10 @@ class Consumer(WatchdogMixin):
         self._consumer_tag = await self._queue.consume(
             self._buffer.add, timeout=self.publish_timeout_s
         )
-        self._registered = True
-        self._channel.close_callbacks.add(self._on_channel_change)
+        # Closed (not ready until a look says so) or reopened by aio-pika (look at once).
+        self._channel.close_callbacks.add(self._watchdog.poke)
         if isinstance(self._channel, AbstractRobustChannel):
-            self._channel.reopen_callbacks.add(self._on_channel_change)
+            self._channel.reopen_callbacks.add(self._watchdog.poke)
 
     async def _close(self) -> None:
         for channel in (self._dead_letter_channel, self._channel):
@@ -235,7 +238,7 @@ class Consumer(WatchdogMixin):
             self._stopping.set()
             self._buffer.wake()
             self._start_drain_clock()
-            await self._stop_watchdog()
+            await self._watchdog.stop()
             await self._cancel_consumer()
         try:
             # The drain clock ends run(); the extra second covers its own cleanup.
@@ -264,6 +267,33 @@ class Consumer(WatchdogMixin):
         except _CHANNEL_ERRORS as exc:
             if not lost:
                 log.warning("consumer_cancel_failed", queue=self.queue_name, error=repr(exc))
+
+    async def _consuming(self) -> bool:
+        """The watchdog's look: does the broker deliver to our consumer tag on our channel?"""
+        channel, tag = self._channel, self._consumer_tag
+        if channel is None or tag is None or channel.is_closed:
+            return False
+        try:
+            underlay = await channel.get_underlay_channel()
+        except _CHANNEL_ERRORS:
+            return False
+        return isinstance(underlay, aiormq.Channel) and tag in underlay.consumers
+
+    async def _register_again(self) -> bool:
+        """The watchdog's remedy: fresh channels and a new consumer; the old tag is cancelled
+        first, so that aio-pika cannot restore it beside the new one. Deliveries of the old
+        channel are dropped (the broker redelivers them)."""
+        await self._cancel_consumer()
+        await self._close()
+        try:
+            async with asyncio.timeout(self.publish_timeout_s):
+                await self._open()
+        except _CHANNEL_ERRORS as exc:
+            log.warning("consumer_register_failed", queue=self.queue_name, error=repr(exc))
+            return False
+        self.counters.reregistered += 1
+        log.info("consumer_registered_again", queue=self.queue_name)
+        return True
 
     async def _next_batch(self, burst: bool) -> list[Delivery] | None:
         """The next batch: the first buffered message and whatever follows it within
