@@ -3,8 +3,6 @@ transaction per batch, idempotent on ``event_id`` and newest-wins per subscriber
 
 from __future__ import annotations
 
-import asyncio
-import functools
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
@@ -18,10 +16,9 @@ from pydantic import ValidationError
 from bridge.amqp import declare_topology, topology
 from bridge.app_config import AppConfig
 from bridge.config import Settings
-from bridge.db import answers
 from bridge.metrics import Metrics
 from bridge.shop_table import ShopTarget, resolve_targets
-from consumers import service, sync_store
+from consumers import sync_store
 from consumers.convergence import Converger, utcnow, webhook_key
 from consumers.dispatch import dispatching
 from consumers.outcomes import (
@@ -33,8 +30,7 @@ from consumers.outcomes import (
     database_retry,
     describe_validation_error,
 )
-from consumers.runtime import Consumer
-from consumers.service import serve_consumer
+from consumers.service import ConsumerPart
 from consumers.spec import Delivery
 from consumers.sync import Decision, Verdict
 from consumers.sync_store import SyncBatch
@@ -332,65 +328,28 @@ class SubscriptionApplier:
         ]
 
 
-def create_consumer(
+@asynccontextmanager
+async def _applier(
     connection: AbstractConnection,
     pool: asyncpg.Pool,
     settings: Settings,
-    metrics: Metrics | None = None,
-    targets: Mapping[str, ShopTarget] | None = None,
-    nudge: Callable[[], None] | None = None,
-) -> Consumer:
-    """The subscription consumer, configured from ``settings.subscriptions``; ``targets`` (from
-    :func:`resolve_targets`) are the shops' own tables it writes to as well; ``nudge`` wakes
-    the dispatcher after a commit that left messages to publish."""
-    applier = SubscriptionApplier(pool, settings, targets, metrics=metrics, nudge=nudge)
-    return service.create_consumer(
-        connection,
-        queue=topology(settings).subscriptions_queue,
-        handler=applier,
-        options=settings.subscriptions,
-        topology=topology(settings),
-        timeout_s=settings.subscriptions.db_batch_timeout_s,
-        publish_timeout_s=settings.publish_timeout_s,
-        metrics=metrics,
-        probe=functools.partial(answers, pool, settings.publish_timeout_s),
-    )
+    metrics: Metrics | None,
+) -> AsyncIterator[SubscriptionApplier]:
+    """The applier, with the shops' tables it writes to and the dispatcher it nudges."""
+    # Checked before consuming: a mapping that does not fit the table stops the start.
+    targets = await resolve_targets(pool, settings.apps)
+    async with dispatching(connection, pool, settings) as dispatcher:
+        yield SubscriptionApplier(pool, settings, targets, metrics=metrics, nudge=dispatcher.nudge)
 
 
-async def serve(
-    settings: Settings,
-    stopping: asyncio.Event,
-    metrics: Metrics | None = None,
-    *,
-    expose_metrics: bool = True,
-) -> None:
-    """Apply edrone's status changes until ``stopping`` is set, then drain and close
-    (``edrone-bridge consume subscriptions``; migrations are the CLI's job)."""
-    names = topology(settings)
-
-    @asynccontextmanager
-    async def build(
-        connection: AbstractConnection, pool: asyncpg.Pool, metrics: Metrics
-    ) -> AsyncIterator[Consumer]:
-        # Checked before consuming: a mapping that does not fit the table stops the start.
-        targets = await resolve_targets(pool, settings.apps)
-        async with (
-            dispatching(connection, pool, settings) as dispatcher,
-            create_consumer(
-                connection, pool, settings, metrics, targets, dispatcher.nudge
-            ) as consumer,
-        ):
-            yield consumer
-
-    await serve_consumer(
-        settings,
-        stopping,
-        name="consume subscriptions",
-        declare=declare_topology,
-        build=build,
-        command_timeout_s=settings.subscriptions.db_batch_timeout_s,
-        drain_timeout_s=settings.subscriptions.drain_timeout_s,
-        metrics=metrics,
-        expose_metrics=expose_metrics,
-        dead_letter_queues=[names.dead_letter_queue(names.subscriptions_queue)],
-    )
+# `edrone-bridge consume subscriptions` (served by consumers.service.serve).
+PART = ConsumerPart(
+    name="consume subscriptions",
+    queue=lambda settings: topology(settings).subscriptions_queue,
+    declare=declare_topology,
+    handler=_applier,
+    options=lambda settings: settings.subscriptions,
+    timeout_s=lambda settings: settings.subscriptions.db_batch_timeout_s,
+    command_timeout_s=lambda settings: settings.subscriptions.db_batch_timeout_s,
+    probe_timeout_s=lambda settings: settings.publish_timeout_s,
+)

@@ -23,10 +23,8 @@ from pydantic import ValidationError
 from bridge.amqp import declare_trace_topology, topology
 from bridge.app_config import AppConfig
 from bridge.config import Settings, TraceSettings
-from bridge.db import answers
 from bridge.metrics import Metrics
 from bridge.shop_table import ShopTarget, resolve_targets
-from consumers import service
 from consumers.convergence import RECONCILE_TYPE
 from consumers.dispatch import dispatching
 from consumers.outcomes import (
@@ -37,8 +35,7 @@ from consumers.outcomes import (
     Result,
     describe_validation_error,
 )
-from consumers.runtime import Consumer
-from consumers.service import serve_consumer
+from consumers.service import ConsumerPart
 from consumers.spec import Delivery
 from consumers.sync import REFUSED, SENT, UNCERTAIN, UNSENT
 from consumers.throttle import Breaker, RateLimiter
@@ -264,10 +261,6 @@ class TraceForwarder:
         log.warning("trace_refused", status=status)
         return Reject(answer), Answer(REFUSED, answer)
 
-    async def database_answers(self) -> bool:
-        """The runtime's probe (``ConsumerSpec.probe``): is a failed batch the database's?"""
-        return await answers(self._pool, min(self._options.db_timeout_s, 5.0))
-
     @asynccontextmanager
     async def _paced(self, app_id: str) -> AsyncIterator[None]:
         """Within the app's rate limit, for the whole call (see RateLimiter)."""
@@ -323,64 +316,35 @@ def batch_timeout_s(options: TraceSettings) -> float:
     return rounds * options.timeout_s + pacing_s + 10.0
 
 
-def create_consumer(
+@asynccontextmanager
+async def _forwarder(
     connection: AbstractConnection,
-    forwarder: TraceForwarder,
+    pool: asyncpg.Pool,
     settings: Settings,
-    metrics: Metrics | None = None,
-) -> Consumer:
-    """The trace consumer, configured from ``settings.traces``, with its retry tiers."""
-    return service.create_consumer(
-        connection,
-        queue=topology(settings).traces_queue,
-        handler=forwarder,
-        options=settings.traces,
-        topology=topology(settings),
-        timeout_s=batch_timeout_s(settings.traces),
-        publish_timeout_s=settings.publish_timeout_s,
-        retry_tiers_s=settings.traces.retry_tiers_s,
-        metrics=metrics,
-        probe=forwarder.database_answers,
-    )
+    metrics: Metrics | None,
+) -> AsyncIterator[TraceForwarder]:
+    """The forwarder, with its HTTP session to edrone, the shops' tables it corrects and the
+    dispatcher it nudges."""
+    # Checked before consuming: a mapping that does not fit the table stops the start.
+    targets = await resolve_targets(pool, settings.apps)
+    async with (
+        create_session(settings) as session,
+        dispatching(connection, pool, settings) as dispatcher,
+    ):
+        yield TraceForwarder(
+            session, pool, settings, metrics, targets=targets, nudge=dispatcher.nudge
+        )
 
 
-async def serve(
-    settings: Settings,
-    stopping: asyncio.Event,
-    metrics: Metrics | None = None,
-    *,
-    expose_metrics: bool = True,
-) -> None:
-    """Forward the shop's changes until ``stopping`` is set, then drain and close
-    (``edrone-bridge consume traces``; migrations are the CLI's job)."""
-    names = topology(settings)
-
-    @asynccontextmanager
-    async def build(
-        connection: AbstractConnection, pool: asyncpg.Pool, metrics: Metrics
-    ) -> AsyncIterator[Consumer]:
-        # Checked before consuming: a mapping that does not fit the table stops the start.
-        targets = await resolve_targets(pool, settings.apps)
-        async with (
-            create_session(settings) as session,
-            dispatching(connection, pool, settings) as dispatcher,
-        ):
-            forwarder = TraceForwarder(
-                session, pool, settings, metrics, targets=targets, nudge=dispatcher.nudge
-            )
-            async with create_consumer(connection, forwarder, settings, metrics) as consumer:
-                yield consumer
-
-    await serve_consumer(
-        settings,
-        stopping,
-        name="consume traces",
-        declare=declare_trace_topology,
-        build=build,
-        command_timeout_s=settings.traces.db_timeout_s,
-        drain_timeout_s=settings.traces.drain_timeout_s,
-        metrics=metrics,
-        expose_metrics=expose_metrics,
-        dead_letter_queues=[names.dead_letter_queue(names.traces_queue)],
-        other_queues=names.retry_queues(settings.traces.retry_tiers_s),
-    )
+# `edrone-bridge consume traces` (served by consumers.service.serve).
+PART = ConsumerPart(
+    name="consume traces",
+    queue=lambda settings: topology(settings).traces_queue,
+    declare=declare_trace_topology,
+    handler=_forwarder,
+    options=lambda settings: settings.traces,
+    timeout_s=lambda settings: batch_timeout_s(settings.traces),
+    command_timeout_s=lambda settings: settings.traces.db_timeout_s,
+    probe_timeout_s=lambda settings: min(settings.traces.db_timeout_s, 5.0),
+    retry_tiers_s=lambda settings: settings.traces.retry_tiers_s,
+)

@@ -11,17 +11,15 @@ import asyncpg
 
 from bridge.amqp import HEADER_ERROR, topology
 from bridge.app_config import AppConfig
-from bridge.shop_table import resolve_targets
-from consumers.subscriptions import create_consumer
 from tests.support.apps import TEST_APP_ID, TEST_SECRET
 from tests.support.consumers import (
+    apply_burst,
     depths,
     forward_burst,
     make_event,
     publish,
     publish_platform,
     ready_count,
-    run_burst,
     shop_event,
     take_all,
 )
@@ -40,11 +38,6 @@ END $$;
 CREATE TRIGGER refuse_poison BEFORE INSERT OR UPDATE ON newsletter_subscriber
 FOR EACH ROW EXECUTE FUNCTION refuse_poison();
 """
-
-
-async def shop_consumer(broker, pool, settings):
-    targets = await resolve_targets(pool, settings.apps)
-    return create_consumer(broker, pool, settings, targets=targets)
 
 
 class TestSubscriptions:
@@ -66,7 +59,7 @@ class TestSubscriptions:
         await publish(broker, settings, [*good[:12], poison, *good[12:]])
 
         started = time.monotonic()
-        consumer = await run_burst(await shop_consumer(broker, pool, settings))
+        consumer = await apply_burst(broker, pool, settings)
         took_s = time.monotonic() - started
 
         counters = consumer.counters
@@ -117,7 +110,7 @@ class TestSubscriptions:
                 "WHERE subscriber_email = 'jan@example.com' FOR UPDATE"
             )
             await publish(broker, settings, [*good[:4], stuck, *good[4:]])
-            consumer = await run_burst(await shop_consumer(broker, pool, settings), 60)
+            consumer = await apply_burst(broker, pool, settings, 60)
             await locking.rollback()
         finally:
             await locker.close()
