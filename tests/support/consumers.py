@@ -112,7 +112,12 @@ async def run_burst(consumer: Consumer, timeout_s: float = 20.0) -> Consumer:
     return consumer
 
 
-async def apply_burst(connection, pool, settings, timeout_s: float = 20.0) -> Consumer:
+async def apply_burst(
+    connection: aio_pika.abc.AbstractConnection,
+    pool: asyncpg.Pool,
+    settings: Settings,
+    timeout_s: float = 20.0,
+) -> Consumer:
     """The subscription consumer, built as ``consume subscriptions`` builds it (the shops'
     tables checked, a dispatcher running): everything queued handled, then closed."""
     async with consumer_of(subscriptions.PART, settings, connection, pool) as consumer:
