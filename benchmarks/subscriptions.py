@@ -28,8 +28,10 @@ from bridge.amqp import ROUTING_KEY_BY_CHANNEL, connect, topology
 from bridge.config import Settings
 from bridge.db import create_pool
 from bridge.migrate import migrate
-from consumers.errors import Reject
-from consumers.subscriptions import create_consumer, decode
+from consumers import subscriptions
+from consumers.outcomes import InvalidMessage
+from consumers.service import consumer_of
+from consumers.subscriptions import decode
 from schemas.subscription import SubscriptionStatusChanged
 
 BASE_DATE = datetime(2024, 1, 15, 10, 30, tzinfo=UTC)
@@ -154,14 +156,15 @@ def _cpu_s() -> float:
 
 
 async def drain_consumer(settings: Settings, expected: int) -> dict[str, Any]:
-    """The real subscription consumer (``create_consumer``, the settings' batch, prefetch and
-    flush) from a full queue until ``expected`` messages have an outcome."""
-    pool = await create_pool(settings)
+    """The real subscription consumer (built as ``consume subscriptions`` builds it, with the
+    settings' batch, prefetch and flush) from a full queue until ``expected`` messages have an
+    outcome."""
+    pool = await create_pool(settings, command_timeout_s=settings.subscriptions.db_batch_timeout_s)
     try:
         connection = await connect(settings, "bench drain")
         async with connection:
-            consumer = create_consumer(connection, pool, settings)
-            async with consumer:
+            built = consumer_of(subscriptions.PART, settings, connection, pool)
+            async with built as consumer, consumer:
                 cpu = _cpu_s()
                 started = time.perf_counter()
                 task = asyncio.create_task(consumer.run())
@@ -295,7 +298,7 @@ async def drain_naive(
                 async for message in messages:
                     try:
                         outcome = await _naive_apply(conn, decode(message.body, apps))
-                    except Reject:
+                    except InvalidMessage:
                         outcome = "rejected"
                     await message.ack()
                     outcomes[outcome] += 1

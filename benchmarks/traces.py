@@ -23,8 +23,9 @@ from benchmarks.worker import Worker, ping
 from bridge.amqp import connect, topology
 from bridge.config import Settings
 from bridge.db import create_pool
+from consumers import traces
+from consumers.service import consumer_of
 from consumers.trace_form import trace_form
-from consumers.traces import TraceForwarder, create_consumer, create_session
 from schemas.platform_event import CustomerSubscriptionChanged
 
 LATENCY_MS = 20
@@ -69,12 +70,12 @@ async def preload(settings: Settings, count: int, tag: str) -> None:
 async def forward(settings: Settings, expected: int, duration_s: float | None) -> dict[str, Any]:
     """The real forwarder, wired as ``consume traces`` wires it, until ``expected`` traces
     were sent (or for ``duration_s``); traces/s."""
-    pool = await create_pool(settings)
+    pool = await create_pool(settings, command_timeout_s=settings.traces.db_timeout_s)
     try:
         connection = await connect(settings, "bench traces")
-        async with connection, create_session(settings) as session:
-            forwarder = TraceForwarder(session, pool, settings)
-            async with create_consumer(connection, forwarder, settings) as consumer:
+        async with connection:
+            built = consumer_of(traces.PART, settings, connection, pool)
+            async with built as consumer, consumer:
                 started = time.perf_counter()
                 task = asyncio.create_task(consumer.run())
                 limit_s = duration_s if duration_s is not None else 300.0

@@ -38,7 +38,8 @@ Networks = Annotated[tuple[IPvAnyNetwork, ...], NoDecode]
 
 
 class ConsumerOptions(BaseModel):
-    """What every consumer of the runtime takes: batching, prefetch, retries, draining."""
+    """Every number of the consumer runtime (``consumers.runtime.Consumer``), with its one
+    default: batching, prefetch, retries, draining, the watchdog, the failure limit."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 

@@ -12,14 +12,17 @@ from bridge.config import Settings
 log = structlog.get_logger(__name__)
 
 
-async def create_pool(settings: Settings, *, min_size: int = 1, max_size: int = 4) -> asyncpg.Pool:
-    """A pool whose sessions resolve unqualified names in ``settings.database_schema`` first."""
+async def create_pool(
+    settings: Settings, *, command_timeout_s: float, min_size: int = 1, max_size: int = 4
+) -> asyncpg.Pool:
+    """A pool whose sessions resolve unqualified names in ``settings.database_schema`` first;
+    ``command_timeout_s`` bounds each statement (the caller's own setting)."""
     pool = await asyncpg.create_pool(
         settings.database_url.get_secret_value(),
         min_size=min_size,
         max_size=max_size,
         timeout=10,
-        command_timeout=settings.subscriptions.db_batch_timeout_s,
+        command_timeout=command_timeout_s,
         server_settings={
             "search_path": f'"{settings.database_schema}", public',
             "application_name": "edrone-bridge",

@@ -1,16 +1,19 @@
 """Consumers of the bridge's queues and the runtime they share (batching, ack after commit,
 retries, dead-lettering)."""
 
-from consumers.errors import Reject, RetryLater
-from consumers.runtime import APPLIED, Consumer, ConsumerSpec, Counters, Delivery, Outcome
+from consumers.outcomes import Defer, InvalidMessage, Outcome, Reject, Result, RetryLater
+from consumers.runtime import Consumer
+from consumers.spec import ConsumerSpec, Counters, Delivery
 
 __all__ = [
-    "APPLIED",
     "Consumer",
     "ConsumerSpec",
     "Counters",
+    "Defer",
     "Delivery",
+    "InvalidMessage",
     "Outcome",
     "Reject",
+    "Result",
     "RetryLater",
 ]

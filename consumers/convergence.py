@@ -11,6 +11,7 @@ from datetime import UTC, datetime, timedelta
 
 from bridge.config import Settings
 from bridge.shop_table import ShopTarget
+from consumers.outcomes import Outcome
 from consumers.shop_target import Applied, Change, apply_changes, writable
 from consumers.sync import (
     EDRONE,
@@ -160,7 +161,7 @@ class Converger:
             )  # fmt: skip
             batch.note_bridge(key, "write", "written", "to the shop's table", write_id)
         elif key in applied.unknown:
-            batch.note_bridge(key, "write", "unknown_customer", "no row in the shop's table")
+            batch.note_bridge(key, "write", Outcome.UNKNOWN_CUSTOMER, "no row in the shop's table")
         if publish and self.settings.apps[key[0]].publish_changes:
             # Its echo is awaited: it changes what the shop holds. One that never comes (a
             # person set that status meanwhile) ends with a person's later change, or lapses.

@@ -13,7 +13,7 @@ from aio_pika.abc import AbstractIncomingMessage
 
 from bridge.headers import attempts_so_far
 from consumers.deadletter import DeadLetterPublisher, RetryPublisher
-from consumers.errors import Defer, Reject
+from consumers.outcomes import Defer, Reject
 
 if TYPE_CHECKING:  # consumers.spec imports Copy from here
     from consumers.spec import Counters

@@ -1,5 +1,5 @@
 """Copies of failed messages, confirmed: to the dead-letter queue with why, when and how often
-it failed (DESIGN.md promise 4), or to a retry tier that hands it back later."""
+it failed (docs/design.md promise 4), or to a retry tier that hands it back later."""
 
 from __future__ import annotations
 

@@ -16,7 +16,7 @@ from aio_pika.abc import AbstractChannel, AbstractConnection
 
 from bridge.config import Settings
 from bridge.publishing import ConfirmedPublisher
-from consumers.errors import database_retry
+from consumers.outcomes import database_retry
 
 log = structlog.get_logger(__name__)
 

@@ -1,4 +1,4 @@
-"""Handling one batch until every message in it has an outcome (DESIGN.md promise 7): an error
+"""Handling one batch until every message in it has an outcome (docs/design.md promise 7): an error
 about the service retries the batch after a backoff; an error that may lie in a message's
 content splits the batch in halves until that message stands alone, and it alone is
 dead-lettered, with the error, while the rest of the batch goes through."""
@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 
 import structlog
 
-from consumers.errors import Reject, RetryLater
-from consumers.spec import Counters, Delivery, Handler, Outcome
+from consumers.outcomes import Reject, Result, RetryLater
+from consumers.spec import Counters, Delivery, Handler
 
 log = structlog.get_logger(__name__)
 
@@ -54,10 +54,10 @@ class BatchAttempts:
 
     async def run(
         self, batch: list[Delivery], live: Live
-    ) -> tuple[list[Delivery], list[Outcome]] | None:
+    ) -> tuple[list[Delivery], list[Result]] | None:
         """(deliveries, outcomes) in the batch's order, leaving out deliveries whose channel
         was lost meanwhile (``live`` drops them); ``None`` if none is left."""
-        outcomes: dict[int, Outcome] = {}
+        outcomes: dict[int, Result] = {}
         groups: deque[list[Delivery]] = deque([batch])
         backoff_s = self.initial_backoff_s
         self._failures.clear()
@@ -90,9 +90,7 @@ class BatchAttempts:
             return None
         return kept, [outcomes[id(delivery)] for delivery in kept]
 
-    async def _attempt(
-        self, group: list[Delivery], outcomes: dict[int, Outcome]
-    ) -> _Failure | None:
+    async def _attempt(self, group: list[Delivery], outcomes: dict[int, Result]) -> _Failure | None:
         try:
             async with asyncio.timeout(self.timeout_s):
                 results = await self.handler(group)

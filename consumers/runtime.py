@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
 from datetime import UTC, datetime
 from types import TracebackType
-from typing import TypeVar
 
+import aiormq
 import structlog
 from aio_pika.abc import (
     AbstractChannel,
@@ -20,25 +19,17 @@ from aio_pika.abc import (
 )
 
 from bridge.amqp import Topology
+from bridge.config import ConsumerOptions
 from bridge.metrics import Metrics
 from consumers.buffer import Buffer
 from consumers.copies import CopyPlanner, channel_open, publish_all
 from consumers.deadletter import DeadLetterPublisher, RetryPublisher
 from consumers.isolation import BatchAttempts
-from consumers.spec import (
-    APPLIED as APPLIED,  # re-exported: handlers import the runtime's vocabulary from here
-)
-from consumers.spec import (
-    ConsumerSpec,
-    Counters,
-    Delivery,
-)
-from consumers.spec import Outcome as Outcome
-from consumers.watchdog import WatchdogMixin
+from consumers.spec import ConsumerSpec, Counters, Delivery
+from consumers.watchdog import Watchdog
 
 log = structlog.get_logger(__name__)
 
-_T = TypeVar("_T")
 # What a failed ack/cancel/close on a lost channel raises: aio-pika's and aiormq's errors,
 # ConnectionError, RuntimeError (ChannelInvalidStateError), TimeoutError, and even the bare
 # Exception class, with which aiormq fails whatever was pending when a channel closes without
@@ -46,91 +37,73 @@ _T = TypeVar("_T")
 _CHANNEL_ERRORS = (Exception,)
 
 
-class Consumer(WatchdogMixin):
+class Consumer:
     """Consumes ``spec.queue`` in micro-batches and hands each batch to ``spec.handler``.
 
     One batch is handled at a time while the next one fills from the prefetch. A batch is acked
     with one ``ack(multiple=True)`` only after its handler returned (its transaction committed)
-    and every rejected message's dead-letter copy was confirmed (DESIGN.md promises 2 and 4).
+    and every rejected message's dead-letter copy was confirmed (docs/design.md promises 2 and 4).
     A handler failing for a reason about its service gets the same batch again after an
     exponential backoff; any other failure is narrowed down to the message that causes it,
     which alone is dead-lettered (:class:`consumers.isolation.BatchAttempts`, promise 7).
     Nothing is nacked, so the quorum queue's delivery limit counts only real redeliveries.
 
-    Use as ``async with Consumer(connection, spec, topology=...) as consumer: await
+    Use as ``async with Consumer(connection, spec, options, ...) as consumer: await
     consumer.run()``; :meth:`stop` (from another task) ends :meth:`run` gracefully.
 
     :param connection: an open (preferably robust) connection; the consumer opens and closes
         its own channels on it but leaves the connection to the caller.
-    :param topology: names the dead-letter exchange and the queue's dead-letter routing key.
-    :param retry_tiers_s: delays of the queue's retry tiers (declared with the topology); a
-        :class:`Defer` outcome goes to one of them, or to the dead-letter queue without them.
-    :param drain_timeout_s: how long :meth:`stop` lets buffered batches commit and ack.
+    :param options: every number of the runtime (batching, prefetch, backoffs, draining, the
+        watchdog, the failure limit), from the consumer's settings group.
+    :param topology: names the dead-letter exchange, the queue's dead-letter routing key and
+        its retry tiers (``spec.retry_tiers_s``).
     :param publish_timeout_s: bound on each dead-letter confirm, on opening the channels and
         on each ack, cancel and close.
-    :param watchdog_interval_s: how often the consumer checks that the broker still delivers
-        to it (see :attr:`ready`).
-    :param max_batch_failures: a message in this many counted failed batches is narrowed down
-        and dead-lettered whatever the cause.
     """
 
     def __init__(
         self,
         connection: AbstractConnection,
         spec: ConsumerSpec,
+        options: ConsumerOptions,
         *,
         topology: Topology,
-        batch_size: int = 100,
-        flush_interval_s: float = 0.02,
-        prefetch: int | None = None,
-        timeout_s: float = 30.0,
-        retry_initial_backoff_s: float = 0.5,
-        retry_max_backoff_s: float = 30.0,
-        drain_timeout_s: float = 10.0,
-        publish_timeout_s: float = 5.0,
-        retry_tiers_s: Sequence[float] = (),
+        publish_timeout_s: float,
         metrics: Metrics | None = None,
-        watchdog_interval_s: float = 5.0,
-        max_batch_failures: int = 10,
     ) -> None:
         self.spec = spec
+        self.options = options
         self.queue_name = spec.queue
-        self.batch_size = _pick(spec.batch_size, batch_size)
-        self.flush_interval_s = _pick(spec.flush_interval_s, flush_interval_s)
-        # Twice the batch by default, so that the next batch fills while one commits.
-        self.prefetch = _pick(spec.prefetch, _pick(prefetch, 2 * self.batch_size))
-        self.timeout_s = _pick(spec.timeout_s, timeout_s)
-        self.retry_initial_backoff_s = retry_initial_backoff_s
-        self.retry_max_backoff_s = retry_max_backoff_s
-        self.drain_timeout_s = drain_timeout_s
+        self.flush_interval_s = options.flush_interval_ms / 1000
         self.publish_timeout_s = publish_timeout_s
-        self.watchdog_interval_s = watchdog_interval_s
         self.counters = Counters(queue=spec.queue, metrics=metrics)
         self._in_flight: list[Delivery] = []
         self._attempts = BatchAttempts(
             spec.handler,
-            timeout_s=self.timeout_s,
-            initial_backoff_s=retry_initial_backoff_s,
-            max_backoff_s=retry_max_backoff_s,
-            max_failures=max_batch_failures,
+            timeout_s=spec.timeout_s,
+            initial_backoff_s=options.retry_initial_backoff_s,
+            max_backoff_s=options.retry_max_backoff_s,
+            max_failures=options.max_batch_failures,
             counters=self.counters,
             probe=spec.probe,
         )
 
         self._connection = connection
-        self._dead_letter_exchange_name = topology.dead_letter_exchange
-        self._dead_letter_routing_key = topology.dead_letter_queue(spec.queue)
-        self._retry_exchange_name = topology.retry_exchange
-        self._retry_tiers = [(d, topology.retry_queue(spec.queue, d)) for d in retry_tiers_s]
+        self._topology = topology
+        self._retry_tiers = [(d, topology.retry_queue(spec.queue, d)) for d in spec.retry_tiers_s]
         self._copy_planner: CopyPlanner | None = None
         self._channel: AbstractChannel | None = None
         self._queue: AbstractQueue | None = None
         self._dead_letter_channel: AbstractChannel | None = None
         self._consumer_tag: ConsumerTag | None = None
-        # Whether the broker delivered to our consumer tag at the last look (see `ready`).
-        self._registered = False
-        self._recheck = asyncio.Event()
-        self._watchdog: asyncio.Task[None] | None = None
+        self._watchdog = Watchdog(
+            spec.queue,
+            options.watchdog_interval_s,
+            publish_timeout_s,
+            consuming=self._consuming,
+            connected=connection.connected.is_set,
+            register_again=self._register_again,
+        )
 
         self._buffer = Buffer()
         self._stopping = asyncio.Event()
@@ -153,7 +126,7 @@ class Consumer(WatchdogMixin):
         is unreachable) and the broker delivering to our consumer tag at the last check."""
         channel = self._channel
         return (
-            self._registered
+            self._watchdog.registered
             and not self._stopping.is_set()
             and channel is not None
             and not channel.is_closed
@@ -166,13 +139,13 @@ class Consumer(WatchdogMixin):
         except BaseException:
             await self._close()
             raise
-        self._watchdog = asyncio.create_task(self._watch(), name=f"watchdog {self.queue_name}")
+        self._watchdog.start()
         log.info(
             "consumer_started",
             queue=self.queue_name,
-            batch_size=self.batch_size,
+            batch_size=self.options.batch_size,
             flush_interval_s=self.flush_interval_s,
-            prefetch=self.prefetch,
+            prefetch=self.options.prefetch,
         )
         return self
 
@@ -187,15 +160,15 @@ class Consumer(WatchdogMixin):
 
     async def _open(self) -> None:
         self._channel = await self._connection.channel(publisher_confirms=False)
-        await self._channel.set_qos(prefetch_count=self.prefetch)
+        await self._channel.set_qos(prefetch_count=self.options.prefetch)
         # Passive: declaring the topology is the process's job; a missing queue stops the start.
         self._queue = await self._channel.get_queue(self.queue_name, ensure=True)
         self._dead_letter_channel = await self._connection.channel(publisher_confirms=True)
         dead_letters = DeadLetterPublisher(
             await self._dead_letter_channel.get_exchange(
-                self._dead_letter_exchange_name, ensure=True
+                self._topology.dead_letter_exchange, ensure=True
             ),
-            routing_key=self._dead_letter_routing_key,
+            routing_key=self._topology.dead_letter_queue(self.queue_name),
             queue=self.queue_name,
             timeout_s=self.publish_timeout_s,
         )
@@ -203,7 +176,7 @@ class Consumer(WatchdogMixin):
         if self._retry_tiers:
             retries = RetryPublisher(
                 await self._dead_letter_channel.get_exchange(
-                    self._retry_exchange_name, ensure=True
+                    self._topology.retry_exchange, ensure=True
                 ),
                 tiers=self._retry_tiers,
                 queue=self.queue_name,
@@ -213,10 +186,10 @@ class Consumer(WatchdogMixin):
         self._consumer_tag = await self._queue.consume(
             self._buffer.add, timeout=self.publish_timeout_s
         )
-        self._registered = True
-        self._channel.close_callbacks.add(self._on_channel_change)
+        # Closed (not ready until a look says so) or reopened by aio-pika (look at once).
+        self._channel.close_callbacks.add(self._watchdog.poke)
         if isinstance(self._channel, AbstractRobustChannel):
-            self._channel.reopen_callbacks.add(self._on_channel_change)
+            self._channel.reopen_callbacks.add(self._watchdog.poke)
 
     async def _close(self) -> None:
         for channel in (self._dead_letter_channel, self._channel):
@@ -251,7 +224,7 @@ class Consumer(WatchdogMixin):
             log.warning(
                 "consumer_drain_timeout",
                 queue=self.queue_name,
-                drain_timeout_s=self.drain_timeout_s,
+                drain_timeout_s=self.options.drain_timeout_s,
                 buffered=len(self._buffer),
             )
         finally:
@@ -265,11 +238,11 @@ class Consumer(WatchdogMixin):
             self._stopping.set()
             self._buffer.wake()
             self._start_drain_clock()
-            await self._stop_watchdog()
+            await self._watchdog.stop()
             await self._cancel_consumer()
         try:
             # The drain clock ends run(); the extra second covers its own cleanup.
-            async with asyncio.timeout(self.drain_timeout_s + 1.0):
+            async with asyncio.timeout(self.options.drain_timeout_s + 1.0):
                 await self._done.wait()
         except TimeoutError:
             log.error("consumer_stop_timeout", queue=self.queue_name)
@@ -277,7 +250,7 @@ class Consumer(WatchdogMixin):
 
     def _start_drain_clock(self) -> None:
         if self._drain is not None:
-            self._drain.reschedule(asyncio.get_running_loop().time() + self.drain_timeout_s)
+            self._drain.reschedule(asyncio.get_running_loop().time() + self.options.drain_timeout_s)
 
     async def _cancel_consumer(self) -> None:
         tag, self._consumer_tag = self._consumer_tag, None
@@ -295,6 +268,33 @@ class Consumer(WatchdogMixin):
             if not lost:
                 log.warning("consumer_cancel_failed", queue=self.queue_name, error=repr(exc))
 
+    async def _consuming(self) -> bool:
+        """The watchdog's look: does the broker deliver to our consumer tag on our channel?"""
+        channel, tag = self._channel, self._consumer_tag
+        if channel is None or tag is None or channel.is_closed:
+            return False
+        try:
+            underlay = await channel.get_underlay_channel()
+        except _CHANNEL_ERRORS:
+            return False
+        return isinstance(underlay, aiormq.Channel) and tag in underlay.consumers
+
+    async def _register_again(self) -> bool:
+        """The watchdog's remedy: fresh channels and a new consumer; the old tag is cancelled
+        first, so that aio-pika cannot restore it beside the new one. Deliveries of the old
+        channel are dropped (the broker redelivers them)."""
+        await self._cancel_consumer()
+        await self._close()
+        try:
+            async with asyncio.timeout(self.publish_timeout_s):
+                await self._open()
+        except _CHANNEL_ERRORS as exc:
+            log.warning("consumer_register_failed", queue=self.queue_name, error=repr(exc))
+            return False
+        self.counters.reregistered += 1
+        log.info("consumer_registered_again", queue=self.queue_name)
+        return True
+
     async def _next_batch(self, burst: bool) -> list[Delivery] | None:
         """The next batch: the first buffered message and whatever follows it within
         ``flush_interval_s``, up to ``batch_size``; ``None`` when it is time to return."""
@@ -306,8 +306,8 @@ class Consumer(WatchdogMixin):
                 return None
         if not self._stopping.is_set():
             left_s = self._buffer.first_arrival + self.flush_interval_s - time.monotonic()
-            await self._buffer.wait_for(self.batch_size, max(left_s, 0.0))
-        return self._buffer.take(self.batch_size)
+            await self._buffer.wait_for(self.options.batch_size, max(left_s, 0.0))
+        return self._buffer.take(self.options.batch_size)
 
     async def _queue_is_idle(self) -> bool:
         assert self._queue is not None
@@ -351,7 +351,10 @@ class Consumer(WatchdogMixin):
         assert self._copy_planner is not None
         copies = self._copy_planner.plan(batch, outcomes)
         if copies and not await publish_all(
-            copies, self.counters, self.retry_initial_backoff_s, self.retry_max_backoff_s
+            copies,
+            self.counters,
+            self.options.retry_initial_backoff_s,
+            self.options.retry_max_backoff_s,
         ):
             self.counters.dropped += len(batch)
             log.warning("deliveries_dropped", reason="channel_lost", count=len(batch))
@@ -387,10 +390,6 @@ class Consumer(WatchdogMixin):
             except _CHANNEL_ERRORS as exc:
                 self.counters.dropped += len(group)
                 log.warning("batch_ack_failed", size=len(group), error=repr(exc))
-
-
-def _pick(value: _T | None, default: _T) -> _T:
-    return default if value is None else value
 
 
 def _channel_id(delivery: Delivery) -> int:

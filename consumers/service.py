@@ -1,108 +1,137 @@
-"""A consumer process: pool, connection, topology, the consumer itself (configured from its
-settings group), its metrics server and its queue monitor, all closed in reverse order when
-``stopping`` is set."""
+"""Any consumer process, from the part that describes it: each consumer module exports one
+:class:`ConsumerPart`; :func:`serve` runs it until ``stopping`` is set (pool, connection,
+topology, the consumer, its metrics server and its queue monitor, closed in reverse order), and
+:func:`consumer_of` builds its consumer on a connection and pool the caller owns."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
 
 import asyncpg
 import structlog
 from aio_pika.abc import AbstractChannel, AbstractConnection
 
-from bridge.amqp import Topology, connect
+from bridge.amqp import connect, topology
 from bridge.config import ConsumerOptions, Settings
-from bridge.db import close_pool, create_pool
+from bridge.db import answers, close_pool, create_pool
 from bridge.metrics import Metrics, observability_app, serving
 from bridge.monitor import monitor
-from consumers.isolation import Probe
 from consumers.runtime import Consumer
 from consumers.spec import ConsumerSpec, Handler
 
 log = structlog.get_logger(__name__)
 
 Declare = Callable[[AbstractChannel, Settings], Awaitable[object]]
-Build = Callable[[AbstractConnection, asyncpg.Pool, Metrics], AbstractAsyncContextManager[Consumer]]
+# Builds a part's handler from (connection, pool, settings, metrics) and holds what the handler
+# needs (an HTTP session, the dispatcher) until the block ends.
+HandlerFactory = Callable[
+    [AbstractConnection, asyncpg.Pool, Settings, Metrics | None],
+    AbstractAsyncContextManager[Handler],
+]
 
 
-async def serve_consumer(
+def _no_tiers(settings: Settings) -> Sequence[float]:
+    return ()
+
+
+@dataclass(frozen=True)
+class ConsumerPart:
+    """One consumer, described for :func:`serve` and :func:`consumer_of`; what depends on the
+    deployment is read from the settings. Its dead-letter queue and its retry tiers are
+    monitored beside its queue."""
+
+    # The process ("consume subscriptions"); its broker connection is named after it.
+    name: str
+    queue: Callable[[Settings], str]
+    # Declares what it consumes from: at start, and again by aio-pika after a reconnect.
+    declare: Declare
+    handler: HandlerFactory
+    # Its settings group: every number of its runtime.
+    options: Callable[[Settings], ConsumerOptions]
+    # Bound on one handler call; past it the batch is retried.
+    timeout_s: Callable[[Settings], float]
+    # Bound on each statement of the pool serve creates for it.
+    command_timeout_s: Callable[[Settings], float]
+    # Bound on asking whether the database answers, after a batch failed (the probe).
+    probe_timeout_s: Callable[[Settings], float]
+    retry_tiers_s: Callable[[Settings], Sequence[float]] = _no_tiers
+
+
+async def serve(
+    part: ConsumerPart,
     settings: Settings,
     stopping: asyncio.Event,
     *,
-    name: str,
-    declare: Declare,
-    build: Build,
-    drain_timeout_s: float,
-    metrics: Metrics | None,
-    expose_metrics: bool,
-    dead_letter_queues: Sequence[str] = (),
-    other_queues: Sequence[str] = (),
+    connection: AbstractConnection | None = None,
+    pool: asyncpg.Pool | None = None,
+    metrics: Metrics | None = None,
+    expose_metrics: bool = True,
+    started: Callable[[Consumer], object] | None = None,
 ) -> None:
-    """Run one consumer until ``stopping`` is set, then drain it and close everything.
+    """Run the part's consumer until ``stopping`` is set, then drain it and close what this
+    call opened: a ``connection`` or ``pool`` passed in stays the caller's, open.
 
     ``expose_metrics`` serves ``/metrics``, ``/healthz`` and ``/readyz`` on
-    ``settings.metrics_port``; ``run`` turns it off and exposes one registry on the ingress."""
+    ``settings.metrics_port``; ``run`` turns it off and exposes one registry on the ingress.
+    ``started`` is called with the consumer once everything is up (tests read its counters)."""
     metrics = metrics if metrics is not None else Metrics()
-    pool = await create_pool(settings)
-    try:
-        connection = await connect(settings, name)
+    async with AsyncExitStack() as opened:
+        if pool is None:
+            pool = await create_pool(settings, command_timeout_s=part.command_timeout_s(settings))
+            opened.push_async_callback(close_pool, pool, part.options(settings).drain_timeout_s)
+        if connection is None:
+            connection = await opened.enter_async_context(await connect(settings, part.name))
         # The declaring channel stays open while consuming: aio-pika declares the topology
         # again on it after a reconnect, so a broker that came back without its queues and
         # exchanges gets them back before the consumer's channel is restored.
-        async with connection, connection.channel() as channel:
-            await declare(channel, settings)
-            async with (
-                build(connection, pool, metrics) as consumer,
-                _exposed(settings, metrics, connection, consumer, expose_metrics),
-                _monitored(
-                    settings, metrics, connection, consumer, pool, dead_letter_queues, other_queues
-                ),
-            ):
-                await consume_until(consumer, stopping)
-    finally:
-        await close_pool(pool, drain_timeout_s)
+        channel = await opened.enter_async_context(connection.channel())
+        await part.declare(channel, settings)
+        consumer = await opened.enter_async_context(
+            consumer_of(part, settings, connection, pool, metrics=metrics)
+        )
+        await opened.enter_async_context(consumer)
+        await opened.enter_async_context(
+            _exposed(settings, metrics, connection, consumer, expose_metrics)
+        )
+        await opened.enter_async_context(_monitored(settings, metrics, connection, consumer, pool))
+        if started is not None:
+            started(consumer)
+        await consume_until(consumer, stopping)
 
 
-def create_consumer(
+@asynccontextmanager
+async def consumer_of(
+    part: ConsumerPart,
+    settings: Settings,
     connection: AbstractConnection,
+    pool: asyncpg.Pool,
     *,
-    queue: str,
-    handler: Handler,
-    options: ConsumerOptions,
-    topology: Topology,
-    timeout_s: float,
-    publish_timeout_s: float,
-    retry_tiers_s: Sequence[float] = (),
     metrics: Metrics | None = None,
-    probe: Probe | None = None,
-) -> Consumer:
-    """A consumer configured from one consumer's settings group; ``probe`` tells whether the
-    handler's service answers (see :class:`consumers.isolation.BatchAttempts`)."""
-    spec = ConsumerSpec(
-        queue=queue,
-        handler=handler,
-        batch_size=options.batch_size,
-        flush_interval_s=options.flush_interval_ms / 1000,
-        prefetch=options.prefetch,
-        timeout_s=timeout_s,
-        probe=probe,
-    )
-    return Consumer(
-        connection,
-        spec,
-        topology=topology,
-        retry_initial_backoff_s=options.retry_initial_backoff_s,
-        retry_max_backoff_s=options.retry_max_backoff_s,
-        drain_timeout_s=options.drain_timeout_s,
-        publish_timeout_s=publish_timeout_s,
-        retry_tiers_s=retry_tiers_s,
-        metrics=metrics,
-        watchdog_interval_s=options.watchdog_interval_s,
-        max_batch_failures=options.max_batch_failures,
-    )
+) -> AsyncIterator[Consumer]:
+    """The part's consumer on ``connection`` and ``pool`` (both the caller's), its handler's
+    resources held for the block. Not open yet: ``async with consumer`` opens its channels
+    (the topology must be declared) and closes them, drained, before the block ends."""
+    async with part.handler(connection, pool, settings, metrics) as handler:
+        spec = ConsumerSpec(
+            part.queue(settings),
+            handler,
+            timeout_s=part.timeout_s(settings),
+            retry_tiers_s=part.retry_tiers_s(settings),
+            probe=functools.partial(answers, pool, part.probe_timeout_s(settings)),
+        )
+        yield Consumer(
+            connection,
+            spec,
+            part.options(settings),
+            topology=topology(settings),
+            publish_timeout_s=settings.publish_timeout_s,
+            metrics=metrics,
+        )
 
 
 async def consume_until(consumer: Consumer, stopping: asyncio.Event) -> None:
@@ -120,13 +149,6 @@ async def consume_until(consumer: Consumer, stopping: asyncio.Event) -> None:
     await run  # re-raises what crashed the run loop, if anything did
 
 
-def _ready(connection: AbstractConnection, consumer: Consumer) -> Callable[[], bool]:
-    def ready() -> bool:
-        return not connection.is_closed and getattr(consumer, "ready", True)
-
-    return ready
-
-
 @asynccontextmanager
 async def _exposed(
     settings: Settings,
@@ -138,8 +160,13 @@ async def _exposed(
     if not expose:
         yield
         return
-    app = observability_app(metrics, _ready(connection, consumer))
-    async with serving(app, settings.http_host, settings.metrics_port) as port:
+
+    def ready() -> bool:
+        return not connection.is_closed and consumer.ready
+
+    async with serving(
+        observability_app(metrics, ready), settings.http_host, settings.metrics_port
+    ) as port:
         log.info("metrics_listening", port=port, queue=consumer.queue_name)
         yield
 
@@ -151,20 +178,20 @@ async def _monitored(
     connection: AbstractConnection,
     consumer: Consumer,
     pool: asyncpg.Pool,
-    dead_letter_queues: Sequence[str],
-    other_queues: Sequence[str],
 ) -> AsyncIterator[None]:
+    names = topology(settings)
+    queue = consumer.queue_name
     task = asyncio.create_task(
         monitor(
             connection,
             metrics,
-            work_queues={consumer.queue_name: consumer.oldest_held_age_s},
-            dead_letter_queues=dead_letter_queues,
-            other_queues=other_queues,
+            work_queues={queue: consumer.oldest_held_age_s},
+            dead_letter_queues=[names.dead_letter_queue(queue)],
+            other_queues=[names.retry_queue(queue, d) for d in consumer.spec.retry_tiers_s],
             pool=pool,
             interval_s=settings.monitor_interval_s,
         ),
-        name=f"monitor {consumer.queue_name}",
+        name=f"monitor {queue}",
     )
     try:
         yield

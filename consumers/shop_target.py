@@ -16,9 +16,6 @@ from schemas.fields import ascii_email
 
 log = structlog.get_logger(__name__)
 
-# Outcome of an applied change whose address has no row in the shop's table (and
-# create_missing is off): acked, counted, the ledger keeps what edrone said (promise 4).
-UNKNOWN_CUSTOMER = "unknown_customer"
 # Set transaction-locally by the subscription consumer; the outbox trigger skips changes made
 # under it, so edrone's own changes never echo back to edrone (promise 5).
 ORIGIN_SETTING = "edrone_bridge.origin"

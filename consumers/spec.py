@@ -11,29 +11,25 @@ from aio_pika.abc import AbstractIncomingMessage
 
 from bridge.metrics import Metrics
 from consumers.copies import Copy
-from consumers.errors import Defer, Reject
+from consumers.outcomes import Outcome, Result
 
 Delivery = AbstractIncomingMessage
-# Per message: the name of what happened ("applied", or a skip reason such as "duplicate"),
-# the Reject that sends it to the dead-letter queue, or the Defer that sends it to a retry tier.
-Outcome = str | Reject | Defer
-Handler = Callable[[Sequence[Delivery]], Awaitable[Sequence[Outcome]]]
-
-APPLIED = "applied"
+# One result per delivery, in order (consumers/outcomes.py); raises for the whole batch.
+Handler = Callable[[Sequence[Delivery]], Awaitable[Sequence[Result]]]
 
 
 @dataclass(frozen=True)
 class ConsumerSpec:
-    """What to consume and how to handle it; ``None`` fields take the :class:`Consumer`'s
-    defaults, as arq's ``func()`` options fall back to the worker's."""
+    """What to consume and how to handle it: what is not a setting. The runtime's numbers
+    come from the consumer's settings group (``bridge.config.ConsumerOptions``)."""
 
     queue: str
     handler: Handler
-    batch_size: int | None = None
-    flush_interval_s: float | None = None
-    prefetch: int | None = None
     # Bound on one handler call (one database transaction); past it the batch is retried.
-    timeout_s: float | None = None
+    timeout_s: float
+    # Delays of the queue's retry tiers (declared with the topology): a Defer goes to one of
+    # them, or to the dead-letter queue without them.
+    retry_tiers_s: Sequence[float] = ()
     # Does the handler's service (its database) answer now? Asked after a batch failed for a
     # reason about the service: if not, the failure does not count against the messages.
     probe: Callable[[], Awaitable[bool]] | None = None
@@ -55,7 +51,7 @@ class Counters:
     # Times the watchdog found the consumer lost and registered it again.
     reregistered: int = 0
     # Failing batches split in halves to find the message that fails them, and the messages
-    # found so and dead-lettered alone (DESIGN.md promise 7).
+    # found so and dead-lettered alone (docs/design.md promise 7).
     splits: int = 0
     isolated: int = 0
     queue: str = ""
@@ -71,14 +67,15 @@ class Counters:
             if self.metrics:
                 self.metrics.retries.labels(self.queue, f"{copy.tier_s:g}s").inc()
 
-    def record(self, outcomes: Sequence[Outcome], duration_s: float) -> None:
-        tally = Counter(o for o in outcomes if isinstance(o, str))
+    def record(self, outcomes: Sequence[Result], duration_s: float) -> None:
+        # Plain names: they show in repr(), in the logs and as metric labels.
+        tally = Counter(str(o) for o in outcomes if isinstance(o, str))
         if self.metrics:
             for outcome, count in tally.items():
                 self.metrics.events.labels(self.queue, outcome).inc(count)
             self.metrics.batch_size.labels(self.queue).observe(len(outcomes))
             self.metrics.batch_seconds.labels(self.queue).observe(duration_s)
-        self.applied += tally.pop(APPLIED, 0)
+        self.applied += tally.pop(Outcome.APPLIED, 0)
         self.skipped.update(tally)
         self.batches += 1
 

@@ -3,8 +3,6 @@ transaction per batch, idempotent on ``event_id`` and newest-wins per subscriber
 
 from __future__ import annotations
 
-import asyncio
-import functools
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
@@ -18,26 +16,28 @@ from pydantic import ValidationError
 from bridge.amqp import declare_topology, topology
 from bridge.app_config import AppConfig
 from bridge.config import Settings
-from bridge.db import answers
 from bridge.metrics import Metrics
 from bridge.shop_table import ShopTarget, resolve_targets
-from consumers import service, sync_store
+from consumers import sync_store
 from consumers.convergence import Converger, utcnow, webhook_key
 from consumers.dispatch import dispatching
-from consumers.errors import Reject, RetryLater, database_retry, describe_validation_error
-from consumers.runtime import APPLIED, Consumer, Delivery, Outcome
-from consumers.service import serve_consumer
-from consumers.shop_target import UNKNOWN_CUSTOMER
-from consumers.sync import WINS, Decision
+from consumers.outcomes import (
+    InvalidMessage,
+    Outcome,
+    Reject,
+    Result,
+    RetryLater,
+    database_retry,
+    describe_validation_error,
+)
+from consumers.service import ConsumerPart
+from consumers.spec import Delivery
+from consumers.sync import Decision, Verdict
 from consumers.sync_store import SyncBatch
 from schemas.fields import DATE_FLOOR_CONTEXT, DEFAULT_DATE_FLOOR, ordered_at
 from schemas.subscription import SubscriptionStatusChanged
 
 log = structlog.get_logger(__name__)
-
-DUPLICATE = "duplicate"  # the event_id is already in the inbox (a redelivery or edrone's retry)
-OLDER = "older"  # a newer status is stored for the subscriber (promise 3)
-FILTERED = "filtered"  # the app's sync filter excludes this kind of change
 
 # Inbox first: ON CONFLICT DO NOTHING RETURNING yields only the events never seen before, each
 # with what the sync state made of it (its line of history). Of those, the newest per
@@ -105,15 +105,15 @@ def decode(
     body: bytes, apps: Mapping[str, AppConfig], date_floor: datetime = DEFAULT_DATE_FLOOR
 ) -> SubscriptionStatusChanged:
     """The message in ``body``, by the same rules the ingress verified it with (so a webhook
-    answered 200 is storable); :class:`Reject` if it can never be applied."""
+    answered 200 is storable); :class:`InvalidMessage` if it can never be applied."""
     try:
         event = SubscriptionStatusChanged.model_validate_json(
             body, context={DATE_FLOOR_CONTEXT: date_floor}
         )
     except ValidationError as exc:
-        raise Reject(f"invalid message: {describe_validation_error(exc)}") from None
+        raise InvalidMessage(f"invalid message: {describe_validation_error(exc)}") from None
     if event.app_id not in apps:
-        raise Reject(f"unknown app_id {event.app_id!r}: not among the configured apps")
+        raise InvalidMessage(f"unknown app_id {event.app_id!r}: not among the configured apps")
     return event
 
 
@@ -121,7 +121,7 @@ class SubscriptionApplier:
     """The batch handler: decode, drop in-batch duplicates, then in one transaction record the
     inbox and edrone's ledger, read each change into the sync state, and bring the shop (its
     table of ``targets``, its bus) to the winner; edrone too, where it is known to hold another
-    status, through a request to the trace forwarder (DESIGN.md promise 6).
+    status, through a request to the trace forwarder (docs/design.md promise 6).
 
     ``metrics`` counts the dates ordered earlier than stated; ``nudge`` is called after a
     commit that left messages to publish (the dispatcher's)."""
@@ -145,15 +145,15 @@ class SubscriptionApplier:
         self._queue = topology(settings).subscriptions_queue
         self._traces_queue = topology(settings).traces_queue
 
-    async def __call__(self, deliveries: Sequence[Delivery]) -> list[Outcome]:
-        outcomes: list[Outcome] = [DUPLICATE] * len(deliveries)
+    async def __call__(self, deliveries: Sequence[Delivery]) -> list[Result]:
+        outcomes: list[Result] = [Outcome.DUPLICATE] * len(deliveries)
         first: dict[tuple[str, str], int] = {}
         events: list[SubscriptionStatusChanged] = []
         for index, delivery in enumerate(deliveries):
             try:
                 event = decode(delivery.body, self._apps, self._date_floor)
-            except Reject as exc:
-                outcomes[index] = exc
+            except InvalidMessage as exc:
+                outcomes[index] = Reject(exc.reason)
                 continue
             key = (event.app_id, event.event_id)
             if key not in first:  # later copies in the same batch stay DUPLICATE
@@ -162,10 +162,12 @@ class SubscriptionApplier:
         if events:
             stored = await self._store(events)
             for key, index in first.items():
-                outcomes[index] = stored.get(key, DUPLICATE)
+                outcomes[index] = stored.get(key, Outcome.DUPLICATE)
         return outcomes
 
-    async def _store(self, events: list[SubscriptionStatusChanged]) -> dict[tuple[str, str], str]:
+    async def _store(
+        self, events: list[SubscriptionStatusChanged]
+    ) -> dict[tuple[str, str], Outcome]:
         """Outcome per new ``(app_id, event_id)``; events already in the inbox are left out."""
         when = [ordered_at(e.event_date, e.received_at, self._clock_skew) for e in events]
         try:
@@ -176,7 +178,9 @@ class SubscriptionApplier:
                 if not set(decided) <= fresh:
                     # Another replica stored one of them since we looked: decide again.
                     raise RetryLater("an event was handled concurrently", counts=False)
-                older = [row for row in rows if row["outcome"] == APPLIED and not row["upserted"]]
+                older = [
+                    row for row in rows if row["outcome"] == Outcome.APPLIED and not row["upserted"]
+                ]
                 if older:
                     await conn.execute(
                         _MARK_OLDER_SQL,
@@ -198,11 +202,11 @@ class SubscriptionApplier:
         self._count_clamped(events, when, fresh)
         return {
             (row["app_id"], row["event_id"]): (
-                OLDER
-                if row["outcome"] == APPLIED and not row["upserted"]
-                else UNKNOWN_CUSTOMER
+                Outcome.OLDER
+                if row["outcome"] == Outcome.APPLIED and not row["upserted"]
+                else Outcome.UNKNOWN_CUSTOMER
                 if (row["app_id"], row["event_id"]) in unknown
-                else row["outcome"]
+                else Outcome(row["outcome"])
             )
             for row in rows
         }
@@ -252,7 +256,7 @@ class SubscriptionApplier:
             webhook_key(event)
             for event in events
             if (found := decided.get((event.app_id, event.event_id))) is not None
-            and found[1].decision == WINS
+            and found[1].decision == Verdict.WINS
         }
         unknown = await converger.bring_shop(batch, batch.states, won, now)
         for key in sorted(batch.states):
@@ -316,7 +320,7 @@ class SubscriptionApplier:
             [e.event_date_raw for e in ordered],
             [e.protocol for e in ordered],
             [e.received_at for e in ordered],
-            [APPLIED if ok else FILTERED for ok in accepted],
+            [Outcome.APPLIED if ok else Outcome.FILTERED for ok in accepted],
             [when for _, when in pairs],
             [f[0] if f else None for f in found],
             [f[1].decision if f else None for f in found],
@@ -324,64 +328,28 @@ class SubscriptionApplier:
         ]
 
 
-def create_consumer(
+@asynccontextmanager
+async def _applier(
     connection: AbstractConnection,
     pool: asyncpg.Pool,
     settings: Settings,
-    metrics: Metrics | None = None,
-    targets: Mapping[str, ShopTarget] | None = None,
-    nudge: Callable[[], None] | None = None,
-) -> Consumer:
-    """The subscription consumer, configured from ``settings.subscriptions``; ``targets`` (from
-    :func:`resolve_targets`) are the shops' own tables it writes to as well; ``nudge`` wakes
-    the dispatcher after a commit that left messages to publish."""
-    applier = SubscriptionApplier(pool, settings, targets, metrics=metrics, nudge=nudge)
-    return service.create_consumer(
-        connection,
-        queue=topology(settings).subscriptions_queue,
-        handler=applier,
-        options=settings.subscriptions,
-        topology=topology(settings),
-        timeout_s=settings.subscriptions.db_batch_timeout_s,
-        publish_timeout_s=settings.publish_timeout_s,
-        metrics=metrics,
-        probe=functools.partial(answers, pool, settings.publish_timeout_s),
-    )
+    metrics: Metrics | None,
+) -> AsyncIterator[SubscriptionApplier]:
+    """The applier, with the shops' tables it writes to and the dispatcher it nudges."""
+    # Checked before consuming: a mapping that does not fit the table stops the start.
+    targets = await resolve_targets(pool, settings.apps)
+    async with dispatching(connection, pool, settings) as dispatcher:
+        yield SubscriptionApplier(pool, settings, targets, metrics=metrics, nudge=dispatcher.nudge)
 
 
-async def serve(
-    settings: Settings,
-    stopping: asyncio.Event,
-    metrics: Metrics | None = None,
-    *,
-    expose_metrics: bool = True,
-) -> None:
-    """Apply edrone's status changes until ``stopping`` is set, then drain and close
-    (``edrone-bridge consume subscriptions``; migrations are the CLI's job)."""
-    names = topology(settings)
-
-    @asynccontextmanager
-    async def build(
-        connection: AbstractConnection, pool: asyncpg.Pool, metrics: Metrics
-    ) -> AsyncIterator[Consumer]:
-        # Checked before consuming: a mapping that does not fit the table stops the start.
-        targets = await resolve_targets(pool, settings.apps)
-        async with (
-            dispatching(connection, pool, settings) as dispatcher,
-            create_consumer(
-                connection, pool, settings, metrics, targets, dispatcher.nudge
-            ) as consumer,
-        ):
-            yield consumer
-
-    await serve_consumer(
-        settings,
-        stopping,
-        name="consume subscriptions",
-        declare=declare_topology,
-        build=build,
-        drain_timeout_s=settings.subscriptions.drain_timeout_s,
-        metrics=metrics,
-        expose_metrics=expose_metrics,
-        dead_letter_queues=[names.dead_letter_queue(names.subscriptions_queue)],
-    )
+# `edrone-bridge consume subscriptions` (served by consumers.service.serve).
+PART = ConsumerPart(
+    name="consume subscriptions",
+    queue=lambda settings: topology(settings).subscriptions_queue,
+    declare=declare_topology,
+    handler=_applier,
+    options=lambda settings: settings.subscriptions,
+    timeout_s=lambda settings: settings.subscriptions.db_batch_timeout_s,
+    command_timeout_s=lambda settings: settings.subscriptions.db_batch_timeout_s,
+    probe_timeout_s=lambda settings: settings.publish_timeout_s,
+)

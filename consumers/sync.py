@@ -1,4 +1,4 @@
-"""Two-way convergence (DESIGN.md promise 6), as a pure rule: per (app, channel, address) the
+"""Two-way convergence (docs/design.md promise 6), as a pure rule: per (app, channel, address) the
 newest change a person made, on either side, wins on both sides.
 
 Each change is read for what it is: a person's change; edrone acknowledging one of the bridge's
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from enum import StrEnum
 from typing import Literal
 
 from schemas.subscription import status_name
@@ -20,12 +21,17 @@ Side = Literal["edrone", "shop"]
 EDRONE: Side = "edrone"
 SHOP: Side = "shop"
 
-# What the bridge made of a change (the history's decision column).
-WINS = "wins"  # a person's change, the newest so far: both sides are brought to it
-OLDER = "older"  # a person's change older than the winner: recorded, never applied
-ACKNOWLEDGED = "acknowledged"  # edrone confirming a trace of the bridge's: no new change
-ECHO = "echo"  # the shop mirroring a write of the bridge's: no new change
-DUPLICATE = "duplicate"  # seen before (a redelivery): nothing new
+
+class Verdict(StrEnum):
+    """What the bridge made of a change (the history's decision column, so the values are
+    stored: never rename one)."""
+
+    WINS = "wins"  # a person's change, the newest so far: both sides are brought to it
+    OLDER = "older"  # a person's change older than the winner: recorded, never applied
+    ACKNOWLEDGED = "acknowledged"  # edrone confirming a trace of the bridge's: no new change
+    ECHO = "echo"  # the shop mirroring a write of the bridge's: no new change
+    DUPLICATE = "duplicate"  # seen before (a redelivery): nothing new
+
 
 # Trace states: "sending" is recorded before the call (an acknowledgement may overtake its
 # answer), "sent" after a 2xx, "uncertain" after no answer or a 5xx (edrone may have applied
@@ -34,7 +40,7 @@ SENDING, SENT, UNCERTAIN = "sending", "sent", "uncertain"
 REFUSED, UNSENT = "refused", "unsent"
 OPEN_TRACE_STATES = frozenset({SENDING, SENT, UNCERTAIN})
 
-# edrone's reason codes for a status a trace set (edrone-protocol.md §3 and §5); the same
+# edrone's reason codes for a status a trace set (docs/protocol.md §3 and §5); the same
 # codes come from edrone's storefront script, so a code alone proves nothing.
 TRACE_REASONS = {"email": frozenset({6, 10, 13}), "sms": frozenset({10})}
 
@@ -163,7 +169,7 @@ class ShopChange:
 class Decision:
     """What the bridge made of a change, and why: a line of ``edrone-bridge history``."""
 
-    decision: str
+    decision: Verdict
     why: str
 
 
@@ -175,7 +181,7 @@ def on_webhook(state: SyncState, change: EdroneChange, skew: timedelta) -> Decis
     if trace is not None:
         _close_acknowledged(state, trace)
         return Decision(
-            ACKNOWLEDGED,
+            Verdict.ACKNOWLEDGED,
             f"confirms the bridge's trace #{trace.id} of {_fmt(trace.made_at)}: no new change",
         )
     return _contend(state, Winner(change.status, stamp, EDRONE, change.event_id))
@@ -203,9 +209,11 @@ def on_shop_change(
             # Later writes are on their way and the shop applies them in turn: it will hold
             # the last one's status, so that one needs no writing again.
             state.shop = Held(state.writes[-1].status, state.shop.stamp)
-        return Decision(ECHO, f"mirrors the bridge's write {write.write_id}: no new change")
+        return Decision(Verdict.ECHO, f"mirrors the bridge's write {write.write_id}: no new change")
     if change.caused_by is not None:
-        return Decision(ECHO, f"caused by the bridge's write {change.caused_by}: no new change")
+        return Decision(
+            Verdict.ECHO, f"caused by the bridge's write {change.caused_by}: no new change"
+        )
     # A person changed the shop well after these writes: the shop had applied them by then,
     # and the ones not echoed yet changed nothing there (the shop held their status). A write
     # younger than that may still be applied after the person's change, and echo then.
@@ -219,7 +227,7 @@ def _contend(state: SyncState, challenger: Winner) -> Decision:
     current = state.winner
     if current is None:
         state.winner = challenger
-        return Decision(WINS, "the newest change a person made")
+        return Decision(Verdict.WINS, "the newest change a person made")
     precise_and_earlier = (
         not challenger.stamp.whole_seconds and challenger.stamp.at < current.earliest
     )
@@ -228,9 +236,9 @@ def _contend(state: SyncState, challenger: Winner) -> Decision:
         state.winner = Winner(
             challenger.status, challenger.stamp, challenger.side, challenger.event_id, floor
         )
-        return Decision(WINS, "the newest change a person made")
+        return Decision(Verdict.WINS, "the newest change a person made")
     return Decision(
-        OLDER,
+        Verdict.OLDER,
         f"older than the winner: {current.side}'s {status_name(current.status)} of "
         f"{_fmt(current.stamp.at)}",
     )

@@ -1,4 +1,4 @@
-"""The trace API's form for one shop change (edrone-protocol.md §2): field names and values."""
+"""The trace API's form for one shop change (docs/protocol.md §2): field names and values."""
 
 from __future__ import annotations
 

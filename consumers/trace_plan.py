@@ -1,4 +1,4 @@
-"""What the trace forwarder tells edrone, decided from the sync state (DESIGN.md promise 6):
+"""What the trace forwarder tells edrone, decided from the sync state (docs/design.md promise 6):
 one transaction reads the shop's changes into it, brings the shop to the winner where needed
 and records the traces about to be sent; a second records edrone's answers."""
 
@@ -14,17 +14,10 @@ from bridge.config import Settings
 from bridge.shop_table import ShopTarget
 from consumers import sync_store
 from consumers.convergence import Converger, shop_keys, utcnow
-from consumers.errors import Defer, database_retry
-from consumers.spec import Outcome
-from consumers.sync import ECHO, OLDER, WINS, Decision, OpenTrace, trace_answered
+from consumers.outcomes import Defer, Outcome, Result, database_retry
+from consumers.sync import Decision, OpenTrace, Verdict, trace_answered
 from consumers.sync_store import Key, SyncBatch
 from schemas.platform_event import CustomerSubscriptionChanged
-
-# Outcomes of the forwarder's messages besides the trace's own.
-COALESCED = "coalesced"  # a later message of the same customer in the batch carries its trace
-NOOP = "noop"  # edrone is known to hold the winner: nothing to tell it
-DUPLICATE = "duplicate"  # the shop's change was read before (a redelivery), nothing to send
-UNREACHABLE = "unreachable"  # an SMS address whose customer's e-mail is unknown
 
 
 @dataclass(frozen=True)
@@ -83,7 +76,7 @@ class TracePlanner:
         # The messages of the batch being planned that wait for another forwarder's trace.
         self.waiting: set[int] = set()
 
-    async def plan(self, items: Sequence[Item]) -> tuple[list[TraceCall], dict[int, Outcome]]:
+    async def plan(self, items: Sequence[Item]) -> tuple[list[TraceCall], dict[int, Result]]:
         """The calls to make, and the outcome of every message that gets none."""
         try:
             async with self._pool.acquire() as conn, conn.transaction():
@@ -101,7 +94,7 @@ class TracePlanner:
 
     async def _plan(
         self, conn: asyncpg.Connection, items: Sequence[Item]
-    ) -> tuple[list[TraceCall], dict[int, Outcome], bool]:
+    ) -> tuple[list[TraceCall], dict[int, Result], bool]:
         converger = self._converger
         self.waiting = set()
         keys_of = {item.index: _keys(item) for item in items}
@@ -109,32 +102,38 @@ class TracePlanner:
         fresh = await sync_store.unseen(
             conn, [(item.app_id, item.event.event_id) for item in items if item.event]
         )
-        labels: dict[int, str] = {}
+        labels: dict[int, Outcome] = {}
+        # The messages whose change wins: a call carries each, its own or a later message's.
+        winning: set[int] = set()
         won: set[Key] = set()
         for item in items:
             if item.event is None:
                 continue
             if (item.app_id, item.event.event_id) not in fresh:
-                labels[item.index] = DUPLICATE
+                labels[item.index] = Outcome.DUPLICATE
                 continue
             decisions = converger.read_shop_change(batch, item.app_id, item.event)
-            labels[item.index] = _label(decisions)
-            won.update(key for key, d in decisions.items() if d.decision == WINS)
+            wins = {key for key, d in decisions.items() if d.decision == Verdict.WINS}
+            if wins:
+                winning.add(item.index)
+            else:
+                labels[item.index] = _label(decisions)
+            won.update(wins)
         now = utcnow()
         converger.lapse(batch, now)
         await converger.bring_shop(batch, batch.states, set(), now)
         calls = await self._calls(batch, items, keys_of, won, now)
-        outcomes: dict[int, Outcome] = {}
+        outcomes: dict[int, Result] = {}
         called = {call.index for call in calls}
         last = _last_item_per_customer(items, keys_of, batch)
         for item in items:
             if item.index in called:
                 continue
-            label = labels.get(item.index, NOOP)
-            if label == WINS:
-                label = COALESCED if last.get(item.index) in called else NOOP
+            label = labels.get(item.index, Outcome.NOOP)
+            if item.index in winning:
+                label = Outcome.COALESCED if last.get(item.index) in called else Outcome.NOOP
             outcomes[item.index] = label
-            if item.index in self.waiting and label not in (COALESCED,):
+            if item.index in self.waiting and label != Outcome.COALESCED:
                 # Not the message's fault: this retry does not use up a tier.
                 outcomes[item.index] = Defer("a trace of this address is being sent", counts=False)
         await batch.save()
@@ -163,7 +162,7 @@ class TracePlanner:
                 email = key[2] if key[1] == "email" else batch.emails.get(key)
                 if email is None:
                     why = "no e-mail known for this phone: no trace"
-                    batch.note_bridge(key, "trace", UNREACHABLE, why)
+                    batch.note_bridge(key, "trace", Outcome.UNREACHABLE, why)
                     continue
                 call = by_customer.setdefault(
                     (key[0], email),
@@ -219,13 +218,14 @@ def _keys(item: Item) -> list[Key]:
     return [item.key]
 
 
-def _label(decisions: Mapping[Key, Decision]) -> str:
-    """A shop change's outcome before any call: its e-mail's decision, else its phone's."""
-    names = [d.decision for d in decisions.values()]
-    for name in (WINS, OLDER, ECHO):
-        if name in names:
-            return name
-    return NOOP
+def _label(decisions: Mapping[Key, Decision]) -> Outcome:
+    """The outcome of a shop change that wins nowhere: older than a winner, else an echo."""
+    names = {d.decision for d in decisions.values()}
+    if Verdict.OLDER in names:
+        return Outcome.OLDER
+    if Verdict.ECHO in names:
+        return Outcome.ECHO
+    return Outcome.NOOP
 
 
 def _fill_in(call: TraceCall, batch: SyncBatch) -> None:

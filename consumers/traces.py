@@ -23,15 +23,20 @@ from pydantic import ValidationError
 from bridge.amqp import declare_trace_topology, topology
 from bridge.app_config import AppConfig
 from bridge.config import Settings, TraceSettings
-from bridge.db import answers
 from bridge.metrics import Metrics
 from bridge.shop_table import ShopTarget, resolve_targets
-from consumers import service
 from consumers.convergence import RECONCILE_TYPE
 from consumers.dispatch import dispatching
-from consumers.errors import Defer, Reject, describe_validation_error
-from consumers.runtime import APPLIED, Consumer, Delivery, Outcome
-from consumers.service import serve_consumer
+from consumers.outcomes import (
+    Defer,
+    InvalidMessage,
+    Outcome,
+    Reject,
+    Result,
+    describe_validation_error,
+)
+from consumers.service import ConsumerPart
+from consumers.spec import Delivery
 from consumers.sync import REFUSED, SENT, UNCERTAIN, UNSENT
 from consumers.throttle import Breaker, RateLimiter
 from consumers.trace_form import bridge_version, trace_form
@@ -41,7 +46,7 @@ from schemas.platform_event import CustomerSubscriptionChanged
 
 log = structlog.get_logger(__name__)
 
-# Answers after which the same request may well succeed (edrone-protocol.md §2: 429 and 5xx
+# Answers after which the same request may well succeed (docs/protocol.md §2: 429 and 5xx
 # are undocumented but to be expected).
 _RETRYABLE_STATUSES = frozenset({408, 425, 429})
 _EXCERPT_CHARS = 300
@@ -52,21 +57,23 @@ _FORM_HEADERS = {"Content-Type": "application/x-www-form-urlencoded"}
 def decode(
     body: bytes, apps: Mapping[str, AppConfig], date_floor: datetime = DEFAULT_DATE_FLOOR
 ) -> tuple[str, CustomerSubscriptionChanged]:
-    """(app_id, event); :class:`Reject` when the message breaks the contract (or holds what
+    """(app_id, event); :class:`InvalidMessage` when the message breaks the contract (or holds what
     PostgreSQL cannot store: it would fail every batch it is in)."""
     try:
         event = CustomerSubscriptionChanged.model_validate_json(
             body, context={DATE_FLOOR_CONTEXT: date_floor}
         )
     except ValidationError as exc:
-        raise Reject(f"invalid platform event: {describe_validation_error(exc)}") from None
+        raise InvalidMessage(f"invalid platform event: {describe_validation_error(exc)}") from None
     app_id = event.app_id
     if app_id is None:
         if len(apps) != 1:
-            raise Reject("platform event without app_id, and not exactly one app is configured")
+            raise InvalidMessage(
+                "platform event without app_id, and not exactly one app is configured"
+            )
         app_id = next(iter(apps))
     if app_id not in apps:
-        raise Reject(f"unknown app_id {app_id!r}: not among the configured apps")
+        raise InvalidMessage(f"unknown app_id {app_id!r}: not among the configured apps")
     return app_id, event
 
 
@@ -123,15 +130,15 @@ class TraceForwarder:
         )
         self.rate_limit_waits = 0
 
-    async def __call__(self, deliveries: Sequence[Delivery]) -> list[Outcome]:
-        outcomes: list[Outcome | None] = [None] * len(deliveries)
+    async def __call__(self, deliveries: Sequence[Delivery]) -> list[Result]:
+        outcomes: list[Result | None] = [None] * len(deliveries)
         items = []
         consumed_at = datetime.now(UTC)
         for index, delivery in enumerate(deliveries):
             try:
                 items.append(self._item(index, delivery, consumed_at))
-            except Reject as exc:
-                outcomes[index] = exc
+            except InvalidMessage as exc:
+                outcomes[index] = Reject(exc.reason)
         if items:
             calls, labels = await self._planner.plan(items)
             for index, label in labels.items():
@@ -142,7 +149,7 @@ class TraceForwarder:
                 outcomes[call.index] = outcome
                 answers.append((call, answer))
             await self._record(answers)
-        return [outcome if outcome is not None else APPLIED for outcome in outcomes]
+        return [outcome if outcome is not None else Outcome.APPLIED for outcome in outcomes]
 
     def _item(self, index: int, delivery: Delivery, consumed_at: datetime) -> Item:
         if delivery.type == RECONCILE_TYPE:
@@ -150,7 +157,7 @@ class TraceForwarder:
                 item = reconcile_item(index, json.loads(delivery.body))
                 return replace(item, redelivered=bool(delivery.redelivered))
             except (ValueError, TypeError, KeyError) as exc:
-                raise Reject(f"invalid reconcile request: {exc!r}") from None
+                raise InvalidMessage(f"invalid reconcile request: {exc!r}") from None
         app_id, event = decode(delivery.body, self._apps, self._date_floor)
         event = self._clamped(app_id, event, consumed_at)
         return Item(index, app_id, event, redelivered=bool(delivery.redelivered))
@@ -174,7 +181,7 @@ class TraceForwarder:
         self._metrics.dates_clamped.labels(self._queue).inc()
         return event.model_copy(update={"occurred_at": when})
 
-    async def _send_all(self, calls: list[TraceCall]) -> list[tuple[Outcome, Answer]]:
+    async def _send_all(self, calls: list[TraceCall]) -> list[tuple[Result, Answer]]:
         if not calls:
             return []
         if self.breaker.probing:
@@ -187,7 +194,7 @@ class TraceForwarder:
             return [first, *rest]
         return list(await asyncio.gather(*(self._send(call) for call in calls)))
 
-    async def _send(self, call: TraceCall) -> tuple[Outcome, Answer]:
+    async def _send(self, call: TraceCall) -> tuple[Result, Answer]:
         """One trace call and its outcome, with what it tells of edrone's state."""
         event_id = call.event.event_id if call.event is not None else None
         with structlog.contextvars.bound_contextvars(app_id=call.app_id, event_id=event_id):
@@ -219,7 +226,7 @@ class TraceForwarder:
         # (a tenth of the forwarder's CPU per trace, benchmarks/).
         return urlencode(form, doseq=True, encoding="utf-8").encode()
 
-    async def _post(self, encoded: bytes) -> tuple[Outcome, Answer]:
+    async def _post(self, encoded: bytes) -> tuple[Result, Answer]:
         try:
             async with self._session.post(
                 self._url, data=encoded, headers=_FORM_HEADERS
@@ -240,7 +247,7 @@ class TraceForwarder:
             self.breaker.succeeded()
             self._metrics.traces.labels("sent").inc()
             log.debug("trace_sent", edrone_event_id=edrone_id)
-            return APPLIED, Answer(SENT, f"edrone answered {status}", edrone_id)
+            return Outcome.APPLIED, Answer(SENT, f"edrone answered {status}", edrone_id)
         if status in _RETRYABLE_STATUSES or status >= 500:
             self.breaker.failed()
             self._metrics.traces.labels("retryable_status").inc()
@@ -253,10 +260,6 @@ class TraceForwarder:
         self._metrics.traces.labels("refused").inc()
         log.warning("trace_refused", status=status)
         return Reject(answer), Answer(REFUSED, answer)
-
-    async def database_answers(self) -> bool:
-        """The runtime's probe (``ConsumerSpec.probe``): is a failed batch the database's?"""
-        return await answers(self._pool, min(self._options.db_timeout_s, 5.0))
 
     @asynccontextmanager
     async def _paced(self, app_id: str) -> AsyncIterator[None]:
@@ -313,63 +316,35 @@ def batch_timeout_s(options: TraceSettings) -> float:
     return rounds * options.timeout_s + pacing_s + 10.0
 
 
-def create_consumer(
+@asynccontextmanager
+async def _forwarder(
     connection: AbstractConnection,
-    forwarder: TraceForwarder,
+    pool: asyncpg.Pool,
     settings: Settings,
-    metrics: Metrics | None = None,
-) -> Consumer:
-    """The trace consumer, configured from ``settings.traces``, with its retry tiers."""
-    return service.create_consumer(
-        connection,
-        queue=topology(settings).traces_queue,
-        handler=forwarder,
-        options=settings.traces,
-        topology=topology(settings),
-        timeout_s=batch_timeout_s(settings.traces),
-        publish_timeout_s=settings.publish_timeout_s,
-        retry_tiers_s=settings.traces.retry_tiers_s,
-        metrics=metrics,
-        probe=forwarder.database_answers,
-    )
+    metrics: Metrics | None,
+) -> AsyncIterator[TraceForwarder]:
+    """The forwarder, with its HTTP session to edrone, the shops' tables it corrects and the
+    dispatcher it nudges."""
+    # Checked before consuming: a mapping that does not fit the table stops the start.
+    targets = await resolve_targets(pool, settings.apps)
+    async with (
+        create_session(settings) as session,
+        dispatching(connection, pool, settings) as dispatcher,
+    ):
+        yield TraceForwarder(
+            session, pool, settings, metrics, targets=targets, nudge=dispatcher.nudge
+        )
 
 
-async def serve(
-    settings: Settings,
-    stopping: asyncio.Event,
-    metrics: Metrics | None = None,
-    *,
-    expose_metrics: bool = True,
-) -> None:
-    """Forward the shop's changes until ``stopping`` is set, then drain and close
-    (``edrone-bridge consume traces``; migrations are the CLI's job)."""
-    names = topology(settings)
-
-    @asynccontextmanager
-    async def build(
-        connection: AbstractConnection, pool: asyncpg.Pool, metrics: Metrics
-    ) -> AsyncIterator[Consumer]:
-        # Checked before consuming: a mapping that does not fit the table stops the start.
-        targets = await resolve_targets(pool, settings.apps)
-        async with (
-            create_session(settings) as session,
-            dispatching(connection, pool, settings) as dispatcher,
-        ):
-            forwarder = TraceForwarder(
-                session, pool, settings, metrics, targets=targets, nudge=dispatcher.nudge
-            )
-            async with create_consumer(connection, forwarder, settings, metrics) as consumer:
-                yield consumer
-
-    await serve_consumer(
-        settings,
-        stopping,
-        name="consume traces",
-        declare=declare_trace_topology,
-        build=build,
-        drain_timeout_s=settings.traces.drain_timeout_s,
-        metrics=metrics,
-        expose_metrics=expose_metrics,
-        dead_letter_queues=[names.dead_letter_queue(names.traces_queue)],
-        other_queues=names.retry_queues(settings.traces.retry_tiers_s),
-    )
+# `edrone-bridge consume traces` (served by consumers.service.serve).
+PART = ConsumerPart(
+    name="consume traces",
+    queue=lambda settings: topology(settings).traces_queue,
+    declare=declare_trace_topology,
+    handler=_forwarder,
+    options=lambda settings: settings.traces,
+    timeout_s=lambda settings: batch_timeout_s(settings.traces),
+    command_timeout_s=lambda settings: settings.traces.db_timeout_s,
+    probe_timeout_s=lambda settings: min(settings.traces.db_timeout_s, 5.0),
+    retry_tiers_s=lambda settings: settings.traces.retry_tiers_s,
+)

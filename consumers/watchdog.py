@@ -1,111 +1,98 @@
-"""The consumer's watchdog: is the broker still delivering to us? If not, register again."""
+"""Is the broker still delivering to a consumer? A watchdog looks every so often, and has the
+consumer registered again when it finds it lost while the connection is up."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable
 
-import aiormq
 import structlog
 
-if TYPE_CHECKING:
-    from aio_pika.abc import AbstractChannel, AbstractConnection, ConsumerTag
-
-    from consumers.spec import Counters
-
 log = structlog.get_logger(__name__)
-# See runtime._CHANNEL_ERRORS: a lost channel may fail with any Exception.
-_CHANNEL_ERRORS = (Exception,)
 
 
-class WatchdogMixin:
-    """Part of :class:`consumers.runtime.Consumer`, kept apart for size: the checks behind
-    ``Consumer.ready`` and the re-registration of a consumer the broker forgot."""
+class Watchdog:
+    """Looks every ``interval_s``, and at once after :meth:`poke`. aio-pika restores channels
+    and consumers after a reconnect; a consumer found lost at two looks in a row while the
+    connection is up (a restore gone wrong, a cancel it missed) is registered again.
 
-    queue_name: str
-    publish_timeout_s: float
-    watchdog_interval_s: float
-    counters: Counters
-    _connection: AbstractConnection
-    _channel: AbstractChannel | None
-    _consumer_tag: ConsumerTag | None
-    _registered: bool
-    _recheck: asyncio.Event
-    _watchdog: asyncio.Task[None] | None
+    :param name: the consumer's queue, for the logs.
+    :param timeout_s: bound on one look; a look that takes longer finds the consumer lost.
+    :param consuming: does the broker deliver to the consumer now?
+    :param connected: is the connection up? (If not, aio-pika is on it: nothing to do.)
+    :param register_again: a fresh registration (each step bounded by its owner); True once
+        the consumer is registered again.
+    """
 
-    async def _open(self) -> None:
-        raise NotImplementedError
+    def __init__(
+        self,
+        name: str,
+        interval_s: float,
+        timeout_s: float,
+        consuming: Callable[[], Awaitable[bool]],
+        connected: Callable[[], bool],
+        register_again: Callable[[], Awaitable[bool]],
+    ) -> None:
+        self.name = name
+        self.interval_s = interval_s
+        self.timeout_s = timeout_s
+        self._consuming = consuming
+        self._connected = connected
+        self._register_again = register_again
+        # Whether the consumer was registered at the last look: ``Consumer.ready`` reads it.
+        self.registered = False
+        self._recheck = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
 
-    async def _close(self) -> None:
-        raise NotImplementedError
+    def start(self) -> None:
+        """Watch a consumer that has just registered."""
+        self.registered = True
+        if self._task is None:
+            self._task = asyncio.create_task(self._watch(), name=f"watchdog {self.name}")
 
-    async def _cancel_consumer(self) -> None:
-        raise NotImplementedError
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
-    def _on_channel_change(self, *_: object) -> None:
-        # Closed (not ready until a check says so) or reopened by aio-pika (check at once).
-        self._registered = False
+    def poke(self, *_: object) -> None:
+        """The consume channel closed or was reopened (a channel callback, hence the
+        arguments): not registered until a look says so, and look at once."""
+        self.registered = False
         self._recheck.set()
 
     async def _watch(self) -> None:
-        """Every ``watchdog_interval_s``, and at once after the consume channel closed or
-        reopened: is the broker delivering to us? aio-pika restores channels and consumers
-        after a reconnect; a consumer found lost at two checks in a row while the connection
-        is up (a restore gone wrong, a cancel it missed) is registered again."""
         lost = 0
         while True:
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.watchdog_interval_s):
+                async with asyncio.timeout(self.interval_s):
                     await self._recheck.wait()
             self._recheck.clear()
             try:
                 lost = await self._check(lost)
             except Exception:
                 # A watchdog that died would leave `ready` stuck; the traceback tells what to fix.
-                log.exception("consumer_watchdog_failed", queue=self.queue_name)
+                log.exception("consumer_watchdog_failed", queue=self.name)
 
     async def _check(self, lost: int) -> int:
-        """One look; returns how many checks in a row found the consumer lost."""
-        self._registered = await self._consuming()
-        if self._registered or not self._connection.connected.is_set():
+        """One look; returns how many looks in a row found the consumer lost."""
+        self.registered = await self._look()
+        if self.registered or not self._connected():
             return 0
         lost += 1
-        if lost < 2:  # one check of grace: aio-pika may be restoring the channel right now
+        if lost < 2:  # one look of grace: aio-pika may be restoring the channel right now
             return lost
-        await self._register_again()
+        log.warning("consumer_lost", queue=self.name, action="registering again")
+        if await self._register_again():
+            self.registered = True
         return 0
 
-    async def _consuming(self) -> bool:
-        channel, tag = self._channel, self._consumer_tag
-        if channel is None or tag is None or channel.is_closed:
-            return False
+    async def _look(self) -> bool:
         try:
-            async with asyncio.timeout(self.publish_timeout_s):
-                underlay = await channel.get_underlay_channel()
-        except _CHANNEL_ERRORS:
+            async with asyncio.timeout(self.timeout_s):
+                return await self._consuming()
+        except TimeoutError:
             return False
-        return isinstance(underlay, aiormq.Channel) and tag in underlay.consumers
-
-    async def _register_again(self) -> None:
-        """Fresh channels and a new consumer; the old tag is cancelled first, so that aio-pika
-        cannot restore it beside the new one. Deliveries of the old channel are dropped (the
-        broker redelivers them)."""
-        log.warning("consumer_lost", queue=self.queue_name, action="registering again")
-        await self._cancel_consumer()
-        await self._close()
-        try:
-            async with asyncio.timeout(self.publish_timeout_s):
-                await self._open()
-        except _CHANNEL_ERRORS as exc:
-            log.warning("consumer_register_failed", queue=self.queue_name, error=repr(exc))
-            return
-        self.counters.reregistered += 1
-        log.info("consumer_registered_again", queue=self.queue_name)
-
-    async def _stop_watchdog(self) -> None:
-        task, self._watchdog = self._watchdog, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task

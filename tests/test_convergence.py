@@ -177,7 +177,7 @@ async def test_both_sides_converge_on_the_newest_change_a_person_made(
         for mode in MODES
     }
     accounts = {app: EdroneAccount(app, SECRETS[app]) for app in MODES.values()}
-    pool = await create_pool(settings)
+    pool = await create_pool(settings, command_timeout_s=settings.subscriptions.db_batch_timeout_s)
     channel = await amqp_connection.channel(publisher_confirms=True)
     # The shops publish on a channel of their own, apart from the one they consume on.
     publishing = await amqp_connection.channel(publisher_confirms=True)

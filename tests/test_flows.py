@@ -18,7 +18,7 @@ from bridge.config import Settings
 from bridge.ingress.app import create_app
 from bridge.metrics import Metrics
 from bridge.signing import sign
-from consumers.subscriptions import serve as serve_subscriptions
+from tests.support.consumers import serve_subscriptions
 from tests.support.vectors import (
     APP_ID,
     EMAIL,

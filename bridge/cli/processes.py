@@ -9,6 +9,7 @@ import functools
 import signal
 import sys
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 import asyncpg
 import structlog
@@ -16,6 +17,10 @@ import structlog
 from bridge.cli.common import EXIT_FAILED, Subcommands, UsageError, add_command, stop_on_signals
 from bridge.config import Settings
 from bridge.migrate import migrate
+
+if TYPE_CHECKING:
+    from bridge.metrics import Metrics
+    from consumers.service import ConsumerPart
 
 log = structlog.get_logger(__name__)
 
@@ -86,16 +91,23 @@ def ingress_part() -> Part:
     return serve
 
 
-def subscriptions_part() -> Part:
-    from consumers.subscriptions import serve
+def subscriptions_part(metrics: Metrics | None = None, *, expose_metrics: bool = True) -> Part:
+    from consumers.subscriptions import PART
 
-    return serve
+    return _served(PART, metrics, expose_metrics)
 
 
-def traces_part() -> Part:
-    from consumers.traces import serve
+def traces_part(metrics: Metrics | None = None, *, expose_metrics: bool = True) -> Part:
+    from consumers.traces import PART
 
-    return serve
+    return _served(PART, metrics, expose_metrics)
+
+
+def _served(part: ConsumerPart, metrics: Metrics | None, expose_metrics: bool) -> Part:
+    """A consumer module's part, run by the one serve every consumer shares."""
+    from consumers.service import serve
+
+    return functools.partial(serve, part, metrics=metrics, expose_metrics=expose_metrics)
 
 
 async def run_ingress(settings: Settings, args: argparse.Namespace) -> int:
@@ -177,13 +189,10 @@ async def run_all(settings: Settings, args: argparse.Namespace) -> int:
 
     # One registry for the process, exposed on the ingress's /metrics.
     metrics = Metrics()
-    consume_subscriptions, consume_traces = subscriptions_part(), traces_part()
     parts: dict[str, Part] = {
         "ingress": functools.partial(ingress_part(), metrics=metrics),
-        "consume subscriptions": functools.partial(
-            consume_subscriptions, metrics=metrics, expose_metrics=False
-        ),
-        "consume traces": functools.partial(consume_traces, metrics=metrics, expose_metrics=False),
+        "consume subscriptions": subscriptions_part(metrics, expose_metrics=False),
+        "consume traces": traces_part(metrics, expose_metrics=False),
     }
     await apply_migrations(settings)
     stopping = stop_on_signals()

@@ -247,7 +247,7 @@ async def _wait_any(stopping: asyncio.Event, wake: asyncio.Event | None, timeout
 async def serve(settings: Settings, stopping: asyncio.Event) -> None:
     """Check the targets, install their triggers, then relay until ``stopping`` is set
     (``edrone-bridge relay``; migrations are the CLI's job)."""
-    pool = await create_pool(settings)
+    pool = await create_pool(settings, command_timeout_s=settings.subscriptions.db_batch_timeout_s)
     try:
         targets = await resolve_targets(pool, settings.apps)
         if not targets:

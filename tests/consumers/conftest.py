@@ -4,7 +4,8 @@ a consumer factory (helpers live in ``support.py``)."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack
 from typing import Any
 
 import aio_pika
@@ -15,8 +16,9 @@ from bridge.amqp import declare_topology, declare_trace_topology
 from bridge.config import Settings, SubscriptionConsumerSettings
 from bridge.db import create_pool
 from bridge.devtools.fake_edrone import FakeEdrone
+from consumers import subscriptions
 from consumers.runtime import Consumer
-from consumers.subscriptions import create_consumer
+from consumers.service import consumer_of
 from tests.support.consumers import TRACE_FAST
 
 # Small batches and short waits, so that every test runs in well under a second or two.
@@ -66,22 +68,25 @@ async def broker(
 @pytest.fixture
 async def pool(db: asyncpg.Connection, settings: Settings) -> AsyncIterator[asyncpg.Pool]:
     """A bridge pool inside the test's migrated schema."""
-    value = await create_pool(settings)
+    value = await create_pool(settings, command_timeout_s=settings.subscriptions.db_batch_timeout_s)
     yield value
     await asyncio.wait_for(value.close(), 10)
 
 
 @pytest.fixture
-def make_consumer(
+async def make_consumer(
     broker: aio_pika.abc.AbstractConnection, pool: asyncpg.Pool, fast_settings: Settings
-) -> Callable[..., Consumer]:
-    """The subscription consumer for given settings (the fast ones by default); the test
+) -> AsyncIterator[Callable[..., Awaitable[Consumer]]]:
+    """The subscription consumer for given settings (the fast ones by default), built as
+    ``consume subscriptions`` builds it, its dispatcher running until the test ends; the test
     enters it with ``async with``, which closes its channels."""
+    async with AsyncExitStack() as built:
 
-    def make(settings: Settings | None = None) -> Consumer:
-        return create_consumer(broker, pool, settings or fast_settings)
+        async def make(settings: Settings | None = None) -> Consumer:
+            part = consumer_of(subscriptions.PART, settings or fast_settings, broker, pool)
+            return await built.enter_async_context(part)
 
-    return make
+        yield make
 
 
 @pytest.fixture

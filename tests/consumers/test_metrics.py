@@ -10,8 +10,13 @@ import aiohttp
 
 from bridge.amqp import topology
 from bridge.metrics import Metrics, observability_app
-from consumers.subscriptions import serve
-from tests.support.consumers import make_event, publish, ready_count, wait_until
+from tests.support.consumers import (
+    make_event,
+    publish,
+    ready_count,
+    serve_subscriptions,
+    wait_until,
+)
 
 
 def sample(metrics: Metrics, name: str, **labels: str) -> float | None:
@@ -31,7 +36,7 @@ async def test_consumer_counts_and_samples(
     await publish(broker, monitored, [first, first, make_event("b@example.com"), b"{broken"])
     metrics = Metrics()
     stopping = asyncio.Event()
-    task = asyncio.create_task(serve(monitored, stopping, metrics))
+    task = asyncio.create_task(serve_subscriptions(monitored, stopping, metrics=metrics))
     try:
         queue = names.subscriptions_queue
 
@@ -76,7 +81,7 @@ async def test_consumer_serves_its_metrics_port(db, make_consumer_settings, make
     fast = make_consumer_settings()
     exposed = make_settings(subscriptions=fast.subscriptions, metrics_port=port)
     stopping = asyncio.Event()
-    task = asyncio.create_task(serve(exposed, stopping))
+    task = asyncio.create_task(serve_subscriptions(exposed, stopping))
     try:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as session:
 

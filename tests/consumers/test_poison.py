@@ -1,4 +1,4 @@
-"""No message blocks its queue (DESIGN.md promise 7), with the real consumers, broker and
+"""No message blocks its queue (docs/design.md promise 7), with the real consumers, broker and
 database: a message whose content fails its batch is found and dead-lettered alone with the
 error, and every good message behind it is delivered, counted."""
 
@@ -12,17 +12,15 @@ import asyncpg
 from bridge.amqp import topology
 from bridge.app_config import AppConfig
 from bridge.headers import HEADER_ERROR
-from bridge.shop_table import resolve_targets
-from consumers.subscriptions import create_consumer
 from tests.support.apps import TEST_APP_ID, TEST_SECRET
 from tests.support.consumers import (
+    apply_burst,
     depths,
     forward_burst,
     make_event,
     publish,
     publish_platform,
     ready_count,
-    run_burst,
     shop_event,
     take_all,
 )
@@ -41,11 +39,6 @@ END $$;
 CREATE TRIGGER refuse_poison BEFORE INSERT OR UPDATE ON newsletter_subscriber
 FOR EACH ROW EXECUTE FUNCTION refuse_poison();
 """
-
-
-async def shop_consumer(broker, pool, settings):
-    targets = await resolve_targets(pool, settings.apps)
-    return create_consumer(broker, pool, settings, targets=targets)
 
 
 class TestSubscriptions:
@@ -67,7 +60,7 @@ class TestSubscriptions:
         await publish(broker, settings, [*good[:12], poison, *good[12:]])
 
         started = time.monotonic()
-        consumer = await run_burst(await shop_consumer(broker, pool, settings))
+        consumer = await apply_burst(broker, pool, settings)
         took_s = time.monotonic() - started
 
         counters = consumer.counters
@@ -118,7 +111,7 @@ class TestSubscriptions:
                 "WHERE subscriber_email = 'jan@example.com' FOR UPDATE"
             )
             await publish(broker, settings, [*good[:4], stuck, *good[4:]])
-            consumer = await run_burst(await shop_consumer(broker, pool, settings), 60)
+            consumer = await apply_burst(broker, pool, settings, 60)
             await locking.rollback()
         finally:
             await locker.close()

@@ -8,9 +8,11 @@ import asyncio
 import pytest
 
 from bridge.amqp import topology
+from bridge.config import ConsumerOptions
 from bridge.headers import HEADER_ATTEMPTS, HEADER_ERROR, HEADER_FIRST_FAILURE, dead_letter_headers
-from consumers.errors import Reject, RetryLater
-from consumers.runtime import APPLIED, Consumer, ConsumerSpec
+from consumers.outcomes import Outcome, Reject, RetryLater
+from consumers.runtime import Consumer
+from consumers.spec import ConsumerSpec
 from tests.support.consumers import publish, ready_count, run_burst, take_all, wait_until
 
 
@@ -25,14 +27,28 @@ class Recorder:
         self.batches.append([d.body for d in deliveries])
         if self.failures:
             raise self.failures.pop(0)
-        return [Reject("odd") if d.body.endswith(b"!") else APPLIED for d in deliveries]
+        return [Reject("odd") if d.body.endswith(b"!") else Outcome.APPLIED for d in deliveries]
 
 
-def make_runtime(connection, settings, handler, **options):
+def make_runtime(connection, settings, handler, *, timeout_s=30.0, probe=None, **options):
+    """A consumer of the subscriptions queue with ``handler``; keyword arguments override
+    the small batches and short backoffs of these tests' ConsumerOptions."""
     names = topology(settings)
-    spec = ConsumerSpec(queue=names.subscriptions_queue, handler=handler, batch_size=10)
-    options = {"flush_interval_s": 0.02, "retry_initial_backoff_s": 0.02, **options}
-    return Consumer(connection, spec, topology=names, **options)
+    spec = ConsumerSpec(names.subscriptions_queue, handler, timeout_s, probe=probe)
+    fast = {
+        "batch_size": 10,
+        "prefetch": 20,
+        "flush_interval_ms": 20,
+        "retry_initial_backoff_s": 0.02,
+        **options,
+    }
+    return Consumer(
+        connection,
+        spec,
+        ConsumerOptions(**fast),
+        topology=names,
+        publish_timeout_s=settings.publish_timeout_s,
+    )
 
 
 def bodies(count):
@@ -105,7 +121,7 @@ async def test_slow_handler_is_timed_out_and_retried(broker, settings):
         calls.append(len(deliveries))
         if len(calls) == 1:
             await asyncio.sleep(5)
-        return [APPLIED] * len(deliveries)
+        return [Outcome.APPLIED] * len(deliveries)
 
     await publish(broker, settings, bodies(3))
     consumer = await run_burst(make_runtime(broker, settings, slow_once, timeout_s=0.1))
@@ -124,7 +140,7 @@ async def test_rejected_outcomes_are_dead_lettered(broker, settings):
             if d.body == b"bad!"
             else "duplicate"
             if d.body == b"dup"
-            else APPLIED
+            else Outcome.APPLIED
             for d in deliveries
         ]
 
@@ -146,7 +162,7 @@ async def test_wrong_number_of_outcomes_is_never_taken(broker, settings):
 
     async def short(deliveries):
         calls.append(len(deliveries))
-        return ["duplicate" if len(deliveries) > 1 else APPLIED]
+        return ["duplicate" if len(deliveries) > 1 else Outcome.APPLIED]
 
     await publish(broker, settings, bodies(3))
     consumer = await run_burst(make_runtime(broker, settings, short))
@@ -172,7 +188,7 @@ async def test_run_requires_the_context(broker, settings):
 
 
 class TestIsolation:
-    """DESIGN.md promise 7: no message blocks its queue."""
+    """docs/design.md promise 7: no message blocks its queue."""
 
     @staticmethod
     def failing_on(marker, error):
@@ -183,7 +199,7 @@ class TestIsolation:
             calls.append([d.body for d in deliveries])
             if any(marker in d.body for d in deliveries):
                 raise error
-            return [APPLIED] * len(deliveries)
+            return [Outcome.APPLIED] * len(deliveries)
 
         handler.calls = calls
         return handler
@@ -256,16 +272,7 @@ class TestIsolation:
             *[RetryLater("timeout", delay_s=0.001)] * 4,
         )
         await publish(broker, settings, bodies(5))
-        names = topology(settings)
-        spec = ConsumerSpec(names.subscriptions_queue, handler, batch_size=10, probe=probe)
-        consumer = Consumer(
-            broker,
-            spec,
-            topology=names,
-            flush_interval_s=0.02,
-            retry_initial_backoff_s=0.02,
-            max_batch_failures=2,
-        )
+        consumer = make_runtime(broker, settings, handler, probe=probe, max_batch_failures=2)
         await run_burst(consumer)
 
         assert handler.batches == [bodies(5)] * 9

@@ -13,9 +13,8 @@ import pytest
 from bridge.app_config import AppConfig
 from bridge.config import load_settings
 from bridge.shop_table import TargetMismatch, resolve_targets
-from consumers.subscriptions import create_consumer, serve
 from tests.support.apps import TEST_APP_ID, TEST_SECRET
-from tests.support.consumers import make_event, publish, run_burst
+from tests.support.consumers import apply_burst, make_event, publish, serve_subscriptions
 from tests.support.shop_tables import (
     MAGENTO_TARGET,
     PRESTASHOP_TABLE,
@@ -32,8 +31,7 @@ def with_target(make_consumer_settings, **target):
 async def consume(broker, pool, settings, events):
     """Publish ``events``, check the mapping as ``serve`` does, handle them all."""
     await publish(broker, settings, events)
-    targets = await resolve_targets(pool, settings.apps)
-    return await run_burst(create_consumer(broker, pool, settings, targets=targets))
+    return await apply_burst(broker, pool, settings)
 
 
 class TestMagento:
@@ -179,7 +177,9 @@ class TestValidation:
         mismatch raises with a message that names the option and the column."""
         await magento(db)
         settings = with_target(make_consumer_settings, **{**MAGENTO_TARGET, **override})
-        task = asyncio.create_task(serve(settings, asyncio.Event(), expose_metrics=False))
+        task = asyncio.create_task(
+            serve_subscriptions(settings, asyncio.Event(), expose_metrics=False)
+        )
         if named is None:
             await asyncio.sleep(1.0)
             assert not task.done()

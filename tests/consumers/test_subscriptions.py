@@ -19,7 +19,8 @@ from bridge.headers import (
     HEADER_FIRST_FAILURE,
     HEADER_ORIGINAL_QUEUE,
 )
-from consumers.subscriptions import create_consumer, serve
+from consumers import subscriptions
+from consumers.service import consumer_of
 from tests.support.apps import TEST_APP_ID, TEST_SECRET
 from tests.support.consumers import (
     BASE_DATE,
@@ -27,6 +28,7 @@ from tests.support.consumers import (
     publish,
     ready_count,
     run_burst,
+    serve_subscriptions,
     take_all,
     wait_until,
 )
@@ -65,7 +67,7 @@ class TestApplying:
         event = make_event(status=0, reason=1)
         await publish(broker, fast_settings, [event])
 
-        consumer = await run_burst(make_consumer())
+        consumer = await run_burst(await make_consumer())
 
         assert await subscribers(db) == [as_row(event)]
         inbox = await db.fetchrow("SELECT * FROM inbox")
@@ -84,11 +86,11 @@ class TestApplying:
         """A redelivered or retried event_id is acked and counted, never applied twice."""
         event = make_event()
         await publish(broker, fast_settings, [event, event])
-        first = await run_burst(make_consumer())
+        first = await run_burst(await make_consumer())
         row_before = await db.fetchrow("SELECT updated_at FROM subscribers")
 
         await publish(broker, fast_settings, [event])
-        second = await run_burst(make_consumer())
+        second = await run_burst(await make_consumer())
 
         assert (first.counters.applied, first.counters.skipped["duplicate"]) == (1, 1)
         assert (second.counters.applied, second.counters.skipped["duplicate"]) == (0, 1)
@@ -103,10 +105,10 @@ class TestApplying:
         newer = make_event(status=0, at=timedelta(minutes=5))
         older = make_event(status=1, at=timedelta(minutes=1))
         await publish(broker, fast_settings, [newer])
-        await run_burst(make_consumer())
+        await run_burst(await make_consumer())
         await publish(broker, fast_settings, [older])
 
-        consumer = await run_burst(make_consumer())
+        consumer = await run_burst(await make_consumer())
 
         assert await subscribers(db) == [as_row(newer)]
         assert await inbox_outcomes(db) == {newer.event_id: "applied", older.event_id: "older"}
@@ -119,9 +121,9 @@ class TestApplying:
         low = make_event(status=1, event_id="evt-a")
         high = make_event(status=0, event_id="evt-b")
         await publish(broker, fast_settings, [high])
-        await run_burst(make_consumer())
+        await run_burst(await make_consumer())
         await publish(broker, fast_settings, [low])
-        await run_burst(make_consumer())
+        await run_burst(await make_consumer())
 
         assert await subscribers(db) == [as_row(high)]
         assert await inbox_outcomes(db) == {"evt-b": "applied", "evt-a": "older"}
@@ -149,7 +151,7 @@ class TestApplying:
         rng.shuffle(events)
         await publish(broker, settings, events)
 
-        consumers = [make_consumer(settings), make_consumer(settings)]
+        consumers = [await make_consumer(settings), await make_consumer(settings)]
         async with asyncio.timeout(30):
             await asyncio.gather(*(run_burst(c) for c in consumers))
 
@@ -183,9 +185,9 @@ class TestApplying:
         sms = make_event("+48500100200", channel="sms", status=0, reason=6, at=timedelta(minutes=2))
         later_email = make_event("jan.kowalski@example.com", status=0, at=timedelta(minutes=3))
         await publish(broker, fast_settings, [email, sms])
-        await run_burst(make_consumer())
+        await run_burst(await make_consumer())
         await publish(broker, fast_settings, [later_email])
-        await run_burst(make_consumer())
+        await run_burst(await make_consumer())
 
         assert await subscribers(db) == sorted([as_row(later_email), as_row(sms)])
 
@@ -200,7 +202,7 @@ class TestApplying:
         unsubscribe = make_event("b@example.com", status=0)
         await publish(broker, settings, [subscribe, unsubscribe])
 
-        consumer = await run_burst(make_consumer(settings))
+        consumer = await run_burst(await make_consumer(settings))
 
         assert await subscribers(db) == [as_row(unsubscribe)]
         assert await inbox_outcomes(db) == {
@@ -224,7 +226,7 @@ class TestDeadLettering:
         bad = [b"{not json", json.dumps(schema_breaking).encode()]
         await publish(broker, settings, [good[0], bad[0], bad[1], good[1]])
 
-        consumer = await run_burst(make_consumer(settings))
+        consumer = await run_burst(await make_consumer(settings))
 
         assert await subscribers(db) == sorted(as_row(e) for e in good)
         assert consumer.counters.batches == 1
@@ -245,7 +247,7 @@ class TestDeadLettering:
         names = topology(fast_settings)
         await publish(broker, fast_settings, [make_event(app_id="some-other-shop")])
 
-        consumer = await run_burst(make_consumer())
+        consumer = await run_burst(await make_consumer())
 
         assert consumer.counters.dead_lettered == 1
         assert await subscribers(db) == []
@@ -265,7 +267,7 @@ class TestDeadLettering:
         poison = json.loads(make_event().model_dump_json()) | {field: value}
         await publish(broker, fast_settings, [json.dumps(poison).encode(), make_event("x@y.pl")])
 
-        consumer = await run_burst(make_consumer())
+        consumer = await run_burst(await make_consumer())
 
         assert (consumer.counters.applied, consumer.counters.retries) == (1, 0)
         [dead] = await take_all(broker, names.dead_letter_queue(names.subscriptions_queue))
@@ -282,7 +284,7 @@ class TestDatabaseFailures:
         await db.execute("ALTER TABLE subscribers RENAME TO subscribers_away")
         await publish(broker, fast_settings, events)
 
-        async with asyncio.timeout(20), make_consumer() as consumer:
+        async with asyncio.timeout(20), await make_consumer() as consumer:
             run = asyncio.create_task(consumer.run())
             await wait_until(lambda: consumer.counters.retries >= 3)
             assert consumer.counters.applied == 0
@@ -308,7 +310,7 @@ class TestDatabaseFailures:
         await db.execute("ALTER TABLE subscribers RENAME TO subscribers_away")
         await publish(broker, settings, events)
 
-        async with asyncio.timeout(20), make_consumer(settings) as failing:
+        async with asyncio.timeout(20), await make_consumer(settings) as failing:
             run = asyncio.create_task(failing.run())
             await wait_until(lambda: failing.counters.retries >= 2)
             assert await ready_count(broker, queue) == 0  # all delivered, none acked
@@ -318,7 +320,7 @@ class TestDatabaseFailures:
         assert await ready_count(broker, queue) == 25
 
         await db.execute("ALTER TABLE subscribers_away RENAME TO subscribers")
-        consumer = await run_burst(make_consumer(settings))
+        consumer = await run_burst(await make_consumer(settings))
         assert consumer.counters.applied == 25
         assert await subscribers(db) == sorted(as_row(e) for e in events)
 
@@ -330,7 +332,7 @@ class TestDatabaseFailures:
         events = [make_event(f"user{n}@example.com") for n in range(10)]
         await publish(broker, fast_settings, events)
 
-        async with asyncio.timeout(20), make_consumer() as consumer:
+        async with asyncio.timeout(20), await make_consumer() as consumer:
             async with db.transaction():
                 await db.execute("LOCK TABLE subscribers IN ACCESS EXCLUSIVE MODE")
                 run = asyncio.create_task(consumer.run())
@@ -355,7 +357,8 @@ async def test_lost_channel_batch_is_redelivered_and_deduplicated(broker, db, po
     async with (
         asyncio.timeout(20),
         connection,
-        create_consumer(connection, pool, fast_settings) as consumer,
+        consumer_of(subscriptions.PART, fast_settings, connection, pool) as consumer,
+        consumer,
     ):
         async with db.transaction():
             await db.execute("LOCK TABLE subscribers IN ACCESS EXCLUSIVE MODE")
@@ -378,7 +381,7 @@ async def test_serve_applies_until_stopped(broker, db, fast_settings):
     """serve() consumes with its own pool and connection and returns promptly once stopped."""
     event = make_event(status=0, at=BASE_DATE)
     stopping = asyncio.Event()
-    task = asyncio.create_task(serve(fast_settings, stopping))
+    task = asyncio.create_task(serve_subscriptions(fast_settings, stopping))
     try:
         await publish(broker, fast_settings, [event])
         await wait_until(lambda: db.fetchval("SELECT count(*) FROM subscribers"))

@@ -7,16 +7,13 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 from consumers.sync import (
-    ACKNOWLEDGED,
-    ECHO,
-    OLDER,
     SENT,
-    WINS,
     EdroneChange,
     OpenTrace,
     ShopChange,
     Stamp,
     SyncState,
+    Verdict,
     edrone_needs_trace,
     newer,
     on_shop_change,
@@ -27,6 +24,8 @@ from consumers.sync import (
     wrote,
 )
 
+# The verdicts by the short names the timelines below read best with.
+ACKNOWLEDGED, ECHO, OLDER, WINS = Verdict.ACKNOWLEDGED, Verdict.ECHO, Verdict.OLDER, Verdict.WINS
 T0 = datetime(2026, 5, 1, 12, 0, tzinfo=UTC)
 SKEW = timedelta(minutes=5)
 TRACE_SUBSCRIBED, TRACE_UNSUBSCRIBED, CUSTOMER_UNSUBSCRIBED, AGENT_SUBSCRIBED = 10, 6, 1, 11

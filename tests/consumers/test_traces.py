@@ -587,7 +587,7 @@ class TestDatesAndAddresses:
     ):
         """A shop change dated year 9999 is sent, but ordered and told to edrone as made no
         later than its consumption plus the skew (here 0.5 s); after that a change made now is
-        sent, not skipped as older (DESIGN.md promise 6)."""
+        sent, not skipped as older (docs/design.md promise 6)."""
         settings = await make_traces()
         settings = settings.model_copy(update={"max_clock_skew_s": 0.5})
         future = datetime(9999, 12, 31, 23, 59, tzinfo=UTC)

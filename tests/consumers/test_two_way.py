@@ -1,5 +1,5 @@
 """Both directions against each other, with both consumers running on the real broker and
-database and fake-edrone for edrone's trace API (DESIGN.md promise 6): a trace edrone processed
+database and fake-edrone for edrone's trace API (docs/design.md promise 6): a trace edrone processed
 after a newer change of its own is corrected; edrone's changes go out on the shop's bus from
 the transactional outbox and their echoes are not sent back; history tells the story."""
 

@@ -1,6 +1,6 @@
 """RabbitMQ connections cut and restored (a broker restart, as the bridge sees it) while edrone
 sends webhooks and the consumers work: every 200 is stored once, every 503 can be resent, and
-the consumers come back by themselves (DESIGN.md promises 1 and 2)."""
+the consumers come back by themselves (docs/design.md promises 1 and 2)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,8 @@ from collections.abc import Callable
 from bridge.amqp import topology
 from bridge.config import Settings
 from bridge.ingress.app import create_app
-from consumers import subscriptions
 from consumers.runtime import Consumer
-from tests.support.consumers import ready_count, wait_until
+from tests.support.consumers import ready_count, serve_subscriptions, wait_until
 from tests.support.processes import (
     FAST_SUBSCRIPTIONS,
     Answers,
@@ -54,7 +53,9 @@ class TestWebhooksThroughBrokerCuts:
         base = str(client.make_url("")).rstrip("/")
         url = base + proxied.webhook_path
         stopping = asyncio.Event()
-        consuming = asyncio.create_task(subscriptions.serve(proxied, stopping))
+        consuming = asyncio.create_task(
+            serve_subscriptions(proxied, stopping, started=consumers_made.append)
+        )
         first = Answers()
         cuts = 0
 

@@ -14,8 +14,9 @@ import pytest
 from bridge.amqp import connect, declare_topology, declare_trace_topology, topology
 from bridge.db import create_pool
 from bridge.ingress.app import create_app
-from consumers import subscriptions, traces
+from consumers import subscriptions
 from consumers.runtime import Consumer
+from consumers.service import consumer_of
 from tests.conftest import remove_amqp
 from tests.support.consumers import (
     make_event,
@@ -23,6 +24,8 @@ from tests.support.consumers import (
     publish_platform,
     ready_count,
     running,
+    serve_subscriptions,
+    serve_traces,
     shop_event,
     trace_consumer,
     wait_until,
@@ -72,14 +75,19 @@ class TestSubscriptionConsumer:
         and afterwards are all applied, once."""
         bridge = proxied(subscriptions=FAST_SUBSCRIPTIONS)
         connection = await connect(bridge, "test")
-        pool = await create_pool(settings)
+        pool = await create_pool(
+            settings, command_timeout_s=settings.subscriptions.db_batch_timeout_s
+        )
         names = topology(bridge)
         try:
             channel = await connection.channel()
             async with channel:
                 await declare_topology(channel, bridge)
-            consumer = subscriptions.create_consumer(connection, pool, bridge)
-            async with consumer, running(consumer, timeout_s=60):
+            async with (
+                consumer_of(subscriptions.PART, bridge, connection, pool) as consumer,
+                consumer,
+                running(consumer, timeout_s=60),
+            ):
                 assert consumer.ready
                 first = [make_event(f"a{n}@example.com") for n in range(300)]
                 await publish(amqp_connection, bridge, first)
@@ -114,13 +122,18 @@ class TestSubscriptionConsumer:
         the consumer is registered again and applies what was published meanwhile."""
         bridge = proxied(subscriptions=FAST_SUBSCRIPTIONS)
         connection = await connect(bridge, "test")
-        pool = await create_pool(settings)
+        pool = await create_pool(
+            settings, command_timeout_s=settings.subscriptions.db_batch_timeout_s
+        )
         try:
             channel = await connection.channel()
             async with channel:
                 await declare_topology(channel, bridge)
-            consumer = subscriptions.create_consumer(connection, pool, bridge)
-            async with consumer, running(consumer, timeout_s=30):
+            async with (
+                consumer_of(subscriptions.PART, bridge, connection, pool) as consumer,
+                consumer,
+                running(consumer, timeout_s=30),
+            ):
                 # Behind aio-pika's back (so through private attributes): cancel on the raw
                 # channel, which leaves the consumer as a restore that lost it would.
                 underlay = await consumer._channel.get_underlay_channel()
@@ -150,7 +163,9 @@ class TestTraceConsumer:
         async with channel:
             await declare_trace_topology(channel, direct)
         connection = await connect(bridge, "test")
-        pool = await create_pool(settings)
+        pool = await create_pool(
+            settings, command_timeout_s=settings.subscriptions.db_batch_timeout_s
+        )
         try:
             async with (
                 trace_consumer(connection, pool, bridge) as consumer,
@@ -206,8 +221,10 @@ class TestTopologyRestore:
         client = await aiohttp_client(create_app(bridge))
         stopping = asyncio.Event()
         parts = [
-            asyncio.create_task(subscriptions.serve(bridge, stopping)),
-            asyncio.create_task(traces.serve(bridge, stopping)),
+            asyncio.create_task(
+                serve_subscriptions(bridge, stopping, started=consumers_made.append)
+            ),
+            asyncio.create_task(serve_traces(bridge, stopping, started=consumers_made.append)),
         ]
         url = str(client.make_url(bridge.webhook_path))
         try:

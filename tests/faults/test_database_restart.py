@@ -1,14 +1,13 @@
 """PostgreSQL "restarted" (every connection cut, new ones refused, then back) while the
 subscription consumer applies a backlog: the batch is retried with backoff, nothing is acked
-before its transaction commits, and the pool reconnects by itself (DESIGN.md promise 2)."""
+before its transaction commits, and the pool reconnects by itself (docs/design.md promise 2)."""
 
 from __future__ import annotations
 
 import asyncio
 
 from bridge.amqp import declare_topology, topology
-from consumers import subscriptions
-from tests.support.consumers import make_event, publish, ready_count
+from tests.support.consumers import make_event, publish, ready_count, serve_subscriptions
 from tests.support.processes import (
     FAST_SUBSCRIPTIONS,
     check_ledger,
@@ -45,7 +44,9 @@ class TestDatabaseRestart:
             ],
         )
         stopping = asyncio.Event()
-        consuming = asyncio.create_task(subscriptions.serve(bridge, stopping))
+        consuming = asyncio.create_task(
+            serve_subscriptions(bridge, stopping, started=consumers_made.append)
+        )
         outages = []
         try:
             for reached, outage_s in ((600, 1.0), (1800, 0.2)):

@@ -1,6 +1,6 @@
 """edrone down for a while (answering 503, then refusing connections), then back: the trace
 forwarder's breaker pauses without using up the retry tiers, and every shop change reaches
-edrone once, none dead-lettered (DESIGN.md promises 2 and 4)."""
+edrone once, none dead-lettered (docs/design.md promises 2 and 4)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,13 @@ import asyncio
 from collections import Counter
 
 from bridge.amqp import declare_trace_topology, topology
-from consumers import traces
-from tests.support.consumers import publish_platform, ready_count, shop_event, wait_until
+from tests.support.consumers import (
+    publish_platform,
+    ready_count,
+    serve_traces,
+    shop_event,
+    wait_until,
+)
 from tests.support.processes import FAST_TRACES, accepted, report
 from tests.support.proxy import TcpProxy
 
@@ -36,7 +41,9 @@ class TestEdroneDown:
         await publish_platform(amqp_connection, bridge, [shop_event(e) for e in emails])
         fake.faults.status = 503
         stopping = asyncio.Event()
-        forwarding = asyncio.create_task(traces.serve(bridge, stopping))
+        forwarding = asyncio.create_task(
+            serve_traces(bridge, stopping, started=consumers_made.append)
+        )
         try:
             await wait_until(lambda: len(fake.requests) >= 20, 10)
             await asyncio.sleep(1.0)  # edrone answering 503 for a while

@@ -13,12 +13,12 @@ import pytest
 
 from bridge.amqp import declare_topology, declare_trace_topology, topology
 from bridge.ingress.app import create_app
-from consumers import subscriptions
 from tests.support.consumers import (
     make_event,
     publish,
     publish_platform,
     ready_count,
+    serve_subscriptions,
     shop_event,
     wait_until,
 )
@@ -101,7 +101,7 @@ class TestIngress:
         counts = first.counts()
         ok = first.events("200")
         stopping = asyncio.Event()
-        consuming = asyncio.create_task(subscriptions.serve(settings, stopping))
+        consuming = asyncio.create_task(serve_subscriptions(settings, stopping))
         try:
             stored_200 = await wait_for_count(
                 db, "SELECT count(*) FROM inbox WHERE event_id = ANY($1)", len(ok), args=[list(ok)]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -16,10 +16,9 @@ import asyncpg
 
 from bridge.amqp import ROUTING_KEY_BY_CHANNEL, topology
 from bridge.config import Settings
+from consumers import subscriptions, traces
 from consumers.runtime import Consumer
-from consumers.subscriptions import serve as serve_subscriptions
-from consumers.traces import TraceForwarder, create_consumer, create_session
-from consumers.traces import serve as serve_traces
+from consumers.service import consumer_of, serve
 from schemas.subscription import SubscriptionStatusChanged
 from tests.support.apps import TEST_APP_ID
 
@@ -113,6 +112,32 @@ async def run_burst(consumer: Consumer, timeout_s: float = 20.0) -> Consumer:
     return consumer
 
 
+async def apply_burst(
+    connection: aio_pika.abc.AbstractConnection,
+    pool: asyncpg.Pool,
+    settings: Settings,
+    timeout_s: float = 20.0,
+) -> Consumer:
+    """The subscription consumer, built as ``consume subscriptions`` builds it (the shops'
+    tables checked, a dispatcher running): everything queued handled, then closed."""
+    async with consumer_of(subscriptions.PART, settings, connection, pool) as consumer:
+        return await run_burst(consumer, timeout_s)
+
+
+def serve_subscriptions(
+    settings: Settings, stopping: asyncio.Event, **options: Any
+) -> Coroutine[Any, Any, None]:
+    """``consume subscriptions`` in this process, on its own connection and pool."""
+    return serve(subscriptions.PART, settings, stopping, **options)
+
+
+def serve_traces(
+    settings: Settings, stopping: asyncio.Event, **options: Any
+) -> Coroutine[Any, Any, None]:
+    """``consume traces`` in this process, on its own connection and pool."""
+    return serve(traces.PART, settings, stopping, **options)
+
+
 async def wait_until(predicate: Callable[[], Any], timeout_s: float = 10.0) -> None:
     """Poll ``predicate`` (sync or async) until it is true; fail after ``timeout_s``."""
     async with asyncio.timeout(timeout_s):
@@ -191,12 +216,10 @@ async def publish_platform(
 async def trace_consumer(
     connection: aio_pika.abc.AbstractConnection, pool: asyncpg.Pool, settings: Settings
 ) -> AsyncIterator[Consumer]:
-    """The trace forwarder's consumer, entered, with its own HTTP session (the forwarder is
-    ``consumer.spec.handler``); closed on exit."""
-    async with create_session(settings) as session:
-        forwarder = TraceForwarder(session, pool, settings)
-        async with create_consumer(connection, forwarder, settings) as consumer:
-            yield consumer
+    """The trace forwarder's consumer, built as ``consume traces`` builds it and entered (the
+    forwarder is ``consumer.spec.handler``); closed on exit."""
+    async with consumer_of(traces.PART, settings, connection, pool) as consumer, consumer:
+        yield consumer
 
 
 @asynccontextmanager

@@ -21,7 +21,7 @@ from bridge.ingress.allowlist import source_address, within
 from bridge.ingress.app import create_app
 from bridge.ingress.webhook import REQUIRED_FIELDS
 from bridge.signing import php_string, sign
-from consumers.errors import Reject
+from consumers.outcomes import Reject
 from consumers.subscriptions import SubscriptionApplier
 from tests.support.vectors import APP_ID, SECRET, VECTOR_A, VECTOR_B, VECTOR_D, VECTOR_E
 from tests.support.webhooks import EDRONE, FORM, PATH, PROXY
@@ -285,7 +285,7 @@ def resign(version: str, fields: dict[str, Any]) -> dict[str, Any]:
 @pytest.fixture
 async def applier(db, settings):
     """The subscription consumer's own batch handler, on the test's migrated schema."""
-    pool = await create_pool(settings)
+    pool = await create_pool(settings, command_timeout_s=settings.subscriptions.db_batch_timeout_s)
     yield SubscriptionApplier(pool, settings)
     await pool.close()
 

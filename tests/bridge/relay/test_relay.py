@@ -16,11 +16,16 @@ from bridge.devtools.fake_edrone import FakeEdrone
 from bridge.publishing import ConfirmedPublisher
 from bridge.relay import Relay, install_triggers, serve
 from bridge.shop_table import resolve_targets
-from consumers import traces
-from consumers.subscriptions import create_consumer
 from tests.support.apps import TEST_APP_ID, TEST_SECRET
 from tests.support.cli import run_cli, run_cli_async
-from tests.support.consumers import make_event, publish, run_burst, take_all, wait_until
+from tests.support.consumers import (
+    apply_burst,
+    make_event,
+    publish,
+    serve_traces,
+    take_all,
+    wait_until,
+)
 from tests.support.shop_tables import MAGENTO_TARGET, magento
 
 TRACES = {"retry_tiers_s": (0.2,), "flush_interval_ms": 10, "timeout_s": 5.0}
@@ -48,7 +53,9 @@ def shop_settings(make_settings, settings, fake):
 
 @pytest.fixture
 async def pool(db, shop_settings):
-    value = await create_pool(shop_settings)
+    value = await create_pool(
+        shop_settings, command_timeout_s=shop_settings.subscriptions.db_batch_timeout_s
+    )
     yield value
     await asyncio.wait_for(value.close(), 10)
 
@@ -189,8 +196,7 @@ class TestOutbox:
         async with channel:
             await declare_topology(channel, shop_settings)
         await publish(amqp_connection, shop_settings, [make_event("jan@example.com", status=0)])
-        targets = await resolve_targets(pool, shop_settings.apps)
-        await run_burst(create_consumer(amqp_connection, pool, shop_settings, targets=targets))
+        await apply_burst(amqp_connection, pool, shop_settings)
 
         assert (
             await db.fetchval(
@@ -212,7 +218,7 @@ async def test_shop_change_reaches_fake_edrone_and_bridge_change_does_not(
     await magento(db)
     stopping = asyncio.Event()
     relay_task = asyncio.create_task(serve(shop_settings, stopping))
-    forwarder = asyncio.create_task(traces.serve(shop_settings, stopping, expose_metrics=False))
+    forwarder = asyncio.create_task(serve_traces(shop_settings, stopping, expose_metrics=False))
     try:
         await wait_until(
             lambda: db.fetchval("SELECT count(*) FROM pg_trigger WHERE NOT tgisinternal"), 15
@@ -221,8 +227,7 @@ async def test_shop_change_reaches_fake_edrone_and_bridge_change_does_not(
         async with channel:
             await declare_topology(channel, shop_settings)
         await publish(amqp_connection, shop_settings, [make_event("jan@example.com", status=0)])
-        targets = await resolve_targets(pool, shop_settings.apps)
-        await run_burst(create_consumer(amqp_connection, pool, shop_settings, targets=targets))
+        await apply_burst(amqp_connection, pool, shop_settings)
 
         await db.execute(
             "UPDATE newsletter_subscriber SET subscriber_status = 1 "
@@ -299,7 +304,7 @@ async def test_sms_columns_are_applied_and_relayed(make_settings, db, amqp_conne
         apps={TEST_APP_ID: AppConfig(secret=TEST_SECRET, target=target)},
         subscriptions=SUBSCRIPTIONS,
     )
-    pool = await create_pool(settings)
+    pool = await create_pool(settings, command_timeout_s=settings.subscriptions.db_batch_timeout_s)
     try:
         targets = await resolve_targets(pool, settings.apps)
         await install_triggers(db, settings, targets)
@@ -309,7 +314,7 @@ async def test_sms_columns_are_applied_and_relayed(make_settings, db, amqp_conne
             await declare_trace_topology(channel, settings)
             sms = make_event("+48500100200", channel="sms", status=1, reason=5)
             await publish(amqp_connection, settings, [sms])
-            await run_burst(create_consumer(amqp_connection, pool, settings, targets=targets))
+            await apply_burst(amqp_connection, pool, settings)
             assert await db.fetchval("SELECT sms_optin FROM ps_customer") is True
             assert await db.fetchval("SELECT count(*) FROM outbox") == 0
 
