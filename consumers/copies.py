@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import structlog
 from aio_pika.abc import AbstractIncomingMessage
@@ -14,9 +13,7 @@ from aio_pika.abc import AbstractIncomingMessage
 from bridge.headers import attempts_so_far
 from consumers.deadletter import DeadLetterPublisher, RetryPublisher
 from consumers.outcomes import Defer, Reject
-
-if TYPE_CHECKING:  # consumers.spec imports Copy from here
-    from consumers.spec import Counters
+from consumers.spec import Counters
 
 log = structlog.get_logger(__name__)
 
@@ -95,7 +92,7 @@ async def publish_all(
         failed = await publish_copies(copies)
         for copy in copies:
             if copy not in failed:
-                counters.record_copy(copy)
+                counters.record_copy(copy.tier_s)
         if not failed:
             return True
         copies = failed

@@ -10,7 +10,6 @@ from dataclasses import dataclass, field
 from aio_pika.abc import AbstractIncomingMessage
 
 from bridge.metrics import Metrics
-from consumers.copies import Copy
 from consumers.outcomes import Outcome, Result
 
 Delivery = AbstractIncomingMessage
@@ -57,15 +56,16 @@ class Counters:
     queue: str = ""
     metrics: Metrics | None = field(default=None, repr=False)
 
-    def record_copy(self, copy: Copy) -> None:
-        if copy.tier_s is None:
+    def record_copy(self, tier_s: float | None) -> None:
+        """A confirmed copy: to the dead-letter queue (``tier_s`` None) or a retry tier."""
+        if tier_s is None:
             self.dead_lettered += 1
             if self.metrics:
                 self.metrics.dead_lettered.labels(self.queue).inc()
         else:
-            self.deferred[copy.tier_s] += 1
+            self.deferred[tier_s] += 1
             if self.metrics:
-                self.metrics.retries.labels(self.queue, f"{copy.tier_s:g}s").inc()
+                self.metrics.retries.labels(self.queue, f"{tier_s:g}s").inc()
 
     def record(self, outcomes: Sequence[Result], duration_s: float) -> None:
         # Plain names: they show in repr(), in the logs and as metric labels.
