@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import aio_pika
+import aiormq
 import structlog
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustConnection
+from yarl import URL
 
 from bridge.config import Settings
+from bridge.starting import ServiceUnreachable, unless_stopped
 
 log = structlog.get_logger(__name__)
 
@@ -126,25 +130,60 @@ def delivery_limits(settings: Settings) -> dict[str, int]:
     }
 
 
-async def connect(settings: Settings, name: str) -> AbstractRobustConnection:
-    """A robust (self-reconnecting) connection; the first connect is retried a bounded number
-    of times, each attempt logged, then the last error is raised."""
+async def connect(
+    settings: Settings, name: str, *, stopping: asyncio.Event | None = None
+) -> AbstractRobustConnection:
+    """A robust (self-reconnecting) connection. The first connect is retried a bounded number
+    of times, each attempt logged, unless the broker refused the login (a wrong password never
+    fixes itself) or ``stopping`` is set (:class:`Stopped`); then :class:`ServiceUnreachable`
+    names the broker, its variable and its address."""
     url = settings.amqp_url.get_secret_value()
     attempts = settings.amqp_connect_attempts
     for attempt in range(1, attempts + 1):
         try:
-            return await aio_pika.connect_robust(
-                url,
-                timeout=10,
-                reconnect_interval=settings.amqp_reconnect_interval_s,
-                client_properties={"connection_name": f"edrone-bridge {name}"},
-            )
+            return await _first_connect(settings, url, name, stopping)
         except (TimeoutError, OSError, aio_pika.exceptions.AMQPError) as exc:
+            refused = isinstance(exc, aiormq.exceptions.ProbableAuthenticationError)
             log.warning("amqp_connect_failed", attempt=attempt, of=attempts, error=repr(exc))
-            if attempt == attempts:
-                raise
-            await asyncio.sleep(settings.amqp_connect_delay_s)
+            if refused or attempt == attempts:
+                why = "the broker refused the login" if refused else _reason(exc)
+                raise ServiceUnreachable(
+                    f"cannot connect to RabbitMQ at {broker_address(url)} "
+                    f"(EDRONE_BRIDGE_AMQP_URL): {why}"
+                ) from exc
+        await unless_stopped(asyncio.sleep(settings.amqp_connect_delay_s), stopping)
     raise AssertionError("unreachable")
+
+
+async def _first_connect(
+    settings: Settings, url: str, name: str, stopping: asyncio.Event | None
+) -> AbstractRobustConnection:
+    # aio-pika's connect_robust, with the connection kept in hand: a first connect given up
+    # (stopped, failed) must close it, or its reconnect task keeps the process alive.
+    connection = aio_pika.RobustConnection(
+        aio_pika.connection.make_url(url, reconnect_interval=settings.amqp_reconnect_interval_s),
+        client_properties={"connection_name": f"edrone-bridge {name}"},
+    )
+    try:
+        await unless_stopped(connection.connect(timeout=10), stopping)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(connection.close(), 5)
+        raise
+    return connection
+
+
+def broker_address(url: str) -> str:
+    """``host:port/vhost`` of an AMQP URL, for messages (no user, no password)."""
+    parsed = URL(url)
+    vhost = parsed.path[1:] or "/"
+    return f"{parsed.host}:{parsed.port or 5672} vhost {vhost}"
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError):
+        return "no answer within 10 s"
+    return str(exc) or type(exc).__name__
 
 
 def quorum_arguments(

@@ -28,10 +28,17 @@ from pydantic_settings import (
 )
 
 from bridge.app_config import AppConfig
+from bridge.variables import (
+    AMQP_EXAMPLE,
+    CONFIG_FILE_VARIABLE,
+    DATABASE_EXAMPLE,
+    ENV_PREFIX,
+    check_url,
+    known_variables,
+    unknown_variables,
+    variable_of,
+)
 from schemas.fields import DEFAULT_DATE_FLOOR
-
-ENV_PREFIX = "EDRONE_BRIDGE_"
-CONFIG_FILE_VARIABLE = f"{ENV_PREFIX}CONFIG"
 
 # Read from the environment as "10.0.0.0/8, 192.0.2.7" (or a JSON list), from TOML as a list.
 Networks = Annotated[tuple[IPvAnyNetwork, ...], NoDecode]
@@ -263,6 +270,21 @@ class Settings(BaseSettings):
             return _parse_app_pairs(value)
         return value
 
+    @field_validator("amqp_url")
+    @classmethod
+    def _amqp_url(cls, value: SecretStr) -> SecretStr:
+        check_url(value.get_secret_value(), ("amqp", "amqps"), AMQP_EXAMPLE)
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_url(cls, value: SecretStr) -> SecretStr:
+        # No host is libpq's local socket (postgresql:///db).
+        check_url(
+            value.get_secret_value(), ("postgresql", "postgres"), DATABASE_EXAMPLE, host=False
+        )
+        return value
+
     @field_validator("ingress_allowed_networks", "ingress_trusted_proxies", mode="before")
     @classmethod
     def _networks_from_text(cls, value: Any) -> Any:
@@ -297,6 +319,9 @@ def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Se
     """Build :class:`Settings` from the environment over the TOML file named by
     ``EDRONE_BRIDGE_CONFIG`` (or ``config_file``); raise :class:`ConfigError` naming bad keys."""
     path = config_file or os.environ.get(CONFIG_FILE_VARIABLE) or None
+    unknown = unknown_variables(os.environ, known_variables(Settings))
+    if unknown:
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(unknown))
     if path is not None and not Path(path).is_file():
         raise ConfigError(f"{CONFIG_FILE_VARIABLE}: no such file: {path}")
 
@@ -316,5 +341,8 @@ def _describe(exc: ValidationError) -> str:
     lines = []
     for error in exc.errors():
         key = ".".join(str(part) for part in error["loc"]) or "(root)"
-        lines.append(f"{key}: {error['msg']}")
+        # The variable too, where one sets it (an app's options live in the TOML file).
+        where = f" [{variable_of(key)}]" if error["loc"] and error["loc"][0] != "apps" else ""
+        message = error["msg"].removeprefix("Value error, ")
+        lines.append(f"{key}: {message}{where}")
     return "invalid configuration:\n  " + "\n  ".join(lines)

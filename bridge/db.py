@@ -6,30 +6,73 @@ import asyncio
 
 import asyncpg
 import structlog
+from yarl import URL
 
 from bridge.config import Settings
+from bridge.starting import ServiceUnreachable, unless_stopped
 
 log = structlog.get_logger(__name__)
 
 
 async def create_pool(
-    settings: Settings, *, command_timeout_s: float, min_size: int = 1, max_size: int = 4
+    settings: Settings,
+    *,
+    command_timeout_s: float,
+    min_size: int = 1,
+    max_size: int = 4,
+    stopping: asyncio.Event | None = None,
 ) -> asyncpg.Pool:
     """A pool whose sessions resolve unqualified names in ``settings.database_schema`` first;
-    ``command_timeout_s`` bounds each statement (the caller's own setting)."""
-    pool = await asyncpg.create_pool(
-        settings.database_url.get_secret_value(),
-        min_size=min_size,
-        max_size=max_size,
-        timeout=10,
-        command_timeout=command_timeout_s,
-        server_settings={
-            "search_path": f'"{settings.database_schema}", public',
-            "application_name": "edrone-bridge",
-        },
-    )
+    ``command_timeout_s`` bounds each statement (the caller's own setting). A database that
+    cannot be reached, or refuses the login, is :class:`ServiceUnreachable` at once, naming it;
+    a stop asked for meanwhile is :class:`Stopped`."""
+    url = settings.database_url.get_secret_value()
+    try:
+        pool = await unless_stopped(
+            asyncpg.create_pool(
+                url,
+                min_size=min_size,
+                max_size=max_size,
+                timeout=10,
+                command_timeout=command_timeout_s,
+                server_settings={
+                    "search_path": f'"{settings.database_schema}", public',
+                    "application_name": "edrone-bridge",
+                },
+            ),
+            stopping,
+        )
+    except CONNECT_ERRORS as exc:
+        raise unreachable(url, exc) from exc
     assert pool is not None
     return pool
+
+
+# A first connection that fails for a reason about where or who: no use retrying in a loop.
+CONNECT_ERRORS = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InvalidAuthorizationSpecificationError,
+    asyncpg.InvalidPasswordError,
+    asyncpg.InvalidCatalogNameError,
+    asyncpg.CannotConnectNowError,
+)
+
+
+def unreachable(url: str, exc: BaseException) -> ServiceUnreachable:
+    """The one-line error of a failed first connection to PostgreSQL at ``url``."""
+    why = "no answer within 10 s" if isinstance(exc, TimeoutError) else str(exc) or repr(exc)
+    return ServiceUnreachable(
+        f"cannot connect to PostgreSQL at {database_address(url)} "
+        f"(EDRONE_BRIDGE_DATABASE_URL): {why}"
+    )
+
+
+def database_address(url: str) -> str:
+    """``host:port/database`` of a PostgreSQL URL, for messages (no user, no password)."""
+    parsed = URL(url)
+    return f"{parsed.host or 'local socket'}:{parsed.port or 5432}/{parsed.path.lstrip('/')}"
 
 
 async def close_pool(pool: asyncpg.Pool, timeout_s: float) -> None:

@@ -21,6 +21,7 @@ from bridge.config import ConsumerOptions, Settings
 from bridge.db import answers, close_pool, create_pool
 from bridge.metrics import Metrics, observability_app, serving
 from bridge.monitor import monitor
+from bridge.starting import Stopped, unless_stopped
 from consumers.runtime import Consumer
 from consumers.spec import ConsumerSpec, Handler
 
@@ -80,28 +81,52 @@ async def serve(
     ``settings.metrics_port``; ``run`` turns it off and exposes one registry on the ingress.
     ``started`` is called with the consumer once everything is up (tests read its counters)."""
     metrics = metrics if metrics is not None else Metrics()
-    async with AsyncExitStack() as opened:
-        if pool is None:
-            pool = await create_pool(settings, command_timeout_s=part.command_timeout_s(settings))
-            opened.push_async_callback(close_pool, pool, part.options(settings).drain_timeout_s)
-        if connection is None:
-            connection = await opened.enter_async_context(await connect(settings, part.name))
-        # The declaring channel stays open while consuming: aio-pika declares the topology
-        # again on it after a reconnect, so a broker that came back without its queues and
-        # exchanges gets them back before the consumer's channel is restored.
-        channel = await opened.enter_async_context(connection.channel())
-        await part.declare(channel, settings)
-        consumer = await opened.enter_async_context(
-            consumer_of(part, settings, connection, pool, metrics=metrics)
+    try:
+        async with AsyncExitStack() as opened:
+            consumer = await _start(
+                part, settings, stopping, opened, connection, pool, metrics, expose_metrics
+            )
+            if started is not None:
+                started(consumer)
+            await consume_until(consumer, stopping)
+    except Stopped:
+        log.info("stopped_before_serving", part=part.name)
+
+
+async def _start(
+    part: ConsumerPart,
+    settings: Settings,
+    stopping: asyncio.Event,
+    opened: AsyncExitStack,
+    connection: AbstractConnection | None,
+    pool: asyncpg.Pool | None,
+    metrics: Metrics,
+    expose_metrics: bool,
+) -> Consumer:
+    """Everything up to consuming, each step registered in ``opened`` to be closed in reverse
+    order; a stop asked for meanwhile ends the start at once (:class:`Stopped`)."""
+    if pool is None:
+        pool = await create_pool(
+            settings, command_timeout_s=part.command_timeout_s(settings), stopping=stopping
         )
-        await opened.enter_async_context(consumer)
-        await opened.enter_async_context(
-            _exposed(settings, metrics, connection, consumer, expose_metrics)
-        )
-        await opened.enter_async_context(_monitored(settings, metrics, connection, consumer, pool))
-        if started is not None:
-            started(consumer)
-        await consume_until(consumer, stopping)
+        opened.push_async_callback(close_pool, pool, part.options(settings).drain_timeout_s)
+    if connection is None:
+        robust = await connect(settings, part.name, stopping=stopping)
+        connection = await opened.enter_async_context(robust)
+    # The declaring channel stays open while consuming: aio-pika declares the topology
+    # again on it after a reconnect, so a broker that came back without its queues and
+    # exchanges gets them back before the consumer's channel is restored.
+    channel = await opened.enter_async_context(connection.channel())
+    await unless_stopped(part.declare(channel, settings), stopping)
+    consumer = await opened.enter_async_context(
+        consumer_of(part, settings, connection, pool, metrics=metrics)
+    )
+    await unless_stopped(opened.enter_async_context(consumer), stopping)
+    await opened.enter_async_context(
+        _exposed(settings, metrics, connection, consumer, expose_metrics)
+    )
+    await opened.enter_async_context(_monitored(settings, metrics, connection, consumer, pool))
+    return consumer
 
 
 @asynccontextmanager

@@ -45,24 +45,47 @@ def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     return uvloop.new_event_loop
 
 
-def stop_on_signals() -> asyncio.Event:
+def stop_on_signals(grace_s: float | None = None) -> asyncio.Event:
     """An event set by the first SIGTERM or SIGINT, so the parts drain and stop; a second one
-    cancels the command outright, for when a drain hangs."""
+    cancels the command outright, for when a drain hangs, and so does the end of ``grace_s``
+    after the first: whatever state the command is in, it ends within its grace period."""
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     main_task = asyncio.current_task()
 
-    def on_signal(received: signal.Signals) -> None:
-        if stopping.is_set() and main_task is not None:
-            log.warning("stop_forced", signal=received.name)
+    def force(why: str) -> None:
+        if main_task is not None and not main_task.done():
+            log.warning("stop_forced", reason=why)
             main_task.cancel()
+
+    def on_signal(received: signal.Signals) -> None:
+        if stopping.is_set():
+            force(f"second {received.name}")
             return
         log.info("stop_requested", signal=received.name)
         stopping.set()
+        if grace_s is not None:
+            loop.call_later(grace_s, force, f"still running {grace_s:g} s after {received.name}")
 
     for received in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(received, on_signal, received)
     return stopping
+
+
+def grace_period_s(settings: Settings) -> float:
+    """How long a stop may take: the longest drain of any part, and a little for closing."""
+    drains = (settings.subscriptions.drain_timeout_s, settings.traces.drain_timeout_s)
+    return max(settings.shutdown_timeout_s, *drains) + 2.0
+
+
+def require_apps(settings: Settings) -> None:
+    """The commands that serve need an app: without one every webhook would be refused and
+    every shop event dead-lettered."""
+    if not settings.apps:
+        raise UsageError(
+            "no app is configured: set EDRONE_BRIDGE_APPS=app_id:app_secret "
+            "(or an [apps.<app_id>] table in the file named by EDRONE_BRIDGE_CONFIG)"
+        )
 
 
 def add_command(

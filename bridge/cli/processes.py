@@ -14,9 +14,19 @@ from typing import TYPE_CHECKING
 import asyncpg
 import structlog
 
-from bridge.cli.common import EXIT_FAILED, Subcommands, UsageError, add_command, stop_on_signals
+from bridge.cli.common import (
+    EXIT_FAILED,
+    Subcommands,
+    UsageError,
+    add_command,
+    grace_period_s,
+    require_apps,
+    stop_on_signals,
+)
 from bridge.config import Settings
+from bridge.db import CONNECT_ERRORS, unreachable
 from bridge.migrate import migrate
+from bridge.starting import Stopped, unless_stopped
 
 if TYPE_CHECKING:
     from bridge.metrics import Metrics
@@ -75,8 +85,12 @@ async def run_migrate(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-async def apply_migrations(settings: Settings) -> list[str]:
-    conn = await asyncpg.connect(settings.database_url.get_secret_value(), timeout=10)
+async def apply_migrations(settings: Settings, stopping: asyncio.Event | None = None) -> list[str]:
+    url = settings.database_url.get_secret_value()
+    try:
+        conn = await unless_stopped(asyncpg.connect(url, timeout=10), stopping)
+    except CONNECT_ERRORS as exc:
+        raise unreachable(url, exc) from exc
     try:
         return await migrate(conn, settings.database_schema)
     finally:
@@ -111,7 +125,8 @@ def _served(part: ConsumerPart, metrics: Metrics | None, expose_metrics: bool) -
 
 
 async def run_ingress(settings: Settings, args: argparse.Namespace) -> int:
-    stopping = stop_on_signals()
+    require_apps(settings)
+    stopping = stop_on_signals(grace_period_s(settings))
     if args.worker or settings.ingress_workers == 1:
         from bridge.ingress.app import serve
 
@@ -165,19 +180,22 @@ async def serve_ingress_workers(settings: Settings, stopping: asyncio.Event) -> 
 
 
 async def run_consume_subscriptions(settings: Settings, args: argparse.Namespace) -> int:
-    await subscriptions_part()(settings, stop_on_signals())
+    require_apps(settings)
+    await subscriptions_part()(settings, stop_on_signals(grace_period_s(settings)))
     return 0
 
 
 async def run_consume_traces(settings: Settings, args: argparse.Namespace) -> int:
-    await traces_part()(settings, stop_on_signals())
+    require_apps(settings)
+    await traces_part()(settings, stop_on_signals(grace_period_s(settings)))
     return 0
 
 
 async def run_relay(settings: Settings, args: argparse.Namespace) -> int:
     from bridge.relay import serve
 
-    await serve(settings, stop_on_signals())
+    require_apps(settings)
+    await serve(settings, stop_on_signals(grace_period_s(settings)))
     return 0
 
 
@@ -187,6 +205,7 @@ async def run_all(settings: Settings, args: argparse.Namespace) -> int:
     stops the others gracefully and makes the exit code non-zero."""
     from bridge.metrics import Metrics
 
+    require_apps(settings)
     # One registry for the process, exposed on the ingress's /metrics.
     metrics = Metrics()
     parts: dict[str, Part] = {
@@ -194,8 +213,12 @@ async def run_all(settings: Settings, args: argparse.Namespace) -> int:
         "consume subscriptions": subscriptions_part(metrics, expose_metrics=False),
         "consume traces": traces_part(metrics, expose_metrics=False),
     }
-    await apply_migrations(settings)
-    stopping = stop_on_signals()
+    stopping = stop_on_signals(grace_period_s(settings))
+    try:
+        await apply_migrations(settings, stopping)
+    except Stopped:
+        log.info("stopped_before_serving", part="migrate")
+        return 0
     failed: list[str] = []
 
     async def supervise(name: str, serve: Part) -> None:

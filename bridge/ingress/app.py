@@ -19,6 +19,7 @@ from bridge.ingress.state import METRICS, SETTINGS, STATE, IngressState
 from bridge.ingress.webhook import WebhookRejected
 from bridge.metrics import Metrics, metrics_handler
 from bridge.publishing import ConfirmedPublisher
+from bridge.starting import Stopped
 
 log = structlog.get_logger(__name__)
 
@@ -102,7 +103,7 @@ async def invite_body(request: web.Request) -> web.StreamResponse | None:
 async def amqp_context(app: web.Application) -> AsyncIterator[None]:
     """The broker connection and the confirmed publisher, for the app's lifetime."""
     settings = app[SETTINGS]
-    connection = await connect(settings, "ingress")
+    connection = await connect(settings, "ingress", stopping=app[STATE].stopping)
     try:
         channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
         exchange = await declare_topology(channel, settings)
@@ -188,8 +189,13 @@ async def serve(
         retry_after_s=settings.retry_after_s,
     )
     app = create_app(settings, metrics=metrics, guard=guard)
+    app[STATE].stopping = stopping
     runner = web.AppRunner(app, shutdown_timeout=settings.shutdown_timeout_s, access_log=None)
-    await runner.setup()
+    try:
+        await runner.setup()
+    except Stopped:
+        log.info("stopped_before_serving", part="ingress")
+        return
     try:
         site = GuardedSite(
             runner, guard, settings.http_host, settings.http_port, reuse_port=reuse_port

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -17,6 +18,8 @@ class IngressState:
 
     publisher: ConfirmedPublisher | None = None
     draining: bool = False
+    # Set once the process is asked to stop: a start still connecting gives up at once.
+    stopping: asyncio.Event | None = None
 
 
 SETTINGS = web.AppKey("settings", Settings)

@@ -27,6 +27,7 @@ from bridge.db import (
 from bridge.publishing import ConfirmedPublisher, PublishFailed
 from bridge.relay.triggers import install_triggers, notify_channel
 from bridge.shop_table import resolve_targets
+from bridge.starting import Stopped
 from schemas.platform_event import CustomerSubscriptionChanged
 
 log = structlog.get_logger(__name__)
@@ -247,14 +248,20 @@ async def _wait_any(stopping: asyncio.Event, wake: asyncio.Event | None, timeout
 async def serve(settings: Settings, stopping: asyncio.Event) -> None:
     """Check the targets, install their triggers, then relay until ``stopping`` is set
     (``edrone-bridge relay``; migrations are the CLI's job)."""
-    pool = await create_pool(settings, command_timeout_s=settings.subscriptions.db_batch_timeout_s)
+    try:
+        pool = await create_pool(
+            settings, command_timeout_s=settings.subscriptions.db_batch_timeout_s, stopping=stopping
+        )
+    except Stopped:
+        log.info("stopped_before_serving", part="relay")
+        return
     try:
         targets = await resolve_targets(pool, settings.apps)
         if not targets:
             raise ConfigError("no app has a target table ([apps.<id>.target]) to relay from")
         async with pool.acquire() as conn:
             await install_triggers(conn, settings, targets)
-        connection = await connect(settings, "relay")
+        connection = await connect(settings, "relay", stopping=stopping)
         async with connection, connection.channel(publisher_confirms=True) as channel:
             # The trace forwarder's queue too, so events wait there even before it first runs.
             await declare_trace_topology(channel, settings)
@@ -262,5 +269,7 @@ async def serve(settings: Settings, stopping: asyncio.Event) -> None:
             publisher = ConfirmedPublisher(channel, exchange, settings.publish_timeout_s)
             log.info("relay_started", apps=sorted(targets))
             await Relay(pool, publisher, settings).run(stopping)
+    except Stopped:
+        log.info("stopped_before_serving", part="relay")
     finally:
         await close_pool(pool, settings.shutdown_timeout_s)

@@ -375,3 +375,71 @@ class TestDuringBrokerOutage:
         )
         assert code == 0, process.log_tail()
         assert took_s < 5, process.log_tail()
+
+
+# Each long-running command, in each state of its start that waits on a service: SIGTERM ends
+# it at once, exit 0 (an orchestrator would otherwise kill it at every stop).
+STARTING = [
+    ("broker refuses", ("ingress",)),
+    ("broker refuses", ("consume", "subscriptions")),
+    ("broker refuses", ("consume", "traces")),
+    ("broker refuses", ("run",)),
+    ("broker is silent", ("ingress",)),
+    ("broker is silent", ("consume", "traces")),
+    ("broker is silent", ("run",)),
+    ("database is silent", ("consume", "subscriptions")),
+    ("database is silent", ("consume", "traces")),
+    ("database is silent", ("relay",)),
+    ("database is silent", ("run",)),
+]
+
+
+class TestWhileStarting:
+    @pytest.mark.parametrize(
+        ("state", "command"), STARTING, ids=[f"{s}-{' '.join(c)}" for s, c in STARTING]
+    )
+    async def test_sigterm_ends_a_start_that_waits_on_a_service(
+        self, state, command, settings, amqp_proxy, db_proxy, db, tmp_path
+    ):
+        """Stopped while it connects (refused and retrying, or waiting on a service that
+        accepted the connection and says nothing), the command exits 0 within a second or
+        two, far inside its grace period (SHUTDOWN_TIMEOUT_S 5 here)."""
+        if state == "broker refuses":
+            await amqp_proxy.cut()
+        elif state == "broker is silent":
+            amqp_proxy.stall()
+        else:
+            db_proxy.stall()
+        port = free_port()
+        process = BridgeProcess(
+            tmp_path / "process.log",
+            *command,
+            env=bridge_env(
+                settings,
+                EDRONE_BRIDGE_AMQP_URL=through(settings.amqp_url.get_secret_value(), amqp_proxy),
+                EDRONE_BRIDGE_DATABASE_URL=through(
+                    settings.database_url.get_secret_value(), db_proxy
+                ),
+                EDRONE_BRIDGE_AMQP_CONNECT_ATTEMPTS="1000",
+                EDRONE_BRIDGE_AMQP_CONNECT_DELAY_S="0.5",
+                EDRONE_BRIDGE_HTTP_PORT=str(port),
+                EDRONE_BRIDGE_METRICS_PORT=str(port),
+                EDRONE_BRIDGE_SHUTDOWN_TIMEOUT_S="5",
+                EDRONE_BRIDGE_SUBSCRIPTIONS__DRAIN_TIMEOUT_S="5",
+                EDRONE_BRIDGE_TRACES__DRAIN_TIMEOUT_S="5",
+            ),
+        )
+        await process.start()
+        try:
+            if state == "broker refuses":
+                await wait_until(lambda: "amqp_connect_failed" in events_of(process), 20)
+            else:
+                await asyncio.sleep(2.0)  # into the wait: the connection is open and silent
+            assert process.running, process.log_tail()
+            asked = time.monotonic()
+            code = await process.terminate(timeout_s=15)
+            took_s = time.monotonic() - asked
+        finally:
+            await process.kill()
+        assert code == 0, process.log_tail()
+        assert took_s < 3.0, process.log_tail()
