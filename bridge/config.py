@@ -204,9 +204,11 @@ class Settings(BaseSettings):
     # made at receipt plus this, so that a wrong zone or clock holds an address this long at
     # most, instead of for ever; each such date is counted and logged.
     max_clock_skew_s: float = Field(default=300.0, ge=0)
-    # /metrics, /healthz and /readyz of a consumer process (`consume ...`; 0: any free port).
-    # The ingress and `run` serve them on http_port.
-    metrics_port: int = Field(default=9100, ge=0, le=65_535)
+    # /metrics, /healthz and /readyz of `consume subscriptions`, `consume traces` and `relay`
+    # (0: any free port). Unset, each takes its own (METRICS_PORTS), so that they share a host,
+    # and a second process of a kind takes a free port, logged. The ingress and `run` serve
+    # them on http_port.
+    metrics_port: int | None = Field(default=None, ge=0, le=65_535)
     # How often queue depths, ages and connections are sampled into the metrics.
     monitor_interval_s: float = Field(default=15.0, gt=0)
     # aiohttp's request parser limits, set explicitly: a request over one is answered 400 before
@@ -309,6 +311,17 @@ class Settings(BaseSettings):
         if toml_file:
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_file))
         return tuple(sources)
+
+
+# The default /metrics port of each command that has no http_port.
+METRICS_PORTS = {"consume subscriptions": 9101, "consume traces": 9102, "relay": 9103}
+
+
+def metrics_port(settings: Settings, command: str) -> tuple[int, bool]:
+    """The port ``command`` serves /metrics on, and whether a free one may replace it."""
+    if settings.metrics_port is not None:
+        return settings.metrics_port, False
+    return METRICS_PORTS[command], True
 
 
 class ConfigError(Exception):

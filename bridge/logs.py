@@ -21,7 +21,8 @@ OWN_LOGGERS = ("bridge", "consumers", "schemas")
 LIBRARY_LEVEL = logging.WARNING
 
 
-_EMAIL = re.compile(r"([^\s@'\"<>(),;:]{1,64})@([^\s@'\"<>(),;:]+\.[^\s@'\"<>(),;:]+)")
+# Anything shaped like local@domain, a valid address or not (a refused one is personal too).
+_EMAIL = re.compile(r"([^\s@'\"<>(),;:]{1,64})@([^\s@'\"<>(),;:]+)")
 _PHONE_KEYS = frozenset({"phone", "sms_phone"})
 _EMAIL_KEYS = frozenset({"email", "address"})
 
@@ -44,7 +45,8 @@ def mask_personal_data(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]
     for key, value in event.items():
         if not isinstance(value, str):
             continue
-        if key in _PHONE_KEYS:
+        if key in _PHONE_KEYS or (key in _EMAIL_KEYS and "@" not in value):
+            # An SMS subscriber's address is a phone.
             event[key] = mask_phone(value)
         elif key in _EMAIL_KEYS or "@" in value:
             event[key] = mask_email(value)

@@ -3,12 +3,19 @@ own (no global state), exposed on ``/metrics``."""
 
 from __future__ import annotations
 
+import errno
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 
+import structlog
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+from bridge.config import Settings, metrics_port
+
+log = structlog.get_logger(__name__)
 
 # Latencies of a publish confirm or a database commit on one machine: milliseconds, rarely more.
 _FAST_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
@@ -105,6 +112,12 @@ class Metrics:
             "Age of the oldest message in a queue (work queues: of those this process holds)",
             "queue",
         )
+        self.relay_rows = _counter(
+            r,
+            "relay_rows",
+            "Outbox rows the relay handled: published, coalesced, invalid, set_aside",
+            "outcome",
+        )
         self.broker_connected = _gauge(r, "broker_connected", "1 while connected to RabbitMQ")
         self.database_connected = _gauge(r, "database_connected", "1 while PostgreSQL answers")
 
@@ -123,16 +136,18 @@ def metrics_handler(metrics: Metrics) -> Callable[[web.Request], Awaitable[web.R
     return handle
 
 
-def observability_app(metrics: Metrics, ready: Callable[[], bool]) -> web.Application:
-    """``/metrics``, ``/healthz`` and ``/readyz`` for a process that serves no other HTTP."""
+def observability_app(metrics: Metrics, not_ready: Callable[[], str | None]) -> web.Application:
+    """``/metrics``, ``/healthz`` and ``/readyz`` for a process that serves no other HTTP;
+    ``not_ready`` says why the process is not ready, or None when it is."""
 
     async def healthz(request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
 
     async def readyz(request: web.Request) -> web.Response:
-        if ready():
+        reason = not_ready()
+        if reason is None:
             return web.json_response({"status": "ready"})
-        return web.json_response({"status": "not ready"}, status=503)
+        return web.json_response({"status": "not ready", "reason": reason}, status=503)
 
     app = web.Application()
     app.add_routes(
@@ -146,12 +161,53 @@ def observability_app(metrics: Metrics, ready: Callable[[], bool]) -> web.Applic
 
 
 @asynccontextmanager
-async def serving(app: web.Application, host: str, port: int) -> AsyncIterator[int]:
-    """Serve ``app`` for the block; yields the bound port (``port`` 0 picks a free one)."""
+async def serving(
+    app: web.Application, host: str, port: int, *, or_free: bool = False
+) -> AsyncIterator[int]:
+    """Serve ``app`` for the block; yields the bound port (``port`` 0 picks a free one). With
+    ``or_free``, a ``port`` already taken (a second process of the same kind on the host) gives
+    way to a free one, which the caller logs."""
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
     await runner.setup()
     try:
-        await web.TCPSite(runner, host, port).start()
+        try:
+            await web.TCPSite(runner, host, port).start()
+        except OSError as exc:
+            if not or_free or exc.errno != errno.EADDRINUSE:
+                raise
+            await web.TCPSite(runner, host, 0).start()
         yield runner.addresses[0][1]
     finally:
         await runner.cleanup()
+
+
+@dataclass
+class Readiness:
+    """Why a process is not ready, for ``/readyz``: a reason set while it starts ("starting",
+    "schema ... lacks migrations"), then the checks of what it serves with, in order."""
+
+    reason: str | None = "starting"
+    checks: list[Callable[[], str | None]] = field(default_factory=list)
+
+    def waiting(self, reason: str | None) -> None:
+        self.reason = reason
+
+    def not_ready(self) -> str | None:
+        if self.reason is not None:
+            return self.reason
+        return next((r for check in self.checks if (r := check()) is not None), None)
+
+
+@asynccontextmanager
+async def exposed(
+    settings: Settings, metrics: Metrics, readiness: Readiness, command: str
+) -> AsyncIterator[int]:
+    """``/metrics``, ``/healthz`` and ``/readyz`` of ``command`` on its port (see
+    ``bridge.config.metrics_port``), logged; yields the port."""
+    port, or_free = metrics_port(settings, command)
+    app = observability_app(metrics, readiness.not_ready)
+    async with serving(app, settings.http_host, port, or_free=or_free) as bound:
+        if bound != port and port:
+            log.warning("metrics_port_taken", command=command, wanted=port, port=bound)
+        log.info("metrics_listening", command=command, port=bound)
+        yield bound

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 
 import asyncpg
 import structlog
+
+from bridge.starting import unless_stopped
 
 log = structlog.get_logger(__name__)
 
@@ -88,3 +92,38 @@ async def migrate(conn: asyncpg.Connection, schema: str) -> list[str]:
             applied_now.append(migration.name)
             log.info("migration_applied", migration=migration.name, schema=schema)
     return applied_now
+
+
+async def pending(conn: asyncpg.Connection | asyncpg.Pool, schema: str) -> list[str]:
+    """The migrations not applied in ``schema`` (all of them before the first)."""
+    table = await conn.fetchval("SELECT to_regclass($1)", f'"{schema}".schema_migrations')
+    if table is None:
+        return [m.name for m in load_migrations()]
+    rows = await conn.fetch(f'SELECT version FROM "{schema}".schema_migrations')
+    applied = {row["version"] for row in rows}
+    return [m.name for m in load_migrations() if m.version not in applied]
+
+
+async def wait_until_migrated(
+    pool: asyncpg.Pool,
+    schema: str,
+    stopping: asyncio.Event,
+    waiting: Callable[[str | None], None],
+    *,
+    interval_s: float = 2.0,
+) -> None:
+    """Return once ``schema`` has every migration; until then tell ``waiting`` why the process
+    is not ready (None once it is), look again every ``interval_s``, and raise ``Stopped`` if
+    a stop is asked for meanwhile: a process never works on tables it does not know."""
+    logged = False
+    while missing := await pending(pool, schema):
+        reason = (
+            f"schema {schema} lacks {len(missing)} of {len(load_migrations())} migrations "
+            f"(first: {missing[0]}): run edrone-bridge migrate"
+        )
+        waiting(reason)
+        if not logged:
+            log.warning("schema_not_migrated", schema=schema, missing=missing, hint=reason)
+            logged = True
+        await unless_stopped(asyncio.sleep(interval_s), stopping)
+    waiting(None)

@@ -19,7 +19,8 @@ from aio_pika.abc import AbstractChannel, AbstractConnection
 from bridge.amqp import connect, topology
 from bridge.config import ConsumerOptions, Settings
 from bridge.db import answers, close_pool, create_pool
-from bridge.metrics import Metrics, observability_app, serving
+from bridge.metrics import Metrics, Readiness, exposed
+from bridge.migrate import wait_until_migrated
 from bridge.monitor import monitor
 from bridge.starting import Stopped, unless_stopped
 from consumers.runtime import Consumer
@@ -104,12 +105,18 @@ async def _start(
     expose_metrics: bool,
 ) -> Consumer:
     """Everything up to consuming, each step registered in ``opened`` to be closed in reverse
-    order; a stop asked for meanwhile ends the start at once (:class:`Stopped`)."""
+    order; a stop asked for meanwhile ends the start at once (:class:`Stopped`). ``/readyz``
+    answers from the first step on, saying what the start waits for."""
+    readiness = Readiness()
     if pool is None:
         pool = await create_pool(
             settings, command_timeout_s=part.command_timeout_s(settings), stopping=stopping
         )
         opened.push_async_callback(close_pool, pool, part.options(settings).drain_timeout_s)
+    if expose_metrics:
+        await opened.enter_async_context(exposed(settings, metrics, readiness, part.name))
+    await wait_until_migrated(pool, settings.database_schema, stopping, readiness.waiting)
+    readiness.reason = "connecting to RabbitMQ"
     if connection is None:
         robust = await connect(settings, part.name, stopping=stopping)
         connection = await opened.enter_async_context(robust)
@@ -122,11 +129,18 @@ async def _start(
         consumer_of(part, settings, connection, pool, metrics=metrics)
     )
     await unless_stopped(opened.enter_async_context(consumer), stopping)
-    await opened.enter_async_context(
-        _exposed(settings, metrics, connection, consumer, expose_metrics)
-    )
+    readiness.checks += [_connected(connection), _consuming(consumer)]
+    readiness.reason = None
     await opened.enter_async_context(_monitored(settings, metrics, connection, consumer, pool))
     return consumer
+
+
+def _connected(connection: AbstractConnection) -> Callable[[], str | None]:
+    return lambda: "the connection to RabbitMQ is down" if connection.is_closed else None
+
+
+def _consuming(consumer: Consumer) -> Callable[[], str | None]:
+    return lambda: None if consumer.ready else f"not consuming {consumer.queue_name}"
 
 
 @asynccontextmanager
@@ -172,28 +186,6 @@ async def consume_until(consumer: Consumer, stopping: asyncio.Event) -> None:
     finally:
         waiter.cancel()
     await run  # re-raises what crashed the run loop, if anything did
-
-
-@asynccontextmanager
-async def _exposed(
-    settings: Settings,
-    metrics: Metrics,
-    connection: AbstractConnection,
-    consumer: Consumer,
-    expose: bool,
-) -> AsyncIterator[None]:
-    if not expose:
-        yield
-        return
-
-    def ready() -> bool:
-        return not connection.is_closed and consumer.ready
-
-    async with serving(
-        observability_app(metrics, ready), settings.http_host, settings.metrics_port
-    ) as port:
-        log.info("metrics_listening", port=port, queue=consumer.queue_name)
-        yield
 
 
 @asynccontextmanager

@@ -40,6 +40,19 @@ def within(address: Address, networks: Iterable[Network]) -> bool:
     return any(address in network for network in networks)
 
 
+def caller(request: web.Request, trusted_proxies: Sequence[Network]) -> str:
+    """The caller's address as logs show it: the source (see :func:`source_address`), else the
+    peer, else ``"-"`` when neither can be read."""
+    peername = request.transport.get_extra_info("peername") if request.transport else None
+    peer = peername[0] if isinstance(peername, tuple) else ""
+    try:
+        return str(
+            source_address(peer, request.headers.getall(hdrs.X_FORWARDED_FOR, []), trusted_proxies)
+        )
+    except ValueError:
+        return peer or "-"
+
+
 def source_address(
     peer: str, forwarded_for: Sequence[str], trusted_proxies: Sequence[Network]
 ) -> Address:

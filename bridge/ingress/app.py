@@ -11,7 +11,7 @@ from aiohttp.typedefs import Middleware
 
 from bridge.amqp import connect, declare_topology
 from bridge.config import Settings
-from bridge.ingress.allowlist import source_allowlist
+from bridge.ingress.allowlist import caller, source_allowlist
 from bridge.ingress.body import too_large
 from bridge.ingress.guard import LINGERING_TIME_S, SWEEP_INTERVAL_S, ConnectionGuard, GuardedSite
 from bridge.ingress.handlers import healthz, readyz, update_subscriber_status
@@ -31,7 +31,13 @@ _ADMITTED = web.Response(status=204)
 
 def rejection(request: web.Request, exc: WebhookRejected) -> web.Response:
     """The JSON answer to a refused webhook, logged and counted; nothing was published."""
-    log.info("webhook_rejected", status=exc.status, error=exc.error, detail=exc.detail)
+    log.info(
+        "webhook_rejected",
+        status=exc.status,
+        error=exc.error,
+        detail=exc.detail,
+        caller=caller(request, request.app[SETTINGS].ingress_trusted_proxies),
+    )
     request.app[METRICS].webhooks_rejected.labels(exc.error).inc()
     return web.json_response({"error": exc.error, "detail": exc.detail}, status=exc.status)
 

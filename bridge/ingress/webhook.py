@@ -189,13 +189,14 @@ def normalise_email(raw: str) -> str:
     try:
         return canonical_email(raw)
     except ValueError as exc:
-        raise _bad(f"email {raw!r}: {exc}", "invalid_email") from None
+        # Not the address itself: the answer and the log say why, never whose it is.
+        raise _bad(f"email: {exc}", "invalid_email") from None
 
 
 def normalise_phone(raw: str) -> str:
     phone = raw.strip()
     if not _PHONE.match(phone):
-        raise _bad(f"phone {raw!r} is not a phone number", "invalid_phone")
+        raise _bad("phone: not a phone number", "invalid_phone")
     return phone
 
 

@@ -24,6 +24,8 @@ from bridge.db import (
     close_pool,
     create_pool,
 )
+from bridge.metrics import Metrics, Readiness, exposed
+from bridge.migrate import wait_until_migrated
 from bridge.publishing import ConfirmedPublisher, PublishFailed
 from bridge.relay.triggers import install_triggers, notify_channel
 from bridge.shop_table import resolve_targets
@@ -94,12 +96,22 @@ class Relay:
     """Publishes the outbox one batch (one transaction) at a time, in id order."""
 
     def __init__(
-        self, pool: asyncpg.Pool, publisher: ConfirmedPublisher, settings: Settings
+        self,
+        pool: asyncpg.Pool,
+        publisher: ConfirmedPublisher,
+        settings: Settings,
+        metrics: Metrics | None = None,
     ) -> None:
         self._pool = pool
         self._publisher = publisher
         self._settings = settings
+        self._metrics = metrics if metrics is not None else Metrics()
         self.counters = RelayCounters()
+
+    def _count(self, outcome: str, count: int) -> None:
+        setattr(self.counters, outcome, getattr(self.counters, outcome) + count)
+        if count:
+            self._metrics.relay_rows.labels(outcome).inc(count)
 
     def __repr__(self) -> str:
         return f"<Relay {self.counters}>"
@@ -147,9 +159,9 @@ class Relay:
         ]
         # Distinct customers only, so publishing them concurrently keeps the order per customer.
         await asyncio.gather(*publishes)
-        self.counters.published += len(publishes)
-        self.counters.invalid += len(errors)
-        self.counters.coalesced += len(rows) - len(errors) - len(newest)
+        self._count("published", len(publishes))
+        self._count("invalid", len(errors))
+        self._count("coalesced", len(rows) - len(errors) - len(newest))
         return errors
 
     async def _isolate(self) -> bool:
@@ -178,7 +190,7 @@ class Relay:
             if not await conn.fetchval(_TURN_SQL):
                 return
             outbox_id = await conn.fetchval(_SET_ASIDE_SQL, error)
-        self.counters.set_aside += 1
+        self._count("set_aside", 1)
         log.warning("outbox_row_set_aside", outbox_id=outbox_id, error=error)
 
     async def run(self, stopping: asyncio.Event) -> None:
@@ -245,9 +257,14 @@ async def _wait_any(stopping: asyncio.Event, wake: asyncio.Event | None, timeout
                 await task
 
 
-async def serve(settings: Settings, stopping: asyncio.Event) -> None:
+async def serve(
+    settings: Settings, stopping: asyncio.Event, metrics: Metrics | None = None
+) -> None:
     """Check the targets, install their triggers, then relay until ``stopping`` is set
-    (``edrone-bridge relay``; migrations are the CLI's job)."""
+    (``edrone-bridge relay``; migrations are the CLI's job: until they are applied it waits,
+    not ready). Serves ``/metrics``, ``/healthz`` and ``/readyz`` from its start."""
+    metrics = metrics if metrics is not None else Metrics()
+    readiness = Readiness()
     try:
         pool = await create_pool(
             settings, command_timeout_s=settings.subscriptions.db_batch_timeout_s, stopping=stopping
@@ -256,20 +273,37 @@ async def serve(settings: Settings, stopping: asyncio.Event) -> None:
         log.info("stopped_before_serving", part="relay")
         return
     try:
-        targets = await resolve_targets(pool, settings.apps)
-        if not targets:
-            raise ConfigError("no app has a target table ([apps.<id>.target]) to relay from")
-        async with pool.acquire() as conn:
-            await install_triggers(conn, settings, targets)
-        connection = await connect(settings, "relay", stopping=stopping)
-        async with connection, connection.channel(publisher_confirms=True) as channel:
-            # The trace forwarder's queue too, so events wait there even before it first runs.
-            await declare_trace_topology(channel, settings)
-            exchange = await channel.get_exchange(settings.platform_exchange)
-            publisher = ConfirmedPublisher(channel, exchange, settings.publish_timeout_s)
-            log.info("relay_started", apps=sorted(targets))
-            await Relay(pool, publisher, settings).run(stopping)
+        async with exposed(settings, metrics, readiness, "relay"):
+            await wait_until_migrated(pool, settings.database_schema, stopping, readiness.waiting)
+            readiness.reason = "connecting to RabbitMQ"
+            await _relay(settings, stopping, pool, metrics, readiness)
     except Stopped:
         log.info("stopped_before_serving", part="relay")
     finally:
         await close_pool(pool, settings.shutdown_timeout_s)
+
+
+async def _relay(
+    settings: Settings,
+    stopping: asyncio.Event,
+    pool: asyncpg.Pool,
+    metrics: Metrics,
+    readiness: Readiness,
+) -> None:
+    targets = await resolve_targets(pool, settings.apps)
+    if not targets:
+        raise ConfigError("no app has a target table ([apps.<id>.target]) to relay from")
+    async with pool.acquire() as conn:
+        await install_triggers(conn, settings, targets)
+    connection = await connect(settings, "relay", stopping=stopping)
+    async with connection, connection.channel(publisher_confirms=True) as channel:
+        # The trace forwarder's queue too, so events wait there even before it first runs.
+        await declare_trace_topology(channel, settings)
+        exchange = await channel.get_exchange(settings.platform_exchange)
+        publisher = ConfirmedPublisher(channel, exchange, settings.publish_timeout_s)
+        readiness.checks.append(
+            lambda: "the channel to RabbitMQ is closed" if channel.is_closed else None
+        )
+        readiness.reason = None
+        log.info("relay_started", apps=sorted(targets))
+        await Relay(pool, publisher, settings, metrics).run(stopping)

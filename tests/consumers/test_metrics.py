@@ -66,7 +66,9 @@ async def test_observability_endpoints(aiohttp_client):
     metrics = Metrics()
     metrics.events.labels("q", "applied").inc(3)
     ready = True
-    client = await aiohttp_client(observability_app(metrics, lambda: ready))
+    client = await aiohttp_client(
+        observability_app(metrics, lambda: None if ready else "not consuming")
+    )
     text = await (await client.get("/metrics")).text()
     assert 'edrone_bridge_events_total{outcome="applied",queue="q"} 3.0' in text
     assert (await client.get("/healthz")).status == 200
