@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import structlog
 
-from bridge.cli import dlq, history, processes, status, tools
+from bridge.cli import dlq, history, processes, prune, status, tools
 from bridge.cli.common import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,
@@ -73,5 +73,6 @@ def build_parser() -> argparse.ArgumentParser:
     dlq.add_commands(commands)
     status.add_commands(commands)
     history.add_commands(commands)
+    prune.add_commands(commands)
     tools.add_commands(commands)
     return parser
