@@ -156,7 +156,7 @@ class Consumer:
         traceback: TracebackType | None,
     ) -> None:
         await self.stop()
-        log.info("consumer_closed", queue=self.queue_name, counters=repr(self))
+        log.info("consumer_closed", queue=self.queue_name, **self.counters.summary())
 
     async def _open(self) -> None:
         self._channel = await self._connection.channel(publisher_confirms=False)

@@ -115,11 +115,14 @@ async def _start(
         opened.push_async_callback(close_pool, pool, part.options(settings).drain_timeout_s)
     if expose_metrics:
         await opened.enter_async_context(exposed(settings, metrics, readiness, part.name))
-    await wait_until_migrated(pool, settings.database_schema, stopping, readiness.waiting)
+    # Both services reached before waiting for the migrations: one that cannot be is named at
+    # once, not after someone migrates.
     readiness.reason = "connecting to RabbitMQ"
     if connection is None:
         robust = await connect(settings, part.name, stopping=stopping)
         connection = await opened.enter_async_context(robust)
+    await wait_until_migrated(pool, settings.database_schema, stopping, readiness.waiting)
+    readiness.reason = "starting to consume"
     # The declaring channel stays open while consuming: aio-pika declares the topology
     # again on it after a reconnect, so a broker that came back without its queues and
     # exchanges gets them back before the consumer's channel is restored.

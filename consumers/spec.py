@@ -56,6 +56,21 @@ class Counters:
     queue: str = ""
     metrics: Metrics | None = field(default=None, repr=False)
 
+    def summary(self) -> dict[str, object]:
+        """The counts as log fields (plain values: JSON logs show them as numbers)."""
+        return {
+            "applied": self.applied,
+            "skipped": dict(self.skipped),
+            "dead_lettered": self.dead_lettered,
+            "deferred": {f"{tier:g}s": n for tier, n in self.deferred.items()},
+            "batches": self.batches,
+            "retries": self.retries,
+            "splits": self.splits,
+            "isolated": self.isolated,
+            "dropped": self.dropped,
+            "reregistered": self.reregistered,
+        }
+
     def record_copy(self, tier_s: float | None) -> None:
         """A confirmed copy: to the dead-letter queue (``tier_s`` None) or a retry tier."""
         if tier_s is None:

@@ -9,6 +9,7 @@ import argparse
 import asyncio
 import sys
 from collections.abc import Sequence
+from importlib.metadata import PackageNotFoundError, version
 
 import structlog
 
@@ -68,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
         "and PostgreSQL. Configured by EDRONE_BRIDGE_* environment variables and the TOML file "
         "named by EDRONE_BRIDGE_CONFIG.",
     )
+    parser.add_argument("--version", action="version", version=f"edrone-bridge {installed()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     processes.add_commands(commands)
     dlq.add_commands(commands)
@@ -76,3 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_commands(commands)
     tools.add_commands(commands)
     return parser
+
+
+def installed() -> str:
+    """The installed distribution's version (``0`` in a checkout never installed)."""
+    try:
+        return version("edrone-bridge")
+    except PackageNotFoundError:
+        return "0"

@@ -274,7 +274,6 @@ async def serve(
         return
     try:
         async with exposed(settings, metrics, readiness, "relay"):
-            await wait_until_migrated(pool, settings.database_schema, stopping, readiness.waiting)
             readiness.reason = "connecting to RabbitMQ"
             await _relay(settings, stopping, pool, metrics, readiness)
     except Stopped:
@@ -290,13 +289,16 @@ async def _relay(
     metrics: Metrics,
     readiness: Readiness,
 ) -> None:
-    targets = await resolve_targets(pool, settings.apps)
-    if not targets:
-        raise ConfigError("no app has a target table ([apps.<id>.target]) to relay from")
-    async with pool.acquire() as conn:
-        await install_triggers(conn, settings, targets)
     connection = await connect(settings, "relay", stopping=stopping)
     async with connection, connection.channel(publisher_confirms=True) as channel:
+        # The trigger's function is a migration's: no trigger before the schema has them all.
+        await wait_until_migrated(pool, settings.database_schema, stopping, readiness.waiting)
+        readiness.reason = "starting to relay"
+        targets = await resolve_targets(pool, settings.apps)
+        if not targets:
+            raise ConfigError("no app has a target table ([apps.<id>.target]) to relay from")
+        async with pool.acquire() as conn:
+            await install_triggers(conn, settings, targets)
         # The trace forwarder's queue too, so events wait there even before it first runs.
         await declare_trace_topology(channel, settings)
         exchange = await channel.get_exchange(settings.platform_exchange)
