@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -186,6 +187,20 @@ def _reason(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
+_WORD = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def platform_routing_keys(settings: Settings) -> list[str]:
+    """What the trace queue takes from the shop's platform exchange: the shared key, and one
+    key per configured app (``customer.subscription.changed.<app_id>``). On a broker that
+    several deployments share, a shop publishes with its app's key, so that each deployment
+    receives only its own apps' events and dead-letters none of the others'."""
+    base = settings.platform_routing_key
+    # Only an app id that is one plain word: "." splits words, "*" and "#" are wildcards.
+    own = [app_id for app_id in sorted(settings.apps) if _WORD.fullmatch(app_id)]
+    return [base, *(f"{base}.{app_id}" for app_id in own)]
+
+
 def quorum_arguments(
     *, dead_letter_exchange: str, dead_letter_routing_key: str, delivery_limit: int | None
 ) -> dict[str, Any]:
@@ -264,7 +279,8 @@ async def declare_trace_topology(channel: AbstractChannel, settings: Settings) -
             delivery_limit=options.delivery_limit,
         ),
     )
-    await queue.bind(platform, routing_key=settings.platform_routing_key)
+    for routing_key in platform_routing_keys(settings):
+        await queue.bind(platform, routing_key=routing_key)
     retry = await channel.declare_exchange(
         names.retry_exchange, aio_pika.ExchangeType.DIRECT, durable=True
     )
