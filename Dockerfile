@@ -1,9 +1,11 @@
-# syntax=docker/dockerfile:1
 # The bridge's image: one image for every command (`run`, `ingress`, `consume subscriptions`,
 # `consume traces`, `migrate`, `fake-edrone`, ...); docker-compose.yml runs each as a service.
-# Needs BuildKit (the default builder since Docker 23) for the wheel mount below.
+# Needs BuildKit (the default builder since Docker 23) for the wheel mount below; its built-in
+# Dockerfile front-end is enough (no `# syntax=` line: that would fetch one from a registry).
+# The base is pinned by version; pin it by digest too where your registry answers:
+#   docker buildx imagetools inspect python:3.11.7-slim-bookworm   (then PYTHON_IMAGE=...@sha256:...)
 
-ARG PYTHON_IMAGE=python:3.11-slim
+ARG PYTHON_IMAGE=python:3.11.7-slim-bookworm
 
 # --- builder: the bridge and every dependency as wheels ----------------------------------------
 FROM ${PYTHON_IMAGE} AS builder
@@ -13,12 +15,14 @@ ENV PIP_NO_CACHE_DIR=1 \
 WORKDIR /src
 # Only what the package is built from: no tests, benchmarks or CI files (see .dockerignore too).
 COPY pyproject.toml README.md ./
+COPY requirements/lock.txt ./requirements/lock.txt
 COPY bridge ./bridge
 COPY consumers ./consumers
 COPY schemas ./schemas
 # Every dependency ships binary wheels for CPython 3.11 on amd64 and arm64, so no compiler is
 # needed even here; should one ever not, install build-essential in this stage only.
-RUN pip wheel --wheel-dir /wheels .
+# The locked versions: the image holds what CI tested.
+RUN pip wheel --wheel-dir /wheels -c requirements/lock.txt .
 
 # --- the image: the installed wheels, a non-root user, nothing to build with -------------------
 FROM ${PYTHON_IMAGE}

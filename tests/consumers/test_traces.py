@@ -137,7 +137,8 @@ FORM_CASES = {
         form(customer_tags="shop-default|newsletter"),
     ),
     "the shipped example, every field": (
-        json.loads(EXAMPLE_FILE.read_text()),
+        # The example names the quick start's app; here it is the test's.
+        json.loads(EXAMPLE_FILE.read_text()) | {"app_id": TEST_APP_ID},
         form(
             email="jan.kowalski@example.com",
             phone="+48500100200",

@@ -26,16 +26,18 @@ class TcpProxy:
         return self.port
 
     async def cut(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-            self._server = None
+        server, self._server = self._server, None
+        if server is not None:
+            server.close()
+        # Connections first: since Python 3.12 wait_closed() waits for every open one.
         for writer in list(self._writers):
             writer.transport.abort()
         self._writers.clear()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if server is not None:
+            await server.wait_closed()
 
     def stall(self) -> None:
         """Keep every connection open but forward nothing: a broker that stops answering."""

@@ -45,7 +45,10 @@ VECTOR_A = [
     "--event-date=2024-01-15 10:30:00",
     "--event-id=evt-123",
 ]
-TEST_COMMAND = "python3 -m venv .venv && .venv/bin/pip install -e '.[test]' && .venv/bin/pytest"
+TEST_COMMAND = (
+    "python3 -m venv .venv && .venv/bin/pip install -c requirements/lock.txt -e '.[test]'"
+    " && .venv/bin/pytest"
+)
 
 
 class TestHelp:
