@@ -4,6 +4,7 @@ work is in ``bridge.ops.dlq``."""
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import sys
 import time
@@ -65,7 +66,8 @@ def add_commands(commands: Subcommands) -> None:
     replay.add_argument(
         "--rate", type=positive_float, help="at most this many messages a second (no limit)"
     )
-    _with_selection(add_command(actions, "purge", run_purge, "delete messages for good"))
+    purge = _with_selection(add_command(actions, "purge", run_purge, "delete messages for good"))
+    purge.add_argument("--yes", action="store_true", help="do not ask before --all on a terminal")
 
 
 def _with_queue(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -125,16 +127,35 @@ async def run_replay(settings: Settings, args: argparse.Namespace) -> int:
     outcome = await _checked(dlq.replay(settings, args.queue, ids=args.ids, rate_per_s=args.rate))
     targets = ", ".join(f"{queue} ({n})" for queue, n in outcome.done.items()) or "-"
     print(
-        f"replayed {outcome.total} of {outcome.count} messages from {outcome.queue} "
+        f"replayed {_how_many(outcome, args.ids)} from {outcome.queue} "
         f"in {time.monotonic() - started:.1f} s; to {targets}"
     )
     return _report_leftovers(outcome, "replay")
 
 
 async def run_purge(settings: Settings, args: argparse.Namespace) -> int:
+    if args.all and not args.yes and sys.stdin.isatty() and not await _confirmed(args.queue):
+        print("nothing purged")
+        return EXIT_FAILED
     outcome = await _checked(dlq.purge(settings, args.queue, ids=args.ids))
-    print(f"purged {outcome.total} of {outcome.count} messages from {outcome.queue}")
+    print(f"purged {_how_many(outcome, args.ids)} from {outcome.queue}")
     return _report_leftovers(outcome, "purge")
+
+
+def _how_many(outcome: dlq.Outcome, ids: list[str] | None) -> str:
+    """``4 of 4 messages`` for --all; ``1 of the 2 asked (3 in the queue)`` for --id."""
+    if ids is None:
+        return f"{outcome.total} of {outcome.count} messages"
+    asked = len(dict.fromkeys(ids))
+    return f"{outcome.total} of the {asked} asked ({outcome.count} in the queue)"
+
+
+async def _confirmed(queue: str) -> bool:
+    """Ask on the terminal before deleting a whole queue for good."""
+    # On stdout, where the answer is typed: input() would send its prompt to stderr.
+    print(f"delete every message of {queue} for good? [y/N] ", end="", flush=True)
+    answer = await asyncio.to_thread(sys.stdin.readline)
+    return answer.strip().lower() in ("y", "yes")
 
 
 async def _checked(operation: Awaitable[T]) -> T:

@@ -5,7 +5,12 @@ nothing), purge removes exactly what it is asked to; and the ``dlq`` commands ar
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
+import pty
+import subprocess
+import sys
 import time
 import uuid
 from datetime import UTC, datetime
@@ -38,7 +43,7 @@ from bridge.headers import (
 from bridge.ops import dlq
 from bridge.ops.dlq_messages import fallback_id
 from tests.support.apps import TEST_APP_ID
-from tests.support.cli import run_cli, run_cli_async
+from tests.support.cli import REPO, cli_env, run_cli, run_cli_async
 from tests.support.consumers import take_all
 from tests.support.proxy import TcpProxy
 
@@ -164,6 +169,28 @@ async def broker(amqp_connection, settings) -> Broker:
         names = topology(settings)
         await declare_dead_letter_queue(channel, names, names.traces_queue)
     return Broker(amqp_connection, settings)
+
+
+def on_a_terminal(settings, typed: str) -> tuple[int, str]:
+    """``dlq purge subscriptions --all`` with a terminal for its stdin and stdout, ``typed``
+    on it; (exit code, what the terminal showed)."""
+    leader, follower = pty.openpty()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "bridge", "dlq", "purge", "subscriptions", "--all"],
+        stdin=follower,
+        stdout=follower,
+        stderr=subprocess.DEVNULL,
+        env=cli_env(**cli_variables(settings)),
+        cwd=REPO,
+    )
+    os.close(follower)
+    os.write(leader, typed.encode())
+    shown = b""
+    with contextlib.suppress(OSError):  # EIO once the process closed the terminal
+        while chunk := os.read(leader, 4096):
+            shown += chunk
+    os.close(leader)
+    return process.wait(timeout=60), shown.decode(errors="replace")
 
 
 def cli_variables(settings) -> dict[str, str]:
@@ -434,7 +461,7 @@ class TestReplay:
             **cli_variables(settings),
         )
         assert code == 1
-        assert stdout.startswith("replayed 1 of 1 messages")
+        assert stdout.startswith("replayed 1 of the 2 asked (1 in the queue)")
         assert "not found: evt-nope" in stderr
 
     async def test_missing_work_queue_keeps_the_message(self, broker, settings):
@@ -537,6 +564,17 @@ class TestPurge:
         assert stdout == f"purged 4 of 4 messages from {broker.dlq}\n"
         assert await broker.depth(broker.dlq) == 0
 
+    @pytest.mark.parametrize(("answer", "left"), [("n", 2), ("y", 0)])
+    async def test_purge_all_asks_first_on_a_terminal(self, broker, settings, answer, left):
+        """On a terminal, ``purge --all`` asks before it deletes a whole queue for good; only
+        "y" deletes (``--yes``, or no terminal, does not ask)."""
+        await broker.dead_letter_many(2)
+        code, shown = await asyncio.to_thread(on_a_terminal, settings, f"{answer}\n")
+        assert "delete every message of subscriptions for good? [y/N]" in shown
+        assert code == (0 if answer == "y" else 1)
+        assert ("nothing purged" in shown) == (answer == "n")
+        assert await broker.settled_depth(broker.dlq, left) == left
+
     async def test_purge_unknown_id_fails_and_removes_nothing(self, broker, settings):
         """An id the DLQ does not hold is named, the command exits 1, nothing is removed."""
         await broker.dead_letter("evt-a")
@@ -544,7 +582,7 @@ class TestPurge:
             "dlq", "purge", "subscriptions", "--id", "evt-b", **cli_variables(settings)
         )
         assert code == 1
-        assert stdout == f"purged 0 of 1 messages from {broker.dlq}\n"
+        assert stdout == f"purged 0 of the 1 asked (1 in the queue) from {broker.dlq}\n"
         assert "not found: evt-b" in stderr
         assert await broker.settled_depth(broker.dlq, 1) == 1
 
