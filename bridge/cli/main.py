@@ -55,10 +55,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (KeyboardInterrupt, asyncio.CancelledError):
         return EXIT_INTERRUPTED
     except OPERATIONAL_ERRORS as exc:
-        log.error("command_failed", command=args.command, error=str(exc) or repr(exc))
+        log.error("command_failed", command=_named(args), error=str(exc) or repr(exc))
         return EXIT_FAILED
     except Exception:
-        log.exception("command_failed", command=args.command)
+        log.exception("command_failed", command=_named(args))
         return EXIT_FAILED
 
 
@@ -86,3 +86,10 @@ def installed() -> str:
         return version("edrone-bridge")
     except PackageNotFoundError:
         return "0"
+
+
+def _named(args: argparse.Namespace) -> str:
+    """The command as typed: ``consume traces``, ``dlq replay``, ``migrate``."""
+    return " ".join(
+        filter(None, (args.command, getattr(args, "consumer", None), getattr(args, "action", None)))
+    )
