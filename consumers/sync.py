@@ -359,7 +359,11 @@ def trace_opened(state: SyncState, trace: OpenTrace) -> None:
 
 
 def trace_answered(state: SyncState, trace_id: int, state_now: str, at: datetime) -> None:
-    """The answer to a trace: a 2xx tells that edrone holds its status now (as of ``at``)."""
+    """The answer to a trace: a 2xx tells that edrone took its status, at some moment after
+    the trace was sent and before ``at``. It is stamped with the earliest of those, its
+    sending: a person's change at edrone dated after that may have come after the trace, and
+    a webhook of it must not be taken for older than what the trace made edrone hold (edrone
+    may apply a trace, then a person's change, before the trace's answer gets back)."""
     trace = next((t for t in state.traces if t.id == trace_id), None)
     if trace is None:
         return  # acknowledged (or superseded) before its answer came back
@@ -369,7 +373,7 @@ def trace_answered(state: SyncState, trace_id: int, state_now: str, at: datetime
     else:
         state.traces.remove(trace)
     if state_now == SENT:
-        _learn_held(state, EDRONE, trace.status, Stamp(at, state.next_seq()))
+        _learn_held(state, EDRONE, trace.status, Stamp(min(trace.sent_at, at), state.next_seq()))
 
 
 def wrote(

@@ -52,7 +52,8 @@ class Bridge:
         self.traces: list[OpenTrace] = []
         self.writes: list[tuple[str, int | None]] = []
 
-    def trace(self, seconds: float) -> OpenTrace:
+    def trace(self, seconds: float, answered: float | None = None) -> OpenTrace:
+        """A trace sent at ``seconds``, its 200 back then (or at ``answered``)."""
         winner = self.state.winner
         assert winner is not None
         trace = OpenTrace(
@@ -60,7 +61,7 @@ class Bridge:
         )
         trace_opened(self.state, trace)
         self.traces.append(trace)
-        trace_answered(self.state, trace.id, SENT, at(seconds))
+        trace_answered(self.state, trace.id, SENT, at(seconds if answered is None else answered))
         return trace
 
     def write(self, seconds: float, *, echoes: bool = True) -> str:
@@ -133,6 +134,22 @@ class TestAcknowledgements:
             assert (bridge.state.winner.status, bridge.state.edrone.status) == (0, 1), order
             assert bridge.needs_trace(13), order
             assert shop_needs_write(bridge.state), order
+
+    def test_a_person_change_before_the_traces_answer_came_back_is_what_edrone_holds(self):
+        """A race CI found (seed 688273): the shop's 0 is traced at 57.889; edrone applies it at
+        once (it held 0: no webhook), then its person sets 1 at 57.963, a webhook dated to the
+        second; the trace's 200 reaches the bridge at 58.010. edrone holds 1, so the shop's
+        later 0 must be traced, not taken for what edrone is known to hold."""
+        bridge = Bridge()
+        assert on_shop_change(bridge.state, shop(0, 57.786)).decision == WINS
+        bridge.trace(57.889, answered=58.010)
+        late = webhook(0, 57.632, CUSTOMER_UNSUBSCRIBED)
+        assert on_webhook(bridge.state, late, SKEW).decision == OLDER
+        assert on_webhook(bridge.state, webhook(1, 57, whole=True), SKEW).decision == WINS
+        write_id = bridge.write(60.861)
+        assert on_shop_change(bridge.state, shop(1, 60.942)).decision == ECHO, write_id
+        assert on_shop_change(bridge.state, shop(0, 61.031)).decision == WINS
+        assert bridge.needs_trace(61.1)
 
     def test_acknowledgement_takes_the_traces_time_not_edrones(self):
         """An acknowledgement is no change of its own: a shop change after the trace but
