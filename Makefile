@@ -3,7 +3,7 @@
 PYTHON ?= .venv/bin/python
 BENCH_ARGS ?=
 
-.PHONY: test bench bench-quick soak
+.PHONY: test bench bench-quick soak lowest
 
 test:
 	.venv/bin/pytest
@@ -19,3 +19,10 @@ bench-quick:
 # The 5-minute memory soak (with the ingress run first, for its maximum rate): about 7 minutes.
 soak:
 	$(PYTHON) -m benchmarks --only ingress,endtoend --soak-s 300 $(BENCH_ARGS)
+
+# The suite (without the long fault and convergence tests) on the lowest versions that
+# pyproject.toml's floors admit (requirements/lowest.txt), in a venv of its own.
+lowest:
+	rm -rf .ci/venv-lowest && python3 -m venv .ci/venv-lowest
+	.ci/venv-lowest/bin/pip install -q -c requirements/lowest.txt -e '.[test]'
+	.ci/venv-lowest/bin/pytest -q -p no:cacheprovider --ignore=tests/faults --ignore=tests/test_convergence.py
