@@ -2,20 +2,12 @@
 
 from __future__ import annotations
 
-from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING
 
 from bridge.app_config import AppConfig
 
 if TYPE_CHECKING:
     from consumers.trace_plan import TraceCall
-
-
-def bridge_version() -> str:
-    try:
-        return version("edrone-bridge")
-    except PackageNotFoundError:  # running from a checkout that was never installed
-        return "0"
 
 
 def status_value(status: int | None) -> str:

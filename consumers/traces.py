@@ -20,6 +20,7 @@ import structlog
 from aio_pika.abc import AbstractConnection
 from pydantic import ValidationError
 
+from bridge import bridge_version
 from bridge.amqp import declare_trace_topology, topology
 from bridge.app_config import AppConfig
 from bridge.config import Settings, TraceSettings
@@ -39,7 +40,7 @@ from consumers.service import ConsumerPart
 from consumers.spec import Delivery
 from consumers.sync import REFUSED, SENT, UNCERTAIN, UNSENT
 from consumers.throttle import Breaker, RateLimiter
-from consumers.trace_form import bridge_version, trace_form
+from consumers.trace_form import trace_form
 from consumers.trace_plan import Answer, Item, TraceCall, TracePlanner, reconcile_item
 from schemas.fields import DATE_FLOOR_CONTEXT, DEFAULT_DATE_FLOOR, ordered_at
 from schemas.platform_event import CustomerSubscriptionChanged

@@ -9,10 +9,10 @@ import argparse
 import asyncio
 import sys
 from collections.abc import Sequence
-from importlib.metadata import PackageNotFoundError, version
 
 import structlog
 
+from bridge import bridge_version
 from bridge.cli import dlq, history, processes, prune, status, tools
 from bridge.cli.common import (
     EXIT_FAILED,
@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
         "and PostgreSQL. Configured by EDRONE_BRIDGE_* environment variables and the TOML file "
         "named by EDRONE_BRIDGE_CONFIG.",
     )
-    parser.add_argument("--version", action="version", version=f"edrone-bridge {installed()}")
+    parser.add_argument("--version", action="version", version=f"edrone-bridge {bridge_version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     processes.add_commands(commands)
     dlq.add_commands(commands)
@@ -78,14 +78,6 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_commands(commands)
     tools.add_commands(commands)
     return parser
-
-
-def installed() -> str:
-    """The installed distribution's version (``0`` in a checkout never installed)."""
-    try:
-        return version("edrone-bridge")
-    except PackageNotFoundError:
-        return "0"
 
 
 def _named(args: argparse.Namespace) -> str:

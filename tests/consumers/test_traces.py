@@ -14,6 +14,7 @@ from urllib.parse import parse_qsl
 
 import pytest
 
+from bridge import bridge_version
 from bridge.amqp import topology
 from bridge.app_config import AppConfig
 from bridge.devtools.fake_edrone import FORM
@@ -24,7 +25,6 @@ from bridge.headers import (
     HEADER_FIRST_FAILURE,
     HEADER_ORIGINAL_QUEUE,
 )
-from consumers.trace_form import bridge_version
 from schemas.platform_event import EXAMPLE_FILE
 from tests.support.apps import TEST_APP_ID, TEST_SECRET
 from tests.support.consumers import (
