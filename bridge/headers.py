@@ -1,7 +1,7 @@
 """The message-header contract, in one place for the side that writes it (the consumer runtime
 dead-letters and retries) and the sides that read it (``status``, ``dlq``, ``/metrics``): the
 header names, the headers a dead-lettered, retried or replayed copy carries, and what they say
-about a message: its failed attempts, when the broker dead-lettered it, its age
+about a message: its failed attempts, when the broker dead-lettered it
 (docs/design.md promise 4)."""
 
 from __future__ import annotations
@@ -16,6 +16,9 @@ HEADER_ATTEMPTS = "x-attempts"
 HEADER_FIRST_FAILURE = "x-first-failure-at"
 HEADER_DEAD_LETTERED_AT = "x-dead-lettered-at"
 HEADER_ORIGINAL_QUEUE = "x-original-queue"
+# The dead-letter queue or retry tier the copy was parked in: a message back from a tier
+# says which one, so that its age is forgotten (bridge/parked.py).
+HEADER_PARKED_IN = "x-parked-in"
 # Set by ``dlq replay`` on the copy it puts back.
 HEADER_REPLAYED_AT = "x-replayed-at"
 # Set by quorum queues on every redelivery, and on every read that does not remove; a copy
@@ -35,6 +38,7 @@ RESET_HEADERS = frozenset(
         HEADER_FIRST_FAILURE,
         HEADER_DEAD_LETTERED_AT,
         HEADER_ORIGINAL_QUEUE,
+        HEADER_PARKED_IN,
         HEADER_DEATHS,
         HEADER_DELIVERY_COUNT,
     }
@@ -42,7 +46,8 @@ RESET_HEADERS = frozenset(
 RESET_HEADER_PREFIXES = ("x-first-death-", "x-last-death-")
 MAX_ERROR_CHARS = 1_000
 
-# What a head message's age is counted from.
+# What a parked message's age is counted from (bridge/parked.py); "published": a classic
+# queue's head, as the management API tells it.
 AgeSince = Literal["dead_lettered", "first_failure", "published"]
 
 
@@ -106,28 +111,6 @@ def broker_death(headers: Mapping[str, Any]) -> dict[str, Any] | None:
         return None
     failures = (d for d in deaths if isinstance(d, dict) and d.get("reason") != DEATH_EXPIRED)
     return next(failures, None)
-
-
-def head_age(
-    kind: str, headers: Mapping[str, Any], timestamp: datetime | None, now: datetime
-) -> tuple[float | None, AgeSince | None]:
-    """A message's age and what it is counted from: on a dead-letter queue (``kind`` "dlq",
-    see ``bridge.amqp.QueueKind``), since it was
-    dead-lettered (by the runtime's header, else the broker's ``x-death`` time); else since it
-    first failed; else since it was published. ``(None, None)`` when nothing tells."""
-    candidates: list[tuple[AgeSince, Any]] = []
-    if kind == "dlq":
-        death = broker_death(headers)
-        candidates += [
-            ("dead_lettered", headers.get(HEADER_DEAD_LETTERED_AT)),
-            ("dead_lettered", death.get("time") if death else None),
-        ]
-    candidates += [("first_failure", headers.get(HEADER_FIRST_FAILURE)), ("published", timestamp)]
-    for since, value in candidates:
-        when = as_datetime(value)
-        if when is not None:
-            return max((now - when).total_seconds(), 0.0), since
-    return None, None
 
 
 def as_datetime(value: Any) -> datetime | None:

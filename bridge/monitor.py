@@ -1,5 +1,6 @@
 """Samples what the metrics cannot count: queue depths and ages, and whether the broker and the
-database answer, every ``monitor_interval_s``."""
+database answer, every ``monitor_interval_s``. It never reads a message: a work queue's age is
+what its consumer holds, a parked message's age is kept by the bridge (bridge/parked.py)."""
 
 from __future__ import annotations
 
@@ -11,11 +12,11 @@ from datetime import UTC, datetime
 import aio_pika
 import asyncpg
 import structlog
-from aio_pika.abc import AbstractChannel, AbstractConnection
+from aio_pika.abc import AbstractConnection
 
-from bridge.db import answers
-from bridge.headers import head_age
+from bridge.db import DATABASE_ERRORS, answers
 from bridge.metrics import Metrics
+from bridge.parked import Ledger, QueueAge
 
 log = structlog.get_logger(__name__)
 
@@ -28,13 +29,17 @@ async def monitor(
     metrics: Metrics,
     *,
     work_queues: dict[str, HeldAge],
-    dead_letter_queues: Sequence[str] = (),
-    other_queues: Sequence[str] = (),
+    parked_queues: Sequence[str] = (),
     pool: asyncpg.Pool | None = None,
     interval_s: float,
     timeout_s: float = 5.0,
 ) -> None:
-    """Sample until cancelled. A failed sample is logged and retried at the next interval."""
+    """Sample until cancelled. A failed sample is logged and retried at the next interval.
+
+    ``parked_queues`` (dead-letter queues and retry tiers) are counted, never read: their
+    ages come from the ledger in ``pool`` (bridge/parked.py), which forgets a queue found
+    empty. Without a pool their age reads 0."""
+    ledger = Ledger(pool, timeout_s=timeout_s) if pool is not None else None
     while True:
         metrics.broker_connected.set(0 if connection.is_closed else 1)
         if pool is not None:
@@ -42,47 +47,78 @@ async def monitor(
         if not connection.is_closed:
             try:
                 async with asyncio.timeout(timeout_s * 4):
-                    await _sample_queues(
-                        connection, metrics, work_queues, dead_letter_queues, other_queues
-                    )
+                    await _sample(connection, metrics, work_queues, parked_queues, ledger)
             except (TimeoutError, aio_pika.exceptions.AMQPError, RuntimeError, OSError) as exc:
                 log.warning("queue_sample_failed", error=repr(exc))
         await asyncio.sleep(interval_s)
 
 
-async def _sample_queues(
+async def _sample(
     connection: AbstractConnection,
     metrics: Metrics,
     work_queues: dict[str, HeldAge],
-    dead_letter_queues: Sequence[str],
-    other_queues: Sequence[str],
+    parked_queues: Sequence[str],
+    ledger: Ledger | None,
 ) -> None:
+    # Taken before the counts: a queue counted empty had nothing parked before this.
+    before = await _ledger_now(ledger)
+    empty = await _count(connection, metrics, [*work_queues, *parked_queues])
+    for name, held_age in work_queues.items():
+        metrics.queue_oldest_message_age_seconds.labels(name).set(held_age() or 0.0)
+    ages = await _parked_ages(ledger, parked_queues, empty, before)
+    now = datetime.now(UTC)
+    for name in parked_queues:
+        age = ages.get(name)
+        seconds = max((now - age.oldest).total_seconds(), 0.0) if age else 0.0
+        metrics.queue_oldest_message_age_seconds.labels(name).set(seconds)
+
+
+async def _count(
+    connection: AbstractConnection, metrics: Metrics, names: Sequence[str]
+) -> dict[str, bool]:
+    """Each queue's depth and consumers into ``metrics``; whether it is empty: no message
+    ready and no consumer that may hold some (a passive declare counts only the ready ones,
+    and a ``dlq list`` holds every message while it reads)."""
+    empty = {}
     channel = await connection.channel()
     try:
-        for name in [*work_queues, *dead_letter_queues, *other_queues]:
+        for name in names:
             queue = await channel.declare_queue(name, passive=True)
             result = queue.declaration_result
-            metrics.queue_messages.labels(name).set(result.message_count or 0)
-            metrics.queue_consumers.labels(name).set(result.consumer_count or 0)
-        for name, held_age in work_queues.items():
-            metrics.queue_oldest_message_age_seconds.labels(name).set(held_age() or 0.0)
-        for name in dead_letter_queues:
-            age = await _peek_age(channel, name)
-            metrics.queue_oldest_message_age_seconds.labels(name).set(age or 0.0)
+            ready, consumers = result.message_count or 0, result.consumer_count or 0
+            metrics.queue_messages.labels(name).set(ready)
+            metrics.queue_consumers.labels(name).set(consumers)
+            empty[name] = ready == 0 and consumers == 0
     finally:
         with contextlib.suppress(aio_pika.exceptions.AMQPError, RuntimeError, OSError):
             await channel.close()
+    return empty
 
 
-async def _peek_age(channel: AbstractChannel, name: str) -> float | None:
-    """The head message's age, read without taking it: it is rejected back into the queue.
-    Only for dead-letter queues: they have no delivery limit to count the peek against."""
-    queue = await channel.get_queue(name, ensure=False)
-    message = await queue.get(no_ack=False, fail=False, timeout=5)
-    if message is None:
+async def _ledger_now(ledger: Ledger | None) -> datetime | None:
+    if ledger is None:
         return None
     try:
-        age, _ = head_age("dlq", message.headers or {}, message.timestamp, datetime.now(UTC))
-    finally:
-        await message.reject(requeue=True)
-    return age
+        return await ledger.now()
+    except DATABASE_ERRORS as exc:
+        log.warning("parked_ages_unread", error=repr(exc))
+        return None
+
+
+async def _parked_ages(
+    ledger: Ledger | None,
+    names: Sequence[str],
+    empty: dict[str, bool],
+    before: datetime | None,
+) -> dict[str, QueueAge]:
+    """The ledger's ages of the queues that hold messages; the emptied ones forgotten."""
+    if ledger is None or before is None:
+        return {}
+    try:
+        for name in names:
+            if empty.get(name):
+                await ledger.forget(name, parked_before=before)
+        return await ledger.ages([n for n in names if not empty.get(n, True)])
+    except DATABASE_ERRORS as exc:
+        log.warning("parked_ages_unread", error=repr(exc))
+        return {}

@@ -3,12 +3,23 @@ it failed (docs/design.md promise 4), or to a retry tier that hands it back late
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import uuid
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import structlog
 from aio_pika.abc import AbstractExchange, AbstractIncomingMessage
 
-from bridge.headers import MAX_ERROR_CHARS, dead_letter_headers, retry_headers
+from bridge.headers import (
+    HEADER_DEAD_LETTERED_AT,
+    HEADER_FIRST_FAILURE,
+    HEADER_PARKED_IN,
+    MAX_ERROR_CHARS,
+    as_datetime,
+    dead_letter_headers,
+    retry_headers,
+)
+from bridge.parked import Parked
 from bridge.publishing import copy_of, publish_confirmed
 
 log = structlog.get_logger(__name__)
@@ -28,14 +39,15 @@ class DeadLetterPublisher:
         self._queue = queue
         self._timeout_s = timeout_s
 
-    async def publish(self, delivery: AbstractIncomingMessage, error: str) -> None:
-        """Return once the copy is confirmed; raise otherwise (the caller retries)."""
+    async def publish(self, delivery: AbstractIncomingMessage, error: str) -> Parked:
+        """Return, once the copy is confirmed, what was parked; raise otherwise (the caller
+        retries)."""
+        headers = dead_letter_headers(delivery.headers, error, self._queue)
+        headers[HEADER_PARKED_IN] = self._routing_key
+        message = copy_of(delivery, headers, message_id=_new_id())
         # mandatory: a missing queue must fail the publish, not drop the copy.
         await publish_confirmed(
-            self._exchange,
-            copy_of(delivery, dead_letter_headers(delivery.headers, error, self._queue)),
-            self._routing_key,
-            timeout_s=self._timeout_s,
+            self._exchange, message, self._routing_key, timeout_s=self._timeout_s
         )
         log.info(
             "message_dead_lettered",
@@ -43,6 +55,7 @@ class DeadLetterPublisher:
             event_id=delivery.message_id,
             error=error[:MAX_ERROR_CHARS],
         )
+        return _parked(self._routing_key, message.message_id, headers, HEADER_DEAD_LETTERED_AT)
 
 
 class RetryPublisher:
@@ -78,13 +91,12 @@ class RetryPublisher:
 
     async def publish(
         self, delivery: AbstractIncomingMessage, tier: tuple[float, str], error: str, attempts: int
-    ) -> None:
-        await publish_confirmed(
-            self._exchange,
-            copy_of(delivery, retry_headers(delivery.headers, error, attempts)),
-            tier[1],
-            timeout_s=self._timeout_s,
-        )
+    ) -> Parked:
+        """Return, once the copy is confirmed, what was parked; raise otherwise."""
+        headers = retry_headers(delivery.headers, error, attempts)
+        headers[HEADER_PARKED_IN] = tier[1]
+        message = copy_of(delivery, headers, message_id=_new_id())
+        await publish_confirmed(self._exchange, message, tier[1], timeout_s=self._timeout_s)
         log.info(
             "message_retry_scheduled",
             queue=self._queue,
@@ -93,3 +105,16 @@ class RetryPublisher:
             delay_s=tier[0],
             error=error[:MAX_ERROR_CHARS],
         )
+        return _parked(tier[1], message.message_id, headers, HEADER_FIRST_FAILURE)
+
+
+def _new_id() -> str:
+    # For a copy of a message that has none: the confirm is matched by it (bridge.publishing),
+    # and the ledger and the dlq commands know the copy by it.
+    return uuid.uuid4().hex
+
+
+def _parked(queue: str, message_id: str | None, headers: Mapping[str, Any], since: str) -> Parked:
+    when = as_datetime(headers[since])
+    assert message_id is not None and when is not None  # both set just above
+    return Parked(queue, message_id, when)

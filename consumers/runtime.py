@@ -21,9 +21,9 @@ from aio_pika.abc import (
 from bridge.amqp import Topology
 from bridge.config import ConsumerOptions
 from bridge.metrics import Metrics
+from bridge.parked import Ledger
 from consumers.buffer import Buffer
-from consumers.copies import CopyPlanner, channel_open, publish_all
-from consumers.deadletter import DeadLetterPublisher, RetryPublisher
+from consumers.copies import CopyPlanner, Parking, channel_open, open_planner, publish_all
 from consumers.isolation import BatchAttempts
 from consumers.spec import ConsumerSpec, Counters, Delivery
 from consumers.watchdog import Watchdog
@@ -59,6 +59,8 @@ class Consumer:
         its retry tiers (``spec.retry_tiers_s``).
     :param publish_timeout_s: bound on each dead-letter confirm, on opening the channels and
         on each ack, cancel and close.
+    :param ledger: where the ages of the copies it parks are kept (bridge/parked.py); None
+        keeps none.
     """
 
     def __init__(
@@ -70,6 +72,7 @@ class Consumer:
         topology: Topology,
         publish_timeout_s: float,
         metrics: Metrics | None = None,
+        ledger: Ledger | None = None,
     ) -> None:
         self.spec = spec
         self.options = options
@@ -91,6 +94,8 @@ class Consumer:
         self._connection = connection
         self._topology = topology
         self._retry_tiers = [(d, topology.retry_queue(spec.queue, d)) for d in spec.retry_tiers_s]
+        parked_in = [topology.dead_letter_queue(spec.queue), *(n for _, n in self._retry_tiers)]
+        self._parking = Parking(ledger, parked_in)
         self._copy_planner: CopyPlanner | None = None
         self._channel: AbstractChannel | None = None
         self._queue: AbstractQueue | None = None
@@ -164,25 +169,13 @@ class Consumer:
         # Passive: declaring the topology is the process's job; a missing queue stops the start.
         self._queue = await self._channel.get_queue(self.queue_name, ensure=True)
         self._dead_letter_channel = await self._connection.channel(publisher_confirms=True)
-        dead_letters = DeadLetterPublisher(
-            await self._dead_letter_channel.get_exchange(
-                self._topology.dead_letter_exchange, ensure=True
-            ),
-            routing_key=self._topology.dead_letter_queue(self.queue_name),
-            queue=self.queue_name,
-            timeout_s=self.publish_timeout_s,
+        self._copy_planner = await open_planner(
+            self._dead_letter_channel,
+            self._topology,
+            self.queue_name,
+            self._retry_tiers,
+            self.publish_timeout_s,
         )
-        retries = None
-        if self._retry_tiers:
-            retries = RetryPublisher(
-                await self._dead_letter_channel.get_exchange(
-                    self._topology.retry_exchange, ensure=True
-                ),
-                tiers=self._retry_tiers,
-                queue=self.queue_name,
-                timeout_s=self.publish_timeout_s,
-            )
-        self._copy_planner = CopyPlanner(dead_letters, retries)
         self._consumer_tag = await self._queue.consume(
             self._buffer.add, timeout=self.publish_timeout_s
         )
@@ -350,16 +343,20 @@ class Consumer:
         self.counters.record(outcomes, time.perf_counter() - started)
         assert self._copy_planner is not None
         copies = self._copy_planner.plan(batch, outcomes)
-        if copies and not await publish_all(
-            copies,
-            self.counters,
-            self.options.retry_initial_backoff_s,
-            self.options.retry_max_backoff_s,
-        ):
-            self.counters.dropped += len(batch)
-            log.warning("deliveries_dropped", reason="channel_lost", count=len(batch))
-            return
+        if copies:
+            parked = await publish_all(
+                copies,
+                self.counters,
+                self.options.retry_initial_backoff_s,
+                self.options.retry_max_backoff_s,
+            )
+            if parked is None:
+                self.counters.dropped += len(batch)
+                log.warning("deliveries_dropped", reason="channel_lost", count=len(batch))
+                return
+            await self._parking.record(parked)
         await self._ack(batch)
+        await self._parking.forget_returned(batch)
         log.debug(
             "batch_done",
             size=len(batch),

@@ -22,6 +22,7 @@ from bridge.db import answers, close_pool, create_pool
 from bridge.metrics import Metrics, Readiness, exposed
 from bridge.migrate import wait_until_migrated
 from bridge.monitor import monitor
+from bridge.parked import Ledger
 from bridge.starting import Stopped, unless_stopped
 from consumers.runtime import Consumer
 from consumers.spec import ConsumerSpec, Handler
@@ -173,6 +174,7 @@ async def consumer_of(
             topology=topology(settings),
             publish_timeout_s=settings.publish_timeout_s,
             metrics=metrics,
+            ledger=Ledger(pool, timeout_s=part.probe_timeout_s(settings)),
         )
 
 
@@ -206,8 +208,10 @@ async def _monitored(
             connection,
             metrics,
             work_queues={queue: consumer.oldest_held_age_s},
-            dead_letter_queues=[names.dead_letter_queue(queue)],
-            other_queues=[names.retry_queue(queue, d) for d in consumer.spec.retry_tiers_s],
+            parked_queues=[
+                names.dead_letter_queue(queue),
+                *(names.retry_queue(queue, d) for d in consumer.spec.retry_tiers_s),
+            ],
             pool=pool,
             interval_s=settings.monitor_interval_s,
         ),

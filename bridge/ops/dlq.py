@@ -24,6 +24,7 @@ from aio_pika.exceptions import AMQPError, ChannelInvalidStateError, ChannelNotF
 from bridge.amqp import Topology, delivery_limits, topology
 from bridge.config import Settings
 from bridge.headers import replay_headers
+from bridge.ops.dlq_ages import released as _released
 from bridge.ops.dlq_messages import DeadLetter, describe
 from bridge.publishing import PublishFailed, copy_of, publish_confirmed
 
@@ -149,7 +150,7 @@ async def replay(
     limits = delivery_limits(settings)
     outcome = Outcome(dlq)
     seen: set[str] = set()
-    async with _opened(settings, dlq) as opened:
+    async with _opened(settings, dlq) as opened, _released(settings, dlq) as released:
         outcome.count = opened.count
         replayer = _Replayer(opened, names, settings, rate_per_s)
         # Acked as they go, so --all can move more than MAX_HELD messages.
@@ -162,6 +163,7 @@ async def replay(
                     if ids is None or dead.id in ids:
                         seen.add(dead.id)
                         outcome.done[await replayer.replay(delivery, dead)] += 1
+                        await released.add(dead.id)
         except _STOPS_A_REPLAY as exc:
             outcome.failure = _why_stopped(exc, settings.publish_timeout_s)
             log.error(
@@ -183,11 +185,13 @@ async def purge(
     limits = delivery_limits(settings)
     outcome = Outcome(dlq)
     seen: set[str] = set()
-    async with _opened(settings, dlq) as opened:
+    async with _opened(settings, dlq) as opened, _released(settings, dlq) as released:
         outcome.count = opened.count
         if ids is None:
+            before = await released.now()
             purged = await opened.queue.purge(timeout=settings.publish_timeout_s)
             outcome.done[dlq] = int(purged.message_count or 0)
+            await released.forget(before)
         else:
             limit = min(opened.count, MAX_HELD)
             async with aclosing(_deliveries(opened, limit, wait_s)) as deliveries:
@@ -198,6 +202,7 @@ async def purge(
                         await delivery.ack()
                         outcome.done[dlq] += 1
                         seen.add(dead.id)
+                        await released.add(dead.id)
                         log.info("dlq_message_purged", queue=dlq, id=dead.id)
     outcome.not_found = _missing(ids, seen)
     return outcome

@@ -1,6 +1,7 @@
 """What RabbitMQ says about the deployment's queues: counts from the management HTTP API, or
-from passive declares when it does not answer, and the age of the head of the queues that may
-be peeked."""
+from passive declares when it does not answer. No message is read: on RabbitMQ 3.10 a peek
+moves a quorum queue's head to its back, so parked messages' ages come from the bridge's own
+ledger (bridge/parked.py, read by bridge/ops/status.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ import contextlib
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any, Literal
 from urllib.parse import quote
 
@@ -21,7 +21,7 @@ from aio_pika.exceptions import AMQPError, ChannelInvalidStateError, ChannelNotF
 from yarl import URL
 
 from bridge.amqp import QueueKind, QueueSpec
-from bridge.headers import AgeSince, head_age
+from bridge.headers import AgeSince
 
 MANAGEMENT_PORT = 15672
 MANAGEMENT_TLS_PORT = 15671
@@ -52,6 +52,8 @@ class QueueStatus:
     oldest_age_s: float | None = None  # None: empty, or not known
     age_since: AgeSince | None = None
     age_limit_s: float | None = None
+    # Parked queues: how many of its messages have an age kept by the bridge (bridge/parked.py).
+    aged: int | None = None
 
     @property
     def messages(self) -> int | None:
@@ -107,7 +109,7 @@ async def inspect_broker(
     amqp_url: str, specs: Sequence[QueueSpec], management: Management, timeout_s: float
 ) -> tuple[BrokerStatus, list[QueueStatus], list[str]]:
     """Counts from the management API where it answers, else from passive declares; the age
-    of the head of every non-empty dead-letter and retry-tier queue."""
+    of a classic queue's head where the API has it (quorum queues: never)."""
     vhost = vhost_of(amqp_url)
     shown = str(URL(amqp_url).with_user(None))
     broker = BrokerStatus(shown, vhost, management.url)
@@ -145,8 +147,6 @@ async def _inspect_over_amqp(
         try:
             if queue.exists is None or (queue.exists and queue.ready is None):
                 await _count(connection, queue, timeout_s)
-            if queue.kind != "work" and queue.exists and queue.ready:
-                await _peek_age(connection, queue, timeout_s)
         except AMQP_ERRORS as exc:
             notes.append(f"{queue.name}: could not be read: {error_text(exc, timeout_s)}")
     return notes
@@ -225,24 +225,6 @@ async def _count(connection: AbstractConnection, queue: QueueStatus, timeout_s: 
     queue.ready = int(result.message_count or 0)
     queue.consumers = int(result.consumer_count or 0)
     queue.source = "amqp"
-
-
-async def _peek_age(connection: AbstractConnection, queue: QueueStatus, timeout_s: float) -> None:
-    """The age of the queue's head message, read with basic.get and never acked.
-
-    Only for dead-letter and retry-tier queues: they have no delivery limit, so the requeue
-    costs nothing; a work queue would count it toward its x-delivery-limit."""
-    async with asyncio.timeout(timeout_s):
-        channel = await connection.channel(publisher_confirms=False)
-        try:
-            source = await channel.get_queue(queue.name, ensure=False)
-            head = await source.get(no_ack=False, fail=False, timeout=timeout_s)
-        finally:
-            # Closing the channel hands the unacked message back to the head of its queue.
-            await channel.close()
-    if head is not None:
-        age = head_age(queue.kind, head.headers or {}, head.timestamp, datetime.now(UTC))
-        queue.oldest_age_s, queue.age_since = age
 
 
 async def _close(connection: AbstractConnection, timeout_s: float) -> None:

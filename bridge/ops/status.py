@@ -25,6 +25,7 @@ from bridge.ops.queue_status import (
     inspect_broker,
     management_for,
 )
+from bridge.parked import Ledger, QueueAge
 
 DEFAULT_TIMEOUT_S = 5.0
 DEFAULT_MAX_AGE_S = 600.0
@@ -49,6 +50,9 @@ class DatabaseStatus:
     pending: list[str] = field(default_factory=list)
     changed: list[str] = field(default_factory=list)  # edited after they were applied
     unknown: list[str] = field(default_factory=list)  # applied by a newer bridge
+    # The ages the bridge keeps of parked messages (bridge/parked.py), by queue.
+    parked: dict[str, QueueAge] = field(default_factory=dict)
+    parked_error: str | None = None  # None once they were read
 
 
 @dataclass(frozen=True)
@@ -90,17 +94,30 @@ async def check_status(
     management = management or management_for(amqp_url)
     specs = queue_specs(settings)
     checked_at = datetime.now(UTC)
+    parked = [s.name for s in specs if s.kind != "work"]
     (broker, queues, notes), database = await asyncio.gather(
         inspect_broker(amqp_url, specs, management, timeout_s),
-        inspect_database(settings, timeout_s),
+        inspect_database(settings, timeout_s, parked=parked),
     )
     for queue, spec in zip(queues, specs, strict=True):
         if queue.kind != "dlq":
             queue.age_limit_s = spec.scheduled_s + limits.max_age_s
+        if queue.kind != "work" and database.reachable and database.parked_error is None:
+            _take_parked_age(queue, database.parked.get(queue.name), checked_at)
     status = Status(checked_at, settings.amqp_prefix, limits, broker, queues, database)
     status.problems = evaluate(status)
     status.notes = notes + _notes(status)
     return status
+
+
+def _take_parked_age(queue: QueueStatus, age: QueueAge | None, now: datetime) -> None:
+    """The ledger's age of a parked queue's oldest message, if it holds any messages now."""
+    queue.aged = 0
+    if age is None or not queue.messages:
+        return
+    queue.oldest_age_s = max((now - age.oldest).total_seconds(), 0.0)
+    queue.age_since = "dead_lettered" if queue.kind == "dlq" else "first_failure"
+    queue.aged = min(age.copies, queue.messages)
 
 
 def evaluate(status: Status) -> list[Problem]:
@@ -199,6 +216,20 @@ def _notes(status: Status) -> list[str]:
         )
     if status.database.unknown:
         notes.append("migrations applied by a newer bridge: " + ", ".join(status.database.unknown))
+    if status.database.parked_error is not None:
+        notes.append(
+            "the ages of dead-lettered and retried messages could not be read from PostgreSQL "
+            f"({status.database.parked_error}); they are kept there, never read off the queues"
+        )
+    for queue in status.queues:
+        unaged = (queue.messages or 0) - (queue.aged or 0)
+        if queue.aged is not None and unaged > 0:
+            notes.append(
+                f"{queue.name}: {_plural(unaged, 'message')} with no age kept by the bridge "
+                "(dead-lettered by the broker itself, at its delivery limit, or parked while "
+                "PostgreSQL did not answer); queues are never peeked, `edrone-bridge dlq list` "
+                "shows each message's age"
+            )
     return notes
 
 
@@ -213,8 +244,11 @@ def _age_text(seconds: float | None) -> str:
 # --- the database ----------------------------------------------------------------------------
 
 
-async def inspect_database(settings: Settings, timeout_s: float) -> DatabaseStatus:
-    """Connect and ``SELECT 1``, then compare ``schema_migrations`` with the migration files."""
+async def inspect_database(
+    settings: Settings, timeout_s: float, *, parked: Sequence[str] = ()
+) -> DatabaseStatus:
+    """Connect and ``SELECT 1``, compare ``schema_migrations`` with the migration files, and
+    read the ages kept of the ``parked`` queues' messages."""
     url = settings.database_url.get_secret_value()
     database = DatabaseStatus(_database_shown(url), settings.database_schema)
     started = time.monotonic()
@@ -224,16 +258,34 @@ async def inspect_database(settings: Settings, timeout_s: float) -> DatabaseStat
         database.error = error_text(exc, timeout_s)
         return database
     try:
-        await conn.fetchval("SELECT 1", timeout=timeout_s)
-        database.response_ms = (time.monotonic() - started) * 1000
-        database.reachable = True
-        rows = await _applied_migrations(conn, settings.database_schema, timeout_s)
-        _compare_migrations(database, rows)
-    except DATABASE_ERRORS as exc:
-        database.error = error_text(exc, timeout_s)
+        await _read_database(conn, database, settings.database_schema, parked, timeout_s, started)
     finally:
         await conn.close(timeout=timeout_s)
     return database
+
+
+async def _read_database(
+    conn: asyncpg.Connection,
+    database: DatabaseStatus,
+    schema: str,
+    parked: Sequence[str],
+    timeout_s: float,
+    started: float,  # before the connect: the response time counts it
+) -> None:
+    try:
+        await conn.fetchval("SELECT 1", timeout=timeout_s)
+        database.response_ms = (time.monotonic() - started) * 1000
+        database.reachable = True
+        rows = await _applied_migrations(conn, schema, timeout_s)
+        _compare_migrations(database, rows)
+    except DATABASE_ERRORS as exc:
+        database.error = error_text(exc, timeout_s)
+        return
+    try:
+        if parked:
+            database.parked = await Ledger(conn, timeout_s=timeout_s, schema=schema).ages(parked)
+    except DATABASE_ERRORS as exc:  # not migrated to 0007 yet, say: ages unknown
+        database.parked_error = error_text(exc, timeout_s)
 
 
 async def _applied_migrations(
@@ -323,6 +375,7 @@ def _queue_json(queue: QueueStatus) -> dict[str, Any]:
         "oldest_age_s": _rounded(queue.oldest_age_s, 3),
         "age_since": queue.age_since,
         "age_limit_s": queue.age_limit_s,
+        "aged_messages": queue.aged,
     }
 
 

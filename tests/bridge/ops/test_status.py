@@ -8,6 +8,7 @@ import asyncio
 import json
 import logging
 import os
+import time
 import urllib.request
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -23,14 +24,16 @@ from bridge.cli import main as cli
 from bridge.headers import (
     HEADER_DEAD_LETTERED_AT,
     HEADER_FIRST_FAILURE,
+    as_datetime,
     dead_letter_headers,
-    head_age,
 )
 from bridge.metrics import Metrics
 from bridge.migrate import load_migrations, migrate
 from bridge.monitor import monitor
+from bridge.ops.dlq import list_messages
 from bridge.ops.queue_status import management_for, vhost_of
 from bridge.ops.status import Limits, Status, check_status, to_json
+from bridge.parked import Ledger, Parked
 from tests.support.cli import closed_port, run_cli
 from tests.support.consumers import take_all
 
@@ -74,6 +77,15 @@ class Deployment:
         self.names: Topology = topology(settings)
         self.held: list[aio_pika.abc.AbstractIncomingMessage] = []
 
+    async def park(self, parked: Parked) -> None:
+        """Its age into the ledger, as the runtime records it (the schema must be migrated)."""
+        conn = await asyncpg.connect(self.settings.database_url.get_secret_value(), timeout=10)
+        try:
+            ledger = Ledger(conn, timeout_s=5, schema=self.settings.database_schema)
+            await ledger.record([parked])
+        finally:
+            await conn.close()
+
     @property
     def subscriptions_dlq(self) -> str:
         return self.names.dead_letter_queue(self.names.subscriptions_queue)
@@ -81,7 +93,9 @@ class Deployment:
     def tier(self, delay_s: float) -> str:
         return self.names.retry_queue(self.names.traces_queue, delay_s)
 
-    async def publish(self, queue: str, headers: dict[str, Any] | None = None) -> None:
+    async def publish(
+        self, queue: str, headers: dict[str, Any] | None = None, message_id: str | None = None
+    ) -> None:
         """One persistent message straight into ``queue``, confirmed."""
         channel = await self.connection.channel(publisher_confirms=True)
         async with channel:
@@ -90,17 +104,29 @@ class Deployment:
                 headers=headers or {},
                 delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
                 timestamp=datetime.now(UTC),
+                message_id=message_id,
             )
             confirmation = await channel.default_exchange.publish(
                 message, queue, mandatory=True, timeout=5
             )
             assert isinstance(confirmation, Basic.Ack), confirmation
 
-    async def dead_letter(self, age_s: float) -> None:
-        """A dead letter as the runtime writes it, dead-lettered ``age_s`` ago."""
+    async def dead_letter(self, age_s: float, message_id: str = "evt-1") -> None:
+        """A dead letter as the runtime writes it, dead-lettered ``age_s`` ago: the copy,
+        then its age in the ledger."""
         headers = dead_letter_headers({}, "HTTP 400: refused", self.names.subscriptions_queue)
         headers[HEADER_DEAD_LETTERED_AT] = _ago(age_s)
-        await self.publish(self.subscriptions_dlq, headers)
+        await self.publish(self.subscriptions_dlq, headers, message_id)
+        since = as_datetime(headers[HEADER_DEAD_LETTERED_AT])
+        assert since is not None
+        await self.park(Parked(self.subscriptions_dlq, message_id, since))
+
+    async def retry(self, delay_s: float, failed_s_ago: float, message_id: str = "evt-1") -> None:
+        """A copy in the retry tier of ``delay_s``, first failed ``failed_s_ago``."""
+        tier = self.tier(delay_s)
+        await self.publish(tier, {HEADER_FIRST_FAILURE: _ago(failed_s_ago)}, message_id)
+        since = datetime.now(UTC) - timedelta(seconds=failed_s_ago)
+        await self.park(Parked(tier, message_id, since))
 
     async def hold(self, queue: str) -> None:
         """Consume ``queue`` and keep what arrives unacked until the connection closes."""
@@ -318,13 +344,15 @@ class TestFallback:
         assert row(table, dlq).split()[2:6] == ["1", "?", "0", "1h00m"]
         assert "counts over AMQP" in table
 
-    async def test_a_retry_past_its_schedule_is_too_old(self, deployment, settings, no_management):
+    async def test_a_retry_past_its_schedule_is_too_old(
+        self, deployment, migrated, settings, no_management
+    ):
         """A retry tier's message may be as old (since its first failure) as its tier's and
         the shorter tiers' delays plus --max-age-s; older, it is reported too old."""
         tiers = settings.traces.retry_tiers_s
         tier = deployment.tier(tiers[3])
         allowed_s = sum(tiers[:4]) + 600
-        await deployment.publish(tier, {HEADER_FIRST_FAILURE: _ago(allowed_s + 60)})
+        await deployment.retry(tiers[3], failed_s_ago=allowed_s + 60)
         management = management_for(settings.amqp_url.get_secret_value(), no_management)
         status = await check_status(settings, management=management)
         queue = queue_of(status, tier)
@@ -421,20 +449,6 @@ class TestPieces:
         ]
         assert vhost_of("amqp://h/%2Fshop") == "/shop"
 
-    def test_head_age_prefers_what_the_queue_kind_means(self):
-        """A dead letter is aged from its dead-lettering, a retry from its first failure,
-        anything else from its publish timestamp."""
-        now = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
-        headers = {
-            HEADER_DEAD_LETTERED_AT: "2026-01-01T11:59:00+00:00",
-            HEADER_FIRST_FAILURE: "2026-01-01T11:00:00+00:00",
-        }
-        published = datetime(2026, 1, 1, 10, 0, tzinfo=UTC)
-        assert head_age("dlq", headers, published, now) == (60.0, "dead_lettered")
-        assert head_age("retry", headers, published, now) == (3600.0, "first_failure")
-        assert head_age("retry", {}, published, now) == (7200.0, "published")
-        assert head_age("dlq", {}, None, now) == (None, None)
-
     def test_retry_tiers_are_allowed_their_schedule(self, settings):
         """Each retry tier may wait out its own and every shorter tier's delay."""
         tiers = settings.traces.retry_tiers_s
@@ -442,15 +456,85 @@ class TestPieces:
         assert [s.scheduled_s for s in retry] == [sum(tiers[: i + 1]) for i in range(len(tiers))]
 
 
-class TestOneHeadAge:
-    """``/metrics`` (the monitor) and ``status`` read a queue's head age with one reader."""
+class TestObservingNeverDisturbs:
+    """``status``, the metrics sampler and ``dlq list`` read counts and ages without moving or
+    redelivering a message: on RabbitMQ 3.10 a peek moves a quorum queue's head to its back,
+    so ages come from the ledger the bridge keeps (bridge/parked.py)."""
 
-    async def test_they_agree_on_a_message_the_broker_dead_lettered(
-        self, amqp_connection, settings, no_management
+    async def test_order_and_oldest_age_stay_across_20_status_calls_and_the_sampler(
+        self, deployment, migrated, settings, management_url, amqp_connection
     ):
-        """A message published an hour ago that the broker dead-lettered itself (its delivery
-        limit) seconds ago: both say seconds, counted from the broker's x-death time, not an
-        hour from its publish timestamp."""
+        """Three dead letters, 300, 200 and 100 s old: 20 status calls and sampler rounds
+        all say the oldest is 300 s (plus the time gone by), and afterwards the DLQ holds
+        them in their order, none ever delivered."""
+        dlq = deployment.subscriptions_dlq
+        for message_id, age_s in (("d1", 300), ("d2", 200), ("d3", 100)):
+            await deployment.dead_letter(age_s=age_s, message_id=message_id)
+        started = time.monotonic()
+        status = await settled(settings, management_url, lambda s: queue_of(s, dlq).ready == 3)
+        metrics = Metrics()
+        gauge = "edrone_bridge_queue_oldest_message_age_seconds"
+        pool = await asyncpg.create_pool(
+            settings.database_url.get_secret_value(),
+            min_size=1,
+            max_size=2,
+            server_settings={"search_path": settings.database_schema},
+        )
+        sampler = asyncio.create_task(
+            monitor(
+                amqp_connection,
+                metrics,
+                work_queues={},
+                parked_queues=[dlq],
+                pool=pool,
+                interval_s=0.1,
+            )
+        )
+        ages = []
+        try:
+            for _ in range(20):
+                status = await check_status(
+                    settings,
+                    management=management_for(settings.amqp_url.get_secret_value(), management_url),
+                )
+                queue = queue_of(status, dlq)
+                assert (queue.ready, queue.aged, queue.age_since) == (3, 3, "dead_lettered")
+                ages.append(queue.oldest_age_s)
+                elapsed = time.monotonic() - started
+                assert 300 <= queue.oldest_age_s <= 300 + elapsed + 2, ages
+                sampled = metrics.registry.get_sample_value(gauge, {"queue": dlq})
+                if sampled:  # from the sampler's first round on
+                    assert 300 <= sampled <= 300 + elapsed + 2
+        finally:
+            sampler.cancel()
+            await pool.close()
+        assert ages == sorted(ages)  # the clock only runs forward: never another head's age
+        assert metrics.registry.get_sample_value(gauge, {"queue": dlq}) >= 300
+        assert (queue.consumers, queue.unacked) == (0, 0)  # nothing ever read it
+        kept = await deployment.take_all(dlq)
+        assert [m.message_id for m in kept] == ["d1", "d2", "d3"]
+        # First delivered now: not redelivered, and the quorum queue counts no delivery before.
+        assert [(m.redelivered, (m.headers or {}).get("x-delivery-count", 0)) for m in kept] == [
+            (False, 0)
+        ] * 3
+
+    async def test_dlq_list_keeps_the_order_across_20_reads(self, deployment, migrated, settings):
+        """``dlq list`` holds every message while it reads and hands them back together, so
+        20 listings show the same order, and the ledger's age is untouched."""
+        dlq = deployment.subscriptions_dlq
+        for message_id, age_s in (("d1", 300), ("d2", 200), ("d3", 100)):
+            await deployment.dead_letter(age_s=age_s, message_id=message_id)
+        for _ in range(20):
+            listing = await list_messages(settings, "subscriptions")
+            assert [m.id for m in listing.messages] == ["d1", "d2", "d3"]
+        status = await check_status(settings)
+        assert 300 <= queue_of(status, dlq).oldest_age_s < 400
+
+    async def test_a_message_the_broker_dead_lettered_is_counted_not_read(
+        self, amqp_connection, migrated, settings, management_url
+    ):
+        """A message the broker dead-lettered itself (its delivery limit) has no age in the
+        ledger: status counts it, says its age is unknown and why, and leaves it unread."""
         limited = settings.model_copy(
             update={
                 "subscriptions": settings.subscriptions.model_copy(update={"delivery_limit": 1})
@@ -461,10 +545,9 @@ class TestOneHeadAge:
         channel = await amqp_connection.channel(publisher_confirms=True)
         async with channel:
             await declare_topology(channel, limited)
+            await declare_trace_topology(channel, limited)
             message = aio_pika.Message(
-                b'{"event_id": "evt-1"}',
-                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-                timestamp=datetime.now(UTC) - timedelta(hours=1),
+                b'{"event_id": "evt-1"}', delivery_mode=aio_pika.DeliveryMode.PERSISTENT
             )
             await channel.default_exchange.publish(message, work, mandatory=True, timeout=5)
             source = await channel.get_queue(work)
@@ -473,28 +556,56 @@ class TestOneHeadAge:
                 if delivery is None:
                     break
                 await delivery.reject(requeue=True)
-        await asyncio.sleep(1.0)
+        management = management_for(settings.amqp_url.get_secret_value(), management_url)
+        status = await settled(limited, management_url, lambda s: queue_of(s, dlq).ready == 1)
+        for _ in range(3):
+            status = await check_status(limited, management=management)
+        queue = queue_of(status, dlq)
+        assert (queue.ready, queue.aged, queue.oldest_age_s) == (1, 0, None)
+        assert any(
+            note.startswith(f"{dlq}: 1 message with no age kept by the bridge")
+            for note in status.notes
+        ), status.notes
+        [kept] = await take_all(amqp_connection, dlq)
+        assert not kept.redelivered
 
-        status = await check_status(
-            limited, management=management_for(settings.amqp_url.get_secret_value(), no_management)
+    async def test_the_sampler_forgets_the_ages_of_an_emptied_queue(
+        self, deployment, migrated, settings, amqp_connection, db
+    ):
+        """Messages removed behind the bridge's back (a purge in the management UI): once the
+        sampler finds their queue empty it forgets their ages; a queue that holds messages
+        keeps its ages."""
+        dlq = deployment.subscriptions_dlq
+        tier = deployment.tier(settings.traces.retry_tiers_s[0])
+        await deployment.dead_letter(age_s=60, message_id="gone")
+        await deployment.retry(settings.traces.retry_tiers_s[0], failed_s_ago=5)
+        channel = await amqp_connection.channel()
+        async with channel:
+            await (await channel.get_queue(dlq)).purge()
+        pool = await asyncpg.create_pool(
+            settings.database_url.get_secret_value(),
+            min_size=1,
+            max_size=2,
+            server_settings={"search_path": settings.database_schema},
         )
-        status_age = queue_of(status, dlq).oldest_age_s
-
         metrics = Metrics()
         sampler = asyncio.create_task(
             monitor(
-                amqp_connection, metrics, work_queues={}, dead_letter_queues=[dlq], interval_s=60
+                amqp_connection,
+                metrics,
+                work_queues={},
+                parked_queues=[dlq, tier],
+                pool=pool,
+                interval_s=0.1,
             )
         )
-        gauge = "edrone_bridge_queue_oldest_message_age_seconds"
         try:
             async with asyncio.timeout(10):
-                while not metrics.registry.get_sample_value(gauge, {"queue": dlq}):  # noqa: ASYNC110
-                    await asyncio.sleep(0.05)  # the sampler's first round
+                while await db.fetchval(  # noqa: ASYNC110 (a table: nothing to wait on)
+                    "SELECT count(*) FROM parked_messages WHERE queue = $1", dlq
+                ):
+                    await asyncio.sleep(0.05)
         finally:
             sampler.cancel()
-        metrics_age = metrics.registry.get_sample_value(gauge, {"queue": dlq})
-
-        assert status_age is not None and metrics_age is not None
-        assert status_age < 600 and metrics_age < 600  # not the hour since the publish
-        assert abs(metrics_age - status_age) < 5
+            await pool.close()
+        assert await db.fetchval("SELECT count(*) FROM parked_messages WHERE queue = $1", tier) == 1
