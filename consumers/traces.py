@@ -132,7 +132,8 @@ class TraceForwarder:
         self.rate_limit_waits = 0
 
     async def __call__(self, deliveries: Sequence[Delivery]) -> list[Result]:
-        outcomes: list[Result | None] = [None] * len(deliveries)
+        # Every message gets one: its Reject, the plan's label, or its call's outcome.
+        outcomes: dict[int, Result] = {}
         items = []
         consumed_at = datetime.now(UTC)
         for index, delivery in enumerate(deliveries):
@@ -150,7 +151,7 @@ class TraceForwarder:
                 outcomes[call.index] = outcome
                 answers.append((call, answer))
             await self._record(answers)
-        return [outcome if outcome is not None else Outcome.APPLIED for outcome in outcomes]
+        return [outcomes[index] for index in range(len(deliveries))]
 
     def _item(self, index: int, delivery: Delivery, consumed_at: datetime) -> Item:
         if delivery.type == RECONCILE_TYPE:
@@ -248,7 +249,7 @@ class TraceForwarder:
             self.breaker.succeeded()
             self._metrics.traces.labels("sent").inc()
             log.debug("trace_sent", edrone_event_id=edrone_id)
-            return Outcome.APPLIED, Answer(SENT, f"edrone answered {status}", edrone_id)
+            return Outcome.SENT, Answer(SENT, f"edrone answered {status}", edrone_id)
         if status in _RETRYABLE_STATUSES or status >= 500:
             self.breaker.failed()
             self._metrics.traces.labels("retryable_status").inc()

@@ -168,7 +168,7 @@ class TestForm:
         assert (request.method, request.path, request.status) == ("POST", "/trace", 200)
         assert request.headers["content-type"] == FORM
         assert decoded(request) == expected
-        assert consumer.counters.applied == 1
+        assert consumer.counters.sent == 1
 
     async def test_values_are_encoded_exactly_once(self, fake, make_traces, amqp_connection, pool):
         """'+', '@', '&', '=', spaces and non-ASCII letters are percent-encoded once (UTF-8),
@@ -213,7 +213,7 @@ class TestDeadLettering:
         consumer = await forward_burst(amqp_connection, pool, settings)
 
         assert [r.form["email"] for r in fake.requests] == ["good@example.com"]
-        assert (consumer.counters.applied, consumer.counters.dead_lettered) == (1, len(broken))
+        assert (consumer.counters.sent, consumer.counters.dead_lettered) == (1, len(broken))
         dead = await take_all(amqp_connection, names.dead_letter_queue(names.traces_queue))
         assert sorted(m.body for m in dead) == sorted(broken)
         for message in dead:
@@ -339,7 +339,7 @@ class TestRetries:
         assert failed >= len(emails)
         # Every failed call and nothing else went to a retry tier; none to the DLQ.
         assert sum(consumer.counters.deferred.values()) == failed
-        assert (consumer.counters.applied, consumer.counters.dead_lettered) == (len(emails), 0)
+        assert (consumer.counters.sent, consumer.counters.dead_lettered) == (len(emails), 0)
         assert sum((await depths(amqp_connection, settings)).values()) == 0
         print(f"\n500s then recovery: failed={failed} delivered={len(accepted(fake))} dlq=0")
 
@@ -374,7 +374,7 @@ class TestRetries:
         async with trace_consumer(amqp_connection, pool, settings) as consumer, running(consumer):
             await wait_until(lambda: fake.requests)
             fake.faults.latency_ms = 0
-            await wait_until(lambda: consumer.counters.applied == 1)
+            await wait_until(lambda: consumer.counters.sent == 1)
 
         assert len(fake.requests) == 2
         assert consumer.counters.deferred == Counter({0.2: 1})
@@ -480,7 +480,7 @@ class TestFewerCalls:
         sent = {r.form["email"]: r.form["subscriber_status"] for r in fake.requests}
         assert sent == {"jan@example.com": "0", "ola@example.com": "1"}
         assert len(fake.requests) == 2
-        assert (consumer.counters.applied, consumer.counters.skipped) == (
+        assert (consumer.counters.sent, consumer.counters.skipped) == (
             2,
             Counter({"coalesced": 2}),
         )
@@ -496,7 +496,7 @@ class TestFewerCalls:
             amqp_connection, settings, [shop_event(status=1, at=-timedelta(seconds=10))]
         )
         first = await forward_burst(amqp_connection, pool, settings)
-        assert (first.counters.applied, len(fake.requests)) == (1, 1)
+        assert (first.counters.sent, len(fake.requests)) == (1, 1)
         # edrone told the bridge an hour ago that ola unsubscribed.
         await db.execute(
             "INSERT INTO subscribers (app_id, channel, address, status, reason, event_id,"
@@ -511,7 +511,7 @@ class TestFewerCalls:
         again = await forward_burst(amqp_connection, pool, settings)
 
         assert len(fake.requests) == 1
-        assert (again.counters.applied, again.counters.skipped) == (0, Counter({"noop": 2}))
+        assert (again.counters.sent, again.counters.skipped) == (0, Counter({"noop": 2}))
         assert sum((await depths(amqp_connection, settings)).values()) == 0
 
     async def test_change_older_than_the_last_trace_is_not_sent(
@@ -548,13 +548,13 @@ class TestFewerCalls:
         echo = await forward_burst(amqp_connection, pool, settings)
 
         assert fake.requests == []
-        assert (echo.counters.applied, echo.counters.skipped) == (0, Counter({"noop": 1}))
+        assert (echo.counters.sent, echo.counters.skipped) == (0, Counter({"noop": 1}))
 
         await publish_platform(amqp_connection, settings, [shop_event(status=1)])
         change = await forward_burst(amqp_connection, pool, settings)
 
         assert [r.form["subscriber_status"] for r in fake.requests] == ["1"]
-        assert (change.counters.applied, change.counters.skipped) == (1, Counter())
+        assert (change.counters.sent, change.counters.skipped) == (1, Counter())
 
 
 async def test_rate_limit_holds_under_a_burst(fake, make_traces, amqp_connection, pool):
@@ -579,7 +579,7 @@ async def test_rate_limit_holds_under_a_burst(fake, make_traces, amqp_connection
     assert 0 < consumer.spec.handler.rate_limit_waits <= 900
     assert accepted(fake) == Counter(dict.fromkeys(emails, 1))
     assert len(times) == 1000
-    assert consumer.counters.applied == 1000
+    assert consumer.counters.sent == 1000
 
 
 class TestDatesAndAddresses:
@@ -597,7 +597,7 @@ class TestDatesAndAddresses:
 
         first = await forward_burst(amqp_connection, pool, settings)
 
-        assert first.counters.applied == 1
+        assert first.counters.sent == 1
         [sent] = fake.requests
         told = datetime.strptime(sent.form["event_utc_date"], "%Y-%m-%d %H:%M:%S")
         assert before.replace(microsecond=0, tzinfo=None) <= told < datetime(2100, 1, 1)
@@ -608,7 +608,7 @@ class TestDatesAndAddresses:
         await publish_platform(amqp_connection, settings, [shop_event(status=1)])
         second = await forward_burst(amqp_connection, pool, settings)
 
-        assert second.counters.applied == 1
+        assert second.counters.sent == 1
         assert [r.form["subscriber_status"] for r in fake.requests] == ["0", "1"]
 
     async def test_occurred_at_before_the_floor_is_dead_lettered(
