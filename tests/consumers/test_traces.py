@@ -98,6 +98,10 @@ FORM_CASES = {
         event(OTHER_APP_ID, status=0, phone="+48500100200", sms_subscriber_status=1),
         form(OTHER_APP_ID, subscriber_status="0", phone="+48500100200", sms_subscriber_status="1"),
     ),
+    "a typed phone is sent in E.164": (
+        event(OTHER_APP_ID, status=0, phone="48 500-100-200", sms_subscriber_status=1),
+        form(OTHER_APP_ID, subscriber_status="0", phone="+48500100200", sms_subscriber_status="1"),
+    ),
     "phone without an SMS status": (
         event(OTHER_APP_ID, phone="+48500100200", sms_subscriber_status=None),
         form(OTHER_APP_ID, phone="+48500100200"),
@@ -643,3 +647,60 @@ class TestDatesAndAddresses:
         assert [(r.form["email"], r.form["subscriber_status"]) for r in fake.requests] == [
             ("user@bücher.de", "1")
         ]
+
+    async def test_typed_forms_of_one_phone_are_one_address(
+        self, fake, make_traces, amqp_connection, pool, db
+    ):
+        """The shop's spellings of one phone (with or without the country code, spaced or
+        not) are one SMS address: coalesced into one trace, the phone sent in E.164."""
+        settings = await make_traces()
+        events = [
+            shop_event(
+                status=1, phone="+48 500 100 200", sms_subscriber_status=0, at=-timedelta(seconds=2)
+            ),
+            shop_event(status=1, phone="500100200", sms_subscriber_status=1),
+        ]
+        await publish_platform(amqp_connection, settings, events)
+
+        consumer = await forward_burst(amqp_connection, pool, settings)
+
+        assert consumer.counters.skipped == Counter({"coalesced": 1})
+        assert [(r.form["phone"], r.form["sms_subscriber_status"]) for r in fake.requests] == [
+            ("+48500100200", "1")
+        ]
+        states = await db.fetch("SELECT address FROM sync_state WHERE channel = 'sms'")
+        assert [r["address"] for r in states] == ["+48500100200"]
+
+    async def test_national_phone_is_read_in_the_configured_region(
+        self, fake, make_traces, amqp_connection, pool
+    ):
+        """EDRONE_BRIDGE_PHONE_REGION reads the shop's numbers typed without a country code."""
+        settings = await make_traces()
+        settings = settings.model_copy(update={"phone_region": "DE"})
+        await publish_platform(
+            amqp_connection, settings, [shop_event(phone="030 123456", sms_subscriber_status=1)]
+        )
+
+        await forward_burst(amqp_connection, pool, settings)
+
+        assert [r.form["phone"] for r in fake.requests] == ["+4930123456"]
+
+    async def test_invalid_phone_is_dead_lettered_and_changes_nothing(
+        self, fake, make_traces, amqp_connection, pool, db
+    ):
+        """A shop change whose phone is no valid number breaks the contract: dead-lettered at
+        once, x-error naming the field and never the number; nothing sent, nothing stored."""
+        settings = await make_traces()
+        names = topology(settings)
+        broken = shop_event(phone="(0) 500-100-200", sms_subscriber_status=0)
+        await publish_platform(amqp_connection, settings, [broken])
+
+        consumer = await forward_burst(amqp_connection, pool, settings)
+
+        assert (consumer.counters.dead_lettered, fake.requests) == (1, [])
+        [dead] = await take_all(amqp_connection, names.dead_letter_queue(names.traces_queue))
+        error = dead.headers[HEADER_ERROR]
+        assert error.startswith("invalid platform event: phone: ")
+        assert "500" not in error
+        assert await db.fetchval("SELECT count(*) FROM sync_state") == 0
+        assert await db.fetchval("SELECT count(*) FROM sync_history") == 0

@@ -4,16 +4,35 @@ a number without its country code is read in the default region (``EDRONE_BRIDGE
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 import pytest
+from pydantic import ValidationError
 
 from schemas.fields import (
     DEFAULT_PHONE_REGION,
+    PHONE_REGION_CONTEXT,
     normalise_phone,
     phone_forms,
     phone_region,
 )
+from schemas.platform_event import CustomerSubscriptionChanged
 
 E164 = "+48500100200"
+
+
+def shop_event(phone: str, **context: str) -> CustomerSubscriptionChanged:
+    return CustomerSubscriptionChanged.model_validate(
+        {
+            "event_id": "shop-1",
+            "occurred_at": datetime(2026, 5, 1, tzinfo=UTC).isoformat(),
+            "email": "jan@example.com",
+            "subscriber_status": 1,
+            "phone": phone,
+            "sms_subscriber_status": 1,
+        },
+        context=context or None,
+    )
 
 
 class TestNormalisePhone:
@@ -93,3 +112,23 @@ class TestPhoneForms:
         """A national spelling means another number in another region: not matched there."""
         assert "500100200" not in phone_forms(E164, "DE")
         assert "030 123456" in phone_forms("+4930123456", "DE")
+
+
+class TestPlatformEventPhone:
+    def test_phone_is_normalised(self):
+        """The shop's phone is read as the ingress reads edrone's: E.164."""
+        assert shop_event("48 500 100 200").phone == E164
+
+    def test_region_comes_from_the_validation_context(self):
+        """The bridge's configured region reads the shop's national numbers."""
+        assert shop_event("030 123456", **{PHONE_REGION_CONTEXT: "DE"}).phone == "+4930123456"
+        assert shop_event("500 100 200").phone == E164
+
+    def test_invalid_phone_is_refused_naming_the_field_not_the_number(self):
+        """A phone that is no valid number breaks the event's contract: the error names the
+        field, never the number."""
+        with pytest.raises(ValidationError) as info:
+            shop_event("(0) 500-100-200")
+        [error] = info.value.errors(include_url=False, include_input=False)
+        assert error["loc"] == ("phone",)
+        assert "500" not in error["msg"]
