@@ -111,10 +111,10 @@ def addresses_of(text: str, phone_region: str = DEFAULT_PHONE_REGION) -> tuple[s
         return "sms", text.strip()
 
 
-def _asked(text: str, phone_region: str) -> set[tuple[str, str]]:
-    """The keys ``text`` names: its one form, and for a phone also the form typed, which a
-    row stored before phones were normalised (to E.164) may still have."""
-    channel, address = addresses_of(text, phone_region)
+def _asked(channel: str, address: str, text: str) -> set[tuple[str, str]]:
+    """The keys ``text`` (read as ``channel`` and ``address``) names: its one form, and for a
+    phone also the form typed, which a row stored before phones were normalised may still
+    have."""
     return (
         {(channel, address), (channel, text.strip())} if channel == "sms" else {(channel, address)}
     )
@@ -124,7 +124,8 @@ async def apps_of(
     conn: asyncpg.Connection, text: str, phone_region: str = DEFAULT_PHONE_REGION
 ) -> list[str]:
     """The apps that know the address ``text`` (an e-mail or a phone)."""
-    addresses = sorted({address for _, address in _asked(text, phone_region)})
+    channel, address = addresses_of(text, phone_region)
+    addresses = sorted({known for _, known in _asked(channel, address, text)})
     return [row["app_id"] for row in await conn.fetch(_APPS_SQL, addresses)]
 
 
@@ -134,7 +135,7 @@ async def read_history(
     """The history of the address ``text`` (an e-mail or a phone) in ``app_id``, with the
     customer's other channel where the bridge knows it."""
     channel, address = addresses_of(text, phone_region)
-    keys = _asked(text, phone_region)
+    keys = _asked(channel, address, text)
     if channel == "email":
         keys.update(
             (r["channel"], r["address"]) for r in await conn.fetch(_RELATED_SQL, app_id, address)
