@@ -80,7 +80,7 @@ async def forward(settings: Settings, expected: int, duration_s: float | None) -
                 task = asyncio.create_task(consumer.run())
                 limit_s = duration_s if duration_s is not None else 300.0
                 counters = consumer.counters
-                while counters.applied < expected and time.perf_counter() - started < limit_s:
+                while counters.sent < expected and time.perf_counter() - started < limit_s:
                     if task.done():
                         raise RuntimeError(f"forwarder stopped early: {consumer!r}")
                     await asyncio.sleep(0.002)
@@ -89,10 +89,10 @@ async def forward(settings: Settings, expected: int, duration_s: float | None) -
                 await task
                 return {
                     "elapsed_s": elapsed,
-                    "applied": counters.applied,
+                    "sent": counters.sent,
                     "skipped": dict(counters.skipped),
                     "deferred": dict(counters.deferred),
-                    "rate": counters.applied / elapsed,
+                    "rate": counters.sent / elapsed,
                 }
     finally:
         await pool.close()
@@ -243,7 +243,7 @@ async def _unlimited(
     result = await worker.run(forward, settings, traces, None)
     figures.cpu["forwarder"].append(meter.stop())
     figures.forwarder.append(result["rate"])
-    if result["applied"] != traces:
+    if result["sent"] != traces:
         figures.failures.append(str(result))
     meter.start()
     figures.bare.append(

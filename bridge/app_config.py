@@ -39,7 +39,8 @@ class TargetMapping(BaseModel):
     address_column: str = Field(min_length=1)
     email_status_column: str = Field(min_length=1)
     email_status_values: StatusValues = StatusValues(subscribed=1, unsubscribed=0)
-    # SMS changes find their row by phone_column = the phone edrone sent.
+    # SMS changes find their row by phone_column, holding any usual spelling of the phone
+    # edrone sent (consumers/shop_target.py).
     sms_status_column: str | None = None
     sms_status_values: StatusValues = StatusValues(subscribed=1, unsubscribed=0)
     phone_column: str | None = None

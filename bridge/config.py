@@ -38,7 +38,7 @@ from bridge.variables import (
     unknown_variables,
     variable_of,
 )
-from schemas.fields import DEFAULT_DATE_FLOOR
+from schemas.fields import DEFAULT_DATE_FLOOR, DEFAULT_PHONE_REGION, phone_region
 
 # Read from the environment as "10.0.0.0/8, 192.0.2.7" (or a JSON list), from TOML as a list.
 Networks = Annotated[tuple[IPvAnyNetwork, ...], NoDecode]
@@ -204,6 +204,10 @@ class Settings(BaseSettings):
     # made at receipt plus this, so that a wrong zone or clock holds an address this long at
     # most, instead of for ever; each such date is counted and logged.
     max_clock_skew_s: float = Field(default=300.0, ge=0)
+    # The region (ISO 3166 code, as phonenumbers knows it) of a phone given without its
+    # country code, on both paths: a webhook's or a shop's "500 100 200" is "+48500100200"
+    # with PL.
+    phone_region: str = DEFAULT_PHONE_REGION
     # /metrics, /healthz and /readyz of `consume subscriptions`, `consume traces` and `relay`
     # (0: any free port). Unset, each takes its own (METRICS_PORTS), so that they share a host,
     # and a second process of a kind takes a free port, logged. The ingress and `run` serve
@@ -271,6 +275,11 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return _parse_app_pairs(value)
         return value
+
+    @field_validator("phone_region")
+    @classmethod
+    def _phone_region(cls, value: str) -> str:
+        return phone_region(value)
 
     @field_validator("amqp_url")
     @classmethod

@@ -139,7 +139,11 @@ class Converger:
             for key in wanted
             if writable(self.targets, key[0], key[1], batch.states[key].winner.status)  # type: ignore[union-attr]
         ]
-        applied = await apply_changes(batch.conn, self.targets, changes) if changes else Applied()
+        applied = (
+            await apply_changes(batch.conn, self.targets, changes, self.settings.phone_region)
+            if changes
+            else Applied()
+        )
         for key in wanted:
             self._wrote(batch, key, applied, now, publish=key in needed)
         return {(key[0], key[1], key[2]) for key in applied.unknown}

@@ -26,7 +26,9 @@ class Outcome(StrEnum):
     # Applied to the ledger, but the address has no row in the shop's table (and
     # create_missing is off): acked, counted, the ledger keeps what edrone said (promise 4).
     UNKNOWN_CUSTOMER = "unknown_customer"
-    # The trace forwarder's, for a message that makes no call of its own.
+    # The trace forwarder's: a trace edrone accepted (2xx), and for a message that makes no
+    # call of its own, why not.
+    SENT = "sent"
     COALESCED = "coalesced"  # a later message of the same customer in the batch carries its trace
     NOOP = "noop"  # edrone is known to hold the winner: nothing to tell it
     ECHO = "echo"  # the shop mirroring a write of the bridge's: nothing to tell edrone

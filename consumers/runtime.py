@@ -119,8 +119,9 @@ class Consumer:
     def __repr__(self) -> str:
         c = self.counters
         return (
-            f"<Consumer queue={self.queue_name!r} applied={c.applied} skipped={dict(c.skipped)}"
-            f" dead_lettered={c.dead_lettered} deferred={dict(c.deferred)}"
+            f"<Consumer queue={self.queue_name!r} applied={c.applied} sent={c.sent}"
+            f" skipped={dict(c.skipped)} dead_lettered={c.dead_lettered}"
+            f" deferred={dict(c.deferred)}"
             f" batches={c.batches} retries={c.retries} splits={c.splits} isolated={c.isolated}"
             f" dropped={c.dropped} reregistered={c.reregistered} buffered={len(self._buffer)}>"
         )

@@ -12,7 +12,7 @@ import asyncpg
 import structlog
 
 from bridge.shop_table import ShopTarget, as_text
-from schemas.fields import ascii_email
+from schemas.fields import DEFAULT_PHONE_REGION, ascii_email, phone_forms
 
 log = structlog.get_logger(__name__)
 
@@ -55,10 +55,15 @@ def writable(
 
 
 async def apply_changes(
-    conn: asyncpg.Connection, targets: Mapping[str, ShopTarget], changes: Sequence[Change]
+    conn: asyncpg.Connection,
+    targets: Mapping[str, ShopTarget],
+    changes: Sequence[Change],
+    phone_region: str = DEFAULT_PHONE_REGION,
 ) -> Applied:
     """Write ``changes`` to the shops' tables, marked as edrone's (the outbox trigger skips
-    them); the rows written, and the keys whose address has no row and was not created."""
+    them); the rows written, and the keys whose address has no row and was not created. A
+    phone (E.164) finds its row in any of its usual spellings, national ones read in
+    ``phone_region``."""
     groups: dict[tuple[str, str], list[Change]] = {}
     for change in changes:
         if writable(targets, change.key[0], change.channel, change.status):
@@ -69,7 +74,7 @@ async def apply_changes(
     await conn.execute("SELECT set_config($1, $2, true)", ORIGIN_SETTING, ORIGIN_EDRONE)
     for (app_id, channel), group in sorted(groups.items()):
         target = targets[app_id]
-        found = await _update(conn, target, channel, group)
+        found = await _update(conn, target, channel, group, phone_region)
         missing = [change for change in group if change.address not in found]
         if missing and channel == "email" and target.mapping.create_missing:
             found.update(await _insert(conn, target, missing))
@@ -98,35 +103,45 @@ def _extra_sets(target: ShopTarget, first_param: int) -> tuple[list[str], list[s
 
 
 async def _update(
-    conn: asyncpg.Connection, target: ShopTarget, channel: str, group: Sequence[Change]
+    conn: asyncpg.Connection,
+    target: ShopTarget,
+    channel: str,
+    group: Sequence[Change],
+    phone_region: str,
 ) -> dict[str, datetime]:
     status = target.status_column(channel)
     assert status is not None
     match = target.match_column(channel)
-    # E-mail addresses are lower-cased in the ledger, their domain in IDNA's Unicode form; the
-    # shop may keep them as typed, and with the ASCII (xn--) form of the domain.
-    if channel == "email":
-        where = f"lower(t.{match.sql}) IN (u.address, u.ascii)"
-    else:
-        where = f"t.{match.sql} = u.address"
+    column = f"lower(t.{match.sql})" if channel == "email" else f"t.{match.sql}"
+    forms = [(c, form) for c in group for form in _forms(channel, c.address, phone_region)]
     names, exprs, params = _extra_sets(target, 4)
     sets = [f"{status.sql} = u.value::{status.type_sql}"]
     sets += [f"{name} = {expr}" for name, expr in zip(names, exprs, strict=True)]
     sql = (
         f"UPDATE {target.table_sql} AS t SET {', '.join(sets)} "
-        "FROM unnest($1::text[], $2::text[], $3::text[]) AS u(address, value, ascii) "
-        f"WHERE {where} RETURNING u.address, clock_timestamp() AS written_at"
+        "FROM unnest($1::text[], $2::text[], $3::text[]) AS u(address, value, form) "
+        f"WHERE {column} = u.form RETURNING u.address, clock_timestamp() AS written_at"
     )
     values = target.values[channel]
-    alternatives = [ascii_email(c.address) if channel == "email" else c.address for c in group]
     rows = await conn.fetch(
         sql,
-        [c.address for c in group],
-        [values[c.status] for c in group],
-        alternatives,
+        [c.address for c, _ in forms],
+        [values[c.status] for c, _ in forms],
+        [form for _, form in forms],
         *params,
     )
     return {row["address"]: row["written_at"] for row in rows}
+
+
+def _forms(channel: str, address: str, phone_region: str) -> list[str]:
+    """The forms of a ledger address the shop's table may hold it in. E-mail addresses are
+    lower-cased in the ledger, their domain in IDNA's Unicode form; the shop may keep them as
+    typed (matched lower-cased), and with the ASCII (xn--) form of the domain. Phones are
+    E.164 in the ledger; the shop may keep them as a person typed them: each usual spelling
+    is looked up, by equality, so that an index on the column serves."""
+    if channel == "email":
+        return list(dict.fromkeys((address, ascii_email(address))))
+    return phone_forms(address, phone_region)
 
 
 async def _insert(

@@ -39,6 +39,8 @@ class Counters:
     """What the consumer did since it started; mirrored into ``metrics`` when given."""
 
     applied: int = 0
+    # Traces edrone accepted (the trace forwarder's own "applied").
+    sent: int = 0
     skipped: Counter[str] = field(default_factory=Counter)
     dead_lettered: int = 0
     # Messages sent to a retry tier, by the tier's delay in seconds.
@@ -60,6 +62,7 @@ class Counters:
         """The counts as log fields (plain values: JSON logs show them as numbers)."""
         return {
             "applied": self.applied,
+            "sent": self.sent,
             "skipped": dict(self.skipped),
             "dead_lettered": self.dead_lettered,
             "deferred": {f"{tier:g}s": n for tier, n in self.deferred.items()},
@@ -91,6 +94,7 @@ class Counters:
             self.metrics.batch_size.labels(self.queue).observe(len(outcomes))
             self.metrics.batch_seconds.labels(self.queue).observe(duration_s)
         self.applied += tally.pop(Outcome.APPLIED, 0)
+        self.sent += tally.pop(Outcome.SENT, 0)
         self.skipped.update(tally)
         self.batches += 1
 

@@ -42,7 +42,13 @@ from consumers.sync import REFUSED, SENT, UNCERTAIN, UNSENT
 from consumers.throttle import Breaker, RateLimiter
 from consumers.trace_form import trace_form
 from consumers.trace_plan import Answer, Item, TraceCall, TracePlanner, reconcile_item
-from schemas.fields import DATE_FLOOR_CONTEXT, DEFAULT_DATE_FLOOR, ordered_at
+from schemas.fields import (
+    DATE_FLOOR_CONTEXT,
+    DEFAULT_DATE_FLOOR,
+    DEFAULT_PHONE_REGION,
+    PHONE_REGION_CONTEXT,
+    ordered_at,
+)
 from schemas.platform_event import CustomerSubscriptionChanged
 
 log = structlog.get_logger(__name__)
@@ -56,14 +62,18 @@ _FORM_HEADERS = {"Content-Type": "application/x-www-form-urlencoded"}
 
 
 def decode(
-    body: bytes, apps: Mapping[str, AppConfig], date_floor: datetime = DEFAULT_DATE_FLOOR
+    body: bytes,
+    apps: Mapping[str, AppConfig],
+    date_floor: datetime = DEFAULT_DATE_FLOOR,
+    phone_region: str = DEFAULT_PHONE_REGION,
 ) -> tuple[str, CustomerSubscriptionChanged]:
-    """(app_id, event); :class:`InvalidMessage` when the message breaks the contract (or holds what
-    PostgreSQL cannot store: it would fail every batch it is in)."""
+    """(app_id, event), its phone in E.164 (read in ``phone_region`` without a country code);
+    :class:`InvalidMessage` when the message breaks the contract (a phone that is no valid
+    number included), or holds what PostgreSQL cannot store: it would fail every batch it is
+    in."""
+    context = {DATE_FLOOR_CONTEXT: date_floor, PHONE_REGION_CONTEXT: phone_region}
     try:
-        event = CustomerSubscriptionChanged.model_validate_json(
-            body, context={DATE_FLOOR_CONTEXT: date_floor}
-        )
+        event = CustomerSubscriptionChanged.model_validate_json(body, context=context)
     except ValidationError as exc:
         raise InvalidMessage(f"invalid platform event: {describe_validation_error(exc)}") from None
     app_id = event.app_id
@@ -118,6 +128,7 @@ class TraceForwarder:
         self._url = settings.trace_url
         self._options = options
         self._date_floor = settings.date_floor
+        self._phone_region = settings.phone_region
         self._clock_skew = settings.clock_skew
         self._queue = topology(settings).traces_queue
         self._planner = TracePlanner(pool, settings, targets or {}, nudge)
@@ -132,7 +143,8 @@ class TraceForwarder:
         self.rate_limit_waits = 0
 
     async def __call__(self, deliveries: Sequence[Delivery]) -> list[Result]:
-        outcomes: list[Result | None] = [None] * len(deliveries)
+        # Every message gets one: its Reject, the plan's label, or its call's outcome.
+        outcomes: dict[int, Result] = {}
         items = []
         consumed_at = datetime.now(UTC)
         for index, delivery in enumerate(deliveries):
@@ -150,7 +162,7 @@ class TraceForwarder:
                 outcomes[call.index] = outcome
                 answers.append((call, answer))
             await self._record(answers)
-        return [outcome if outcome is not None else Outcome.APPLIED for outcome in outcomes]
+        return [outcomes[index] for index in range(len(deliveries))]
 
     def _item(self, index: int, delivery: Delivery, consumed_at: datetime) -> Item:
         if delivery.type == RECONCILE_TYPE:
@@ -159,7 +171,7 @@ class TraceForwarder:
                 return replace(item, redelivered=bool(delivery.redelivered))
             except (ValueError, TypeError, KeyError) as exc:
                 raise InvalidMessage(f"invalid reconcile request: {exc!r}") from None
-        app_id, event = decode(delivery.body, self._apps, self._date_floor)
+        app_id, event = decode(delivery.body, self._apps, self._date_floor, self._phone_region)
         event = self._clamped(app_id, event, consumed_at)
         return Item(index, app_id, event, redelivered=bool(delivery.redelivered))
 
@@ -248,7 +260,7 @@ class TraceForwarder:
             self.breaker.succeeded()
             self._metrics.traces.labels("sent").inc()
             log.debug("trace_sent", edrone_event_id=edrone_id)
-            return Outcome.APPLIED, Answer(SENT, f"edrone answered {status}", edrone_id)
+            return Outcome.SENT, Answer(SENT, f"edrone answered {status}", edrone_id)
         if status in _RETRYABLE_STATUSES or status >= 500:
             self.breaker.failed()
             self._metrics.traces.labels("retryable_status").inc()

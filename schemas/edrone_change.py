@@ -31,7 +31,7 @@ class EdroneSubscriptionChanged(BaseModel):
     event_id: PlainText = Field(min_length=1, max_length=255)
     app_id: PlainText = Field(min_length=1, max_length=255)
     channel: Channel
-    # The e-mail (its one form, as the ledger keeps it) or the phone, per channel.
+    # The e-mail or the phone (E.164), per channel, in the one form the ledger keeps.
     address: PlainText = Field(min_length=1, max_length=320)
     email: PlainText | None = Field(default=None, max_length=320)
     # 1 subscribed, 0 unsubscribed, null unknown.

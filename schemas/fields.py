@@ -1,5 +1,6 @@
 """Field rules shared by every path in and out of the bridge: text that PostgreSQL can store,
-e-mail addresses in one canonical form, integers the database holds, and dates that can be true.
+e-mail addresses and phones in one canonical form each, integers the database holds, and dates
+that can be true.
 
 The ingress and the consumers validate with the same rules, so that a webhook answered 200 is
 never dead-lettered later for its content (docs/design.md promise 7)."""
@@ -11,6 +12,7 @@ import re
 from datetime import UTC, datetime, timedelta
 from typing import Annotated
 
+import phonenumbers
 from email_validator import EmailNotValidError, validate_email
 from pydantic import AfterValidator, Field, ValidationInfo
 
@@ -20,6 +22,11 @@ EMAIL_MAX_LENGTH = 254
 # corrupted clock); overridable through the validation context under DATE_FLOOR_CONTEXT.
 DEFAULT_DATE_FLOOR = datetime(2000, 1, 1, tzinfo=UTC)
 DATE_FLOOR_CONTEXT = "date_floor"
+PHONE_MAX_LENGTH = 64
+# The region a phone without its country code is read in (edrone is Polish); overridable
+# through the validation context under PHONE_REGION_CONTEXT (EDRONE_BRIDGE_PHONE_REGION).
+DEFAULT_PHONE_REGION = "PL"
+PHONE_REGION_CONTEXT = "phone_region"
 
 # Control characters (C0, DEL, C1: Unicode's Cc) and lone surrogates, which are no text at all.
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
@@ -27,6 +34,10 @@ _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
 _UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
 # RFC 5322 dot-atom in ASCII, as email_validator reads an unquoted local part (its DOT_ATOM_TEXT).
 _DOT_ATOM = re.compile(r"[a-z0-9_!#$%&'*+\-/=?^`{|}~]+(?:\.[a-z0-9_!#$%&'*+\-/=?^`{|}~]+)*\Z")
+# What a typed phone may hold: digits, spaces and the punctuation people write numbers with, a
+# "+" only in front. phonenumbers itself would find a number inside any text ("call me at
+# 500100200 after 5") and read letters as a keypad's digits.
+_PHONE_TEXT = re.compile(r"\+?[\d\s()./\-]+\Z")
 
 
 def _describe(match: re.Match[str]) -> str:
@@ -112,6 +123,71 @@ Email = Annotated[
     str,
     Field(min_length=3, max_length=EMAIL_MAX_LENGTH, json_schema_extra={"format": "email"}),
     AfterValidator(_email),
+]
+
+
+def phone_region(value: str) -> str:
+    """A region code phonenumbers knows (``PL``, ``DE``; any case), upper-cased."""
+    region = value.strip().upper()
+    if region not in phonenumbers.SUPPORTED_REGIONS:
+        raise ValueError(
+            f"{value!r} is not a region code phonenumbers knows (two letters, like PL or DE)"
+        )
+    return region
+
+
+def normalise_phone(raw: str, region: str = DEFAULT_PHONE_REGION) -> str:
+    """The one form of a phone: E.164 (``+48500100200``), read with the phonenumbers library,
+    in ``region`` when it has no country code (``500 100 200``, ``0048 500 100 200`` and
+    ``48 500 100 200`` are all ``+48500100200`` in Poland). Raises ``ValueError`` saying why
+    a phone is no valid number, never quoting it: a phone is personal data."""
+    text = raw.strip()
+    if not _PHONE_TEXT.match(text):
+        raise ValueError("not a phone number: only digits, spaces and + ( ) - . / may be in one")
+    try:
+        number = phonenumbers.parse(text, region)
+    except phonenumbers.NumberParseException:
+        raise ValueError("not a phone number") from None
+    if not phonenumbers.is_valid_number(number):
+        raise ValueError("not a valid phone number: no numbering plan has it")
+    return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
+
+
+def phone_forms(phone: str, region: str = DEFAULT_PHONE_REGION) -> list[str]:
+    """The usual spellings of a phone (E.164) in a shop's table, itself first: the
+    international form (``+48 500 100 200``), the digits with the country code
+    (``48500100200``, ``0048500100200``), and for a number of ``region`` its national forms
+    (``500 100 200``, ``500100200``), which mean another number in another region. A phone
+    stored before phones were normalised, and not in international form, is only itself."""
+    try:
+        number = phonenumbers.parse(phone)
+    except phonenumbers.NumberParseException:
+        return [phone]
+    formats = phonenumbers.PhoneNumberFormat
+    e164 = phonenumbers.format_number(number, formats.E164)
+    forms = [phone, e164, phonenumbers.format_number(number, formats.INTERNATIONAL)]
+    forms += [e164[1:], "00" + e164[1:]]
+    if number.country_code == phonenumbers.country_code_for_region(region):
+        national = phonenumbers.format_number(number, formats.NATIONAL)
+        forms += [national, "".join(ch for ch in national if ch.isdigit())]
+    return list(dict.fromkeys(forms))
+
+
+def _phone(value: str, info: ValidationInfo) -> str:
+    context = info.context
+    region = context.get(PHONE_REGION_CONTEXT) if context else None
+    return normalise_phone(value, region or DEFAULT_PHONE_REGION)
+
+
+# A phone as anyone types it, stored in E.164; national numbers are read in the context's region.
+Phone = Annotated[
+    PlainText,
+    Field(
+        max_length=PHONE_MAX_LENGTH,
+        description="A phone; stored in E.164. Without its country code, read in the bridge's "
+        "region (EDRONE_BRIDGE_PHONE_REGION, PL unless set).",
+    ),
+    AfterValidator(_phone),
 ]
 
 

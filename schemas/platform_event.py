@@ -16,7 +16,7 @@ from pydantic import (
     field_validator,
 )
 
-from schemas.fields import Email, PlainText, StorableText, check_floor
+from schemas.fields import Email, Phone, PlainText, StorableText, check_floor
 
 SCHEMA_FILE = Path(__file__).with_name("customer_subscription_changed.schema.json")
 EXAMPLE_FILE = Path(__file__).parent / "examples" / "customer_subscription_changed.json"
@@ -58,7 +58,9 @@ class CustomerSubscriptionChanged(BaseModel):
     subscriber_status: Status
     # Which edrone app (shop) the change belongs to; the only configured app when left out.
     app_id: PlainText | None = Field(default=None, min_length=1, max_length=255)
-    phone: PlainText | None = Field(default=None, max_length=64)
+    # In E.164, as the ingress keeps edrone's phones: one phone is one SMS address on both
+    # paths; without its country code it is read in the bridge's region (PHONE_REGION_CONTEXT).
+    phone: Phone | None = None
     sms_subscriber_status: Status = None
     first_name: StorableText | None = Field(default=None, max_length=255)
     last_name: StorableText | None = Field(default=None, max_length=255)

@@ -45,9 +45,11 @@ class SubscriptionStatusChanged(BaseModel):
     app_id: PlainText = Field(min_length=1, max_length=255)
     channel: Channel
     # The e-mail (trimmed, lower-cased, its domain in IDNA's Unicode form) for the e-mail
-    # channel, the phone (trimmed) for SMS.
+    # channel, the phone in E.164 (``+48500100200``) for SMS: the ingress normalises both
+    # (``schemas.fields``), so the consumer stores what it reads.
     address: PlainText = Field(min_length=1, max_length=320)
-    # The other identifier edrone sent along, if any (the e-mail of an SMS change, say).
+    # The other identifier edrone sent along, if any (the e-mail of an SMS change, say), in
+    # the same form; an e-mail change's phone that is no valid number is left out.
     email: PlainText | None = Field(default=None, max_length=320)
     phone: PlainText | None = Field(default=None, max_length=64)
     # 1 subscribed, 0 unsubscribed, None when edrone has no information (its UNKNOWN).

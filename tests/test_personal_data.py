@@ -1,7 +1,8 @@
 """No personal data in logs: ``edrone-bridge run`` at debug level takes webhooks (refused ones
 too: an address that is no address, a phone that is no phone, a bad signature, an unknown app)
-and shop events (one refused), and not one line of its log carries a whole address or phone
-from those inputs. A refused webhook's line names the caller's address instead."""
+and shop events (two refused: an address and a phone that are none), and not one line of its
+log carries a whole address or phone from those inputs. A refused webhook's line names the
+caller's address instead."""
 
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ ACCEPTED_PHONE = "+48500600700"
 SHOP_EMAIL = "zofia.kaminska@example.com"
 SHOP_PHONE = "+48500700800"
 SHOP_REFUSED = "marek.lewandowski@@example.com"
+SHOP_REFUSED_PHONE = "(0) 511-222-333"  # no valid number: the event is dead-lettered
 # What must never be in a log line: each input whole, its local part, the phones' digits.
 SECRETS = [
     REFUSED_EMAIL,
@@ -40,6 +42,9 @@ SECRETS = [
     SHOP_EMAIL,
     "48500700800",
     "marek.lewandowski",
+    "anna.wojcik",
+    "511-222",
+    "511222333",
 ]
 
 
@@ -100,6 +105,12 @@ async def test_no_log_line_carries_an_address_or_phone(settings, db, amqp_connec
                 [
                     shop_event(SHOP_EMAIL, status=1, phone=SHOP_PHONE, sms_subscriber_status=1),
                     shop_event(SHOP_REFUSED, status=1),
+                    shop_event(
+                        "anna.wojcik@example.com",
+                        status=1,
+                        phone=SHOP_REFUSED_PHONE,
+                        sms_subscriber_status=1,
+                    ),
                 ],
             )
             await wait_until(lambda: fake.requests, 20)
@@ -122,4 +133,5 @@ async def test_no_log_line_carries_an_address_or_phone(settings, db, amqp_connec
     rejected = [e for e in events if e["event"] == "webhook_rejected"]
     assert sorted(e["status"] for e in rejected) == [400, 400, 401, 403]
     assert all(e["caller"] == "127.0.0.1" for e in rejected)
-    assert any(e["event"] == "message_dead_lettered" for e in events)
+    dead = [e for e in events if e["event"] == "message_dead_lettered"]
+    assert len(dead) == 2, dead

@@ -30,7 +30,7 @@ async def run_history(settings: Settings, args: argparse.Namespace) -> int:
     if args.app is not None and args.app not in settings.apps:
         raise UsageError(f"--app {args.app!r} is not a configured app")
     try:
-        history.addresses_of(args.address)
+        _, address = history.addresses_of(args.address, settings.phone_region)
     except ValueError as exc:
         raise UsageError(f"ADDRESS: {exc}") from None
     conn = await asyncpg.connect(
@@ -39,9 +39,9 @@ async def run_history(settings: Settings, args: argparse.Namespace) -> int:
         server_settings={"search_path": f'"{settings.database_schema}"'},
     )
     try:
-        _, address = history.addresses_of(args.address)
-        apps = [args.app] if args.app else await history.apps_of(conn, address)
-        found = [await history.read_history(conn, app_id, args.address) for app_id in apps]
+        region = settings.phone_region
+        apps = [args.app] if args.app else await history.apps_of(conn, args.address, region)
+        found = [await history.read_history(conn, app_id, args.address, region) for app_id in apps]
     finally:
         await conn.close()
     if args.json:

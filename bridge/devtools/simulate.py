@@ -39,7 +39,8 @@ def random_email() -> str:
 
 
 def random_phone() -> str:
-    return "+48" + "".join(random.choices("0123456789", k=9))
+    # A Polish number of the 5xx ranges, all of them valid ones: the ingress refuses others.
+    return "+485" + "".join(random.choices("0123456789", k=8))
 
 
 def edrone_date(moment: datetime | None = None) -> str:

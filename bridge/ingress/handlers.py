@@ -45,7 +45,12 @@ async def update_subscriber_status(request: web.Request) -> web.Response:
     body = await read_fields(request, settings.max_body_bytes, settings.http_body_timeout_s)
     query = parse_form(request.rel_url.raw_query_string, "the query string")
     message, app = verify_webhook(
-        body, query, settings.apps, datetime.now(UTC), date_floor=settings.date_floor
+        body,
+        query,
+        settings.apps,
+        datetime.now(UTC),
+        date_floor=settings.date_floor,
+        phone_region=settings.phone_region,
     )
     with structlog.contextvars.bound_contextvars(
         app_id=message.app_id, event_id=message.event_id, channel=message.channel

@@ -17,11 +17,13 @@ from bridge.app_config import AppConfig, ProtocolVersion
 from schemas.fields import (
     DATE_FLOOR_CONTEXT,
     DEFAULT_DATE_FLOOR,
+    DEFAULT_PHONE_REGION,
     INT4_MAX,
     INT4_MIN,
     control_character,
 )
 from schemas.fields import normalise_email as canonical_email
+from schemas.fields import normalise_phone as canonical_phone
 from schemas.reasons import reason_name
 from schemas.subscription import SubscriptionStatusChanged
 
@@ -58,7 +60,6 @@ NON_EMPTY_FIELDS: dict[str, tuple[str, ...]] = {
     "LEGACY_UNSUBSCRIBE": (),
 }
 
-_PHONE = re.compile(r"^\+?[0-9][0-9 ()\-]{3,30}$")
 _INTEGER = re.compile(r"-?[0-9]{1,19}\Z")
 _MAX_EVENT_ID = 255
 
@@ -193,11 +194,23 @@ def normalise_email(raw: str) -> str:
         raise _bad(f"email: {exc}", "invalid_email") from None
 
 
-def normalise_phone(raw: str) -> str:
-    phone = raw.strip()
-    if not _PHONE.match(phone):
-        raise _bad("phone: not a phone number", "invalid_phone")
-    return phone
+def normalise_phone(raw: str, region: str) -> str:
+    """The phone's one form, E.164 (``schemas.fields.normalise_phone``); 400 when invalid."""
+    try:
+        return canonical_phone(raw, region)
+    except ValueError as exc:
+        # Why, never the number: the answer and the log line quote no personal data.
+        raise _bad(f"phone: {exc}", "invalid_phone") from None
+
+
+def _side_phone(raw: str, region: str) -> str | None:
+    """An e-mail change's phone, in E.164; left out when it is no valid number: the signature
+    does not cover it, nothing the change does needs it, and refusing the change for it would
+    lose an unsubscribe edrone can only retry unchanged."""
+    try:
+        return canonical_phone(raw, region) if raw.strip() else None
+    except ValueError:
+        return None
 
 
 def _status(raw: str) -> int | None:
@@ -231,9 +244,10 @@ def _event_id(raw: str) -> str:
 
 
 def _channel_and_address(
-    fields: Mapping[str, str], version: str
+    fields: Mapping[str, str], version: str, phone_region: str
 ) -> tuple[str, str, str | None, str | None]:
-    """(channel, address, email, phone); the address is the identifier the signature covers."""
+    """(channel, address, email, phone); the address is the identifier the signature covers,
+    in its one form (a phone in E.164, read in ``phone_region`` without its country code)."""
     if version == "NATIVE_5":
         # Exactly as signed: the signature chooses the e-mail only for "1" (signing.py), so a
         # trimmed " 1" would read a signed SMS change as a change of the unsigned e-mail.
@@ -241,7 +255,7 @@ def _channel_and_address(
         if type_id == "2":
             if "phone" not in fields:
                 raise _bad("missing field(s) for NATIVE_5 SMS: phone", "missing_field")
-            phone = normalise_phone(fields["phone"])
+            phone = normalise_phone(fields["phone"], phone_region)
             email = fields.get("email", "").strip()
             return "sms", phone, normalise_email(email) if email else None, phone
         if type_id != "1":
@@ -249,8 +263,7 @@ def _channel_and_address(
         if "email" not in fields:
             raise _bad("missing field(s) for NATIVE_5 e-mail: email", "missing_field")
     email = normalise_email(fields["email"])
-    phone = fields.get("phone", "").strip() or None
-    return "email", email, email, phone
+    return "email", email, email, _side_phone(fields.get("phone", ""), phone_region)
 
 
 def verify_webhook(
@@ -260,6 +273,7 @@ def verify_webhook(
     received_at: datetime,
     *,
     date_floor: datetime = DEFAULT_DATE_FLOOR,
+    phone_region: str = DEFAULT_PHONE_REGION,
 ) -> tuple[SubscriptionStatusChanged, AppConfig]:
     """Verify a webhook's fields (already rendered as PHP strings) and normalise them into the
     message the consumer reads, with the consumer's own rules (``schemas.fields``).
@@ -270,7 +284,7 @@ def verify_webhook(
     _check_text(fields)
     _require(fields, version)
     # Cheap field checks come before the hashing, but the app is proven before any is trusted.
-    channel, address, email, phone = _channel_and_address(fields, version)
+    channel, address, email, phone = _channel_and_address(fields, version, phone_region)
     app_id, app = _find_app(fields, version, apps)
     if version == "LEGACY_UNSUBSCRIBE":
         # The unsubscribe callback has neither an event id nor a date: it happens now.

@@ -11,7 +11,7 @@ from typing import Any
 
 import asyncpg
 
-from schemas.fields import normalise_email
+from schemas.fields import DEFAULT_PHONE_REGION, normalise_email, normalise_phone
 from schemas.reasons import reason_name
 from schemas.subscription import status_name
 
@@ -41,8 +41,8 @@ SELECT channel, address FROM sync_state
 WHERE app_id = $1 AND ((channel = 'sms' AND email = $2) OR (channel = 'email' AND address = $2))
 """
 _APPS_SQL = """
-SELECT DISTINCT app_id FROM sync_state WHERE address = $1 OR email = $1
-UNION SELECT DISTINCT app_id FROM inbox WHERE address = $1
+SELECT DISTINCT app_id FROM sync_state WHERE address = ANY($1::text[]) OR email = ANY($1::text[])
+UNION SELECT DISTINCT app_id FROM inbox WHERE address = ANY($1::text[])
 ORDER BY 1
 """
 
@@ -99,23 +99,43 @@ class History:
         }
 
 
-def addresses_of(text: str) -> tuple[str, str]:
-    """(channel, address) as the bridge keeps it: an e-mail in its one form, else a phone."""
+def addresses_of(text: str, phone_region: str = DEFAULT_PHONE_REGION) -> tuple[str, str]:
+    """(channel, address) as the bridge keeps it: an e-mail in its one form, else a phone in
+    E.164 (read in ``phone_region`` without its country code), or as typed if it is no
+    valid number. Raises ValueError for an invalid e-mail address."""
     if "@" in text:
         return "email", normalise_email(text)
-    return "sms", text.strip()
+    try:
+        return "sms", normalise_phone(text, phone_region)
+    except ValueError:
+        return "sms", text.strip()
 
 
-async def apps_of(conn: asyncpg.Connection, address: str) -> list[str]:
-    """The apps that know the address."""
-    return [row["app_id"] for row in await conn.fetch(_APPS_SQL, address)]
+def _asked(channel: str, address: str, text: str) -> set[tuple[str, str]]:
+    """The keys ``text`` (read as ``channel`` and ``address``) names: its one form, and for a
+    phone also the form typed, which a row stored before phones were normalised may still
+    have."""
+    return (
+        {(channel, address), (channel, text.strip())} if channel == "sms" else {(channel, address)}
+    )
 
 
-async def read_history(conn: asyncpg.Connection, app_id: str, text: str) -> History:
+async def apps_of(
+    conn: asyncpg.Connection, text: str, phone_region: str = DEFAULT_PHONE_REGION
+) -> list[str]:
+    """The apps that know the address ``text`` (an e-mail or a phone)."""
+    channel, address = addresses_of(text, phone_region)
+    addresses = sorted({known for _, known in _asked(channel, address, text)})
+    return [row["app_id"] for row in await conn.fetch(_APPS_SQL, addresses)]
+
+
+async def read_history(
+    conn: asyncpg.Connection, app_id: str, text: str, phone_region: str = DEFAULT_PHONE_REGION
+) -> History:
     """The history of the address ``text`` (an e-mail or a phone) in ``app_id``, with the
     customer's other channel where the bridge knows it."""
-    channel, address = addresses_of(text)
-    keys = {(channel, address)}
+    channel, address = addresses_of(text, phone_region)
+    keys = _asked(channel, address, text)
     if channel == "email":
         keys.update(
             (r["channel"], r["address"]) for r in await conn.fetch(_RELATED_SQL, app_id, address)
@@ -124,7 +144,9 @@ async def read_history(conn: asyncpg.Connection, app_id: str, text: str) -> Hist
     columns = [[c for c, _ in ordered], [a for _, a in ordered]]
     lines = [_line(row) for row in await conn.fetch(_LINES_SQL, app_id, *columns)]
     now = [_now(row) for row in await conn.fetch(_STATE_SQL, app_id, *columns)]
-    return History(app_id, ordered, lines, now)
+    # A phone's typed form is shown only where a row still has it.
+    known = {(x.channel, x.address) for x in [*lines, *now]} | {(channel, address)}
+    return History(app_id, [key for key in ordered if key in known], lines, now)
 
 
 def _line(row: asyncpg.Record) -> Line:

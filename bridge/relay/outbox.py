@@ -30,6 +30,7 @@ from bridge.publishing import ConfirmedPublisher, PublishFailed
 from bridge.relay.triggers import install_triggers, notify_channel
 from bridge.shop_table import resolve_targets
 from bridge.starting import Stopped
+from schemas.fields import DEFAULT_PHONE_REGION, PHONE_REGION_CONTEXT
 from schemas.platform_event import CustomerSubscriptionChanged
 
 log = structlog.get_logger(__name__)
@@ -58,9 +59,13 @@ RETURNING id
 _MAX_ERROR_CHARS = 1_000
 
 
-def platform_event(row: Mapping[str, Any]) -> CustomerSubscriptionChanged:
+def platform_event(
+    row: Mapping[str, Any], phone_region: str = DEFAULT_PHONE_REGION
+) -> CustomerSubscriptionChanged:
     """The outbox row as the platform event the trace forwarder reads; SMS fields only where
-    the mapping has an SMS column (absent says nothing; null would say unknown)."""
+    the mapping has an SMS column (absent says nothing; null would say unknown), the phone in
+    E.164 however the shop's table holds it (read in ``phone_region`` without its country
+    code); ValidationError for a row that is no valid event."""
     fields: dict[str, Any] = {
         "event_id": str(row["event_id"]),
         "occurred_at": row["occurred_at"],
@@ -71,7 +76,9 @@ def platform_event(row: Mapping[str, Any]) -> CustomerSubscriptionChanged:
     if row["sms_tracked"]:
         fields["sms_subscriber_status"] = row["sms_subscriber_status"]
         fields["phone"] = row["phone"]
-    return CustomerSubscriptionChanged.model_validate(fields)
+    return CustomerSubscriptionChanged.model_validate(
+        fields, context={PHONE_REGION_CONTEXT: phone_region}
+    )
 
 
 def failure_kind(exc: BaseException) -> str:
@@ -140,7 +147,7 @@ class Relay:
         errors: dict[int, str] = {}
         for row in rows:  # in id order: a later row replaces an earlier one
             try:
-                event = platform_event(row)
+                event = platform_event(row, self._settings.phone_region)
             except ValidationError as exc:
                 error = exc.errors(include_url=False, include_input=False)[0]
                 where = ".".join(str(part) for part in error["loc"])

@@ -118,6 +118,7 @@ class TestDefaults:
         assert settings.database_schema == "edrone_bridge"
         assert settings.max_body_bytes == 64 * 1024
         assert settings.apps == {}
+        assert settings.phone_region == "PL"
 
 
 class TestTomlFile:
@@ -210,6 +211,15 @@ class TestEnvironment:
         result = load_in_subprocess({"EDRONE_BRIDGE_HTTP_PORT": "eighty"})
         assert result.returncode == 2
         assert "http_port" in result.stderr
+
+    def test_phone_region_is_a_known_region_in_any_case(self):
+        """EDRONE_BRIDGE_PHONE_REGION takes a region code phonenumbers knows, in any case; any
+        other stops the start naming the key and its variable."""
+        assert Settings(phone_region="de").phone_region == "DE"
+        result = load_in_subprocess({"EDRONE_BRIDGE_PHONE_REGION": "Poland"})
+        assert result.returncode == 2
+        assert "phone_region:" in result.stderr
+        assert "EDRONE_BRIDGE_PHONE_REGION" in result.stderr
 
 
 class TestInvalid:

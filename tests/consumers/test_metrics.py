@@ -10,11 +10,15 @@ import aiohttp
 
 from bridge.amqp import topology
 from bridge.metrics import Metrics, observability_app
+from consumers import traces
+from consumers.service import consumer_of
 from tests.support.consumers import (
     make_event,
     publish,
+    publish_platform,
     ready_count,
     serve_subscriptions,
+    shop_event,
     wait_until,
 )
 
@@ -59,6 +63,25 @@ async def test_consumer_counts_and_samples(
     finally:
         stopping.set()
         await asyncio.wait_for(task, 30)
+
+
+async def test_a_trace_edrone_accepted_is_counted_as_sent(fake, make_traces, amqp_connection, pool):
+    """A trace edrone answered 200 is the outcome ``sent``, never ``applied`` (an applied
+    subscription change): in the counters, their summary and repr, and the events metric."""
+    settings = await make_traces()
+    await publish_platform(amqp_connection, settings, [shop_event()])
+    metrics = Metrics()
+
+    built = consumer_of(traces.PART, settings, amqp_connection, pool, metrics=metrics)
+    async with built as consumer, consumer:
+        await consumer.run(burst=True)
+
+    queue = topology(settings).traces_queue
+    assert (consumer.counters.sent, consumer.counters.applied) == (1, 0)
+    assert consumer.counters.summary()["sent"] == 1
+    assert "sent=1" in repr(consumer)
+    assert sample(metrics, "events_total", queue=queue, outcome="sent") == 1
+    assert sample(metrics, "events_total", queue=queue, outcome="applied") is None
 
 
 async def test_observability_endpoints(aiohttp_client):

@@ -10,6 +10,7 @@ import pytest
 from bridge.amqp import declare_trace_topology, topology
 from bridge.devtools.fake_edrone import FakeEdrone
 from bridge.ingress.app import create_app
+from bridge.signing import sign
 from tests.support.consumers import (
     publish_platform,
     ready_count,
@@ -17,7 +18,7 @@ from tests.support.consumers import (
     shop_event,
     wait_until,
 )
-from tests.support.vectors import APP_ID, EMAIL, PHONE, VECTOR_A, VECTOR_B
+from tests.support.vectors import APP_ID, EMAIL, PHONE, SECRET, VECTOR_A, VECTOR_B
 
 PATH = "/update_subscriber_status"
 FORM = {"Content-Type": "application/x-www-form-urlencoded"}
@@ -121,3 +122,32 @@ async def test_sms_echo_is_not_traced_a_new_sms_status_once(
     [trace] = await shop_publishes(amqp_connection, bridge, fake, db, sms_off)
     assert (trace.form["subscriber_status"], trace.form["sms_subscriber_status"]) == ("0", "0")
     assert trace.form["phone"] == PHONE
+
+
+async def test_typed_forms_of_one_phone_are_one_address(bridge, client, db, fake, amqp_connection):
+    """edrone's webhooks give the phone as +48500100200 and as 48 500 100 200, the shop as
+    +48 500 100 200 and 500 100 200 (national, read in the default region PL): one address on
+    both paths. One ledger row and one SMS sync state; the shop mirroring edrone's SMS status
+    is not traced back, and its new SMS status is traced with the phone in E.164."""
+    await webhook(client, db, VECTOR_A, applied=1)  # e-mail: unsubscribed
+    await webhook(client, db, VECTOR_B, applied=2)  # SMS: subscribed, +48500100200
+    typed = {
+        **VECTOR_B,
+        "phone": "48 500 100 200",
+        "event_id": "evt-typed",
+        "event_date": "2024-01-15T10:31:00.000Z",
+    }
+    await webhook(client, db, {**typed, "signature": sign("NATIVE_5", typed, SECRET, APP_ID)}, 3)
+    ledger = await db.fetch("SELECT address, event_id FROM subscribers WHERE channel = 'sms'")
+    assert [(r["address"], r["event_id"]) for r in ledger] == [(PHONE, "evt-typed")]
+
+    mirror = shop_event(EMAIL, status=0, phone="+48 500 100 200", sms_subscriber_status=1)
+    assert await shop_publishes(amqp_connection, bridge, fake, db, mirror) == []
+
+    sms_off = shop_event(EMAIL, status=0, phone="500 100 200", sms_subscriber_status=0)
+    [trace] = await shop_publishes(amqp_connection, bridge, fake, db, sms_off)
+    assert (trace.form["phone"], trace.form["sms_subscriber_status"]) == (PHONE, "0")
+    states = await db.fetch("SELECT address, status FROM sync_state WHERE channel = 'sms'")
+    assert [(r["address"], r["status"]) for r in states] == [(PHONE, 0)]
+    lines = await db.fetch("SELECT DISTINCT address FROM sync_history WHERE channel = 'sms'")
+    assert [r["address"] for r in lines] == [PHONE]

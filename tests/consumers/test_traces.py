@@ -98,6 +98,10 @@ FORM_CASES = {
         event(OTHER_APP_ID, status=0, phone="+48500100200", sms_subscriber_status=1),
         form(OTHER_APP_ID, subscriber_status="0", phone="+48500100200", sms_subscriber_status="1"),
     ),
+    "a typed phone is sent in E.164": (
+        event(OTHER_APP_ID, status=0, phone="48 500-100-200", sms_subscriber_status=1),
+        form(OTHER_APP_ID, subscriber_status="0", phone="+48500100200", sms_subscriber_status="1"),
+    ),
     "phone without an SMS status": (
         event(OTHER_APP_ID, phone="+48500100200", sms_subscriber_status=None),
         form(OTHER_APP_ID, phone="+48500100200"),
@@ -168,7 +172,7 @@ class TestForm:
         assert (request.method, request.path, request.status) == ("POST", "/trace", 200)
         assert request.headers["content-type"] == FORM
         assert decoded(request) == expected
-        assert consumer.counters.applied == 1
+        assert consumer.counters.sent == 1
 
     async def test_values_are_encoded_exactly_once(self, fake, make_traces, amqp_connection, pool):
         """'+', '@', '&', '=', spaces and non-ASCII letters are percent-encoded once (UTF-8),
@@ -213,7 +217,7 @@ class TestDeadLettering:
         consumer = await forward_burst(amqp_connection, pool, settings)
 
         assert [r.form["email"] for r in fake.requests] == ["good@example.com"]
-        assert (consumer.counters.applied, consumer.counters.dead_lettered) == (1, len(broken))
+        assert (consumer.counters.sent, consumer.counters.dead_lettered) == (1, len(broken))
         dead = await take_all(amqp_connection, names.dead_letter_queue(names.traces_queue))
         assert sorted(m.body for m in dead) == sorted(broken)
         for message in dead:
@@ -339,7 +343,7 @@ class TestRetries:
         assert failed >= len(emails)
         # Every failed call and nothing else went to a retry tier; none to the DLQ.
         assert sum(consumer.counters.deferred.values()) == failed
-        assert (consumer.counters.applied, consumer.counters.dead_lettered) == (len(emails), 0)
+        assert (consumer.counters.sent, consumer.counters.dead_lettered) == (len(emails), 0)
         assert sum((await depths(amqp_connection, settings)).values()) == 0
         print(f"\n500s then recovery: failed={failed} delivered={len(accepted(fake))} dlq=0")
 
@@ -374,7 +378,7 @@ class TestRetries:
         async with trace_consumer(amqp_connection, pool, settings) as consumer, running(consumer):
             await wait_until(lambda: fake.requests)
             fake.faults.latency_ms = 0
-            await wait_until(lambda: consumer.counters.applied == 1)
+            await wait_until(lambda: consumer.counters.sent == 1)
 
         assert len(fake.requests) == 2
         assert consumer.counters.deferred == Counter({0.2: 1})
@@ -480,7 +484,7 @@ class TestFewerCalls:
         sent = {r.form["email"]: r.form["subscriber_status"] for r in fake.requests}
         assert sent == {"jan@example.com": "0", "ola@example.com": "1"}
         assert len(fake.requests) == 2
-        assert (consumer.counters.applied, consumer.counters.skipped) == (
+        assert (consumer.counters.sent, consumer.counters.skipped) == (
             2,
             Counter({"coalesced": 2}),
         )
@@ -496,7 +500,7 @@ class TestFewerCalls:
             amqp_connection, settings, [shop_event(status=1, at=-timedelta(seconds=10))]
         )
         first = await forward_burst(amqp_connection, pool, settings)
-        assert (first.counters.applied, len(fake.requests)) == (1, 1)
+        assert (first.counters.sent, len(fake.requests)) == (1, 1)
         # edrone told the bridge an hour ago that ola unsubscribed.
         await db.execute(
             "INSERT INTO subscribers (app_id, channel, address, status, reason, event_id,"
@@ -511,7 +515,7 @@ class TestFewerCalls:
         again = await forward_burst(amqp_connection, pool, settings)
 
         assert len(fake.requests) == 1
-        assert (again.counters.applied, again.counters.skipped) == (0, Counter({"noop": 2}))
+        assert (again.counters.sent, again.counters.skipped) == (0, Counter({"noop": 2}))
         assert sum((await depths(amqp_connection, settings)).values()) == 0
 
     async def test_change_older_than_the_last_trace_is_not_sent(
@@ -548,13 +552,13 @@ class TestFewerCalls:
         echo = await forward_burst(amqp_connection, pool, settings)
 
         assert fake.requests == []
-        assert (echo.counters.applied, echo.counters.skipped) == (0, Counter({"noop": 1}))
+        assert (echo.counters.sent, echo.counters.skipped) == (0, Counter({"noop": 1}))
 
         await publish_platform(amqp_connection, settings, [shop_event(status=1)])
         change = await forward_burst(amqp_connection, pool, settings)
 
         assert [r.form["subscriber_status"] for r in fake.requests] == ["1"]
-        assert (change.counters.applied, change.counters.skipped) == (1, Counter())
+        assert (change.counters.sent, change.counters.skipped) == (1, Counter())
 
 
 async def test_rate_limit_holds_under_a_burst(fake, make_traces, amqp_connection, pool):
@@ -579,7 +583,7 @@ async def test_rate_limit_holds_under_a_burst(fake, make_traces, amqp_connection
     assert 0 < consumer.spec.handler.rate_limit_waits <= 900
     assert accepted(fake) == Counter(dict.fromkeys(emails, 1))
     assert len(times) == 1000
-    assert consumer.counters.applied == 1000
+    assert consumer.counters.sent == 1000
 
 
 class TestDatesAndAddresses:
@@ -597,7 +601,7 @@ class TestDatesAndAddresses:
 
         first = await forward_burst(amqp_connection, pool, settings)
 
-        assert first.counters.applied == 1
+        assert first.counters.sent == 1
         [sent] = fake.requests
         told = datetime.strptime(sent.form["event_utc_date"], "%Y-%m-%d %H:%M:%S")
         assert before.replace(microsecond=0, tzinfo=None) <= told < datetime(2100, 1, 1)
@@ -608,7 +612,7 @@ class TestDatesAndAddresses:
         await publish_platform(amqp_connection, settings, [shop_event(status=1)])
         second = await forward_burst(amqp_connection, pool, settings)
 
-        assert second.counters.applied == 1
+        assert second.counters.sent == 1
         assert [r.form["subscriber_status"] for r in fake.requests] == ["0", "1"]
 
     async def test_occurred_at_before_the_floor_is_dead_lettered(
@@ -643,3 +647,60 @@ class TestDatesAndAddresses:
         assert [(r.form["email"], r.form["subscriber_status"]) for r in fake.requests] == [
             ("user@bücher.de", "1")
         ]
+
+    async def test_typed_forms_of_one_phone_are_one_address(
+        self, fake, make_traces, amqp_connection, pool, db
+    ):
+        """The shop's spellings of one phone (with or without the country code, spaced or
+        not) are one SMS address: coalesced into one trace, the phone sent in E.164."""
+        settings = await make_traces()
+        events = [
+            shop_event(
+                status=1, phone="+48 500 100 200", sms_subscriber_status=0, at=-timedelta(seconds=2)
+            ),
+            shop_event(status=1, phone="500100200", sms_subscriber_status=1),
+        ]
+        await publish_platform(amqp_connection, settings, events)
+
+        consumer = await forward_burst(amqp_connection, pool, settings)
+
+        assert consumer.counters.skipped == Counter({"coalesced": 1})
+        assert [(r.form["phone"], r.form["sms_subscriber_status"]) for r in fake.requests] == [
+            ("+48500100200", "1")
+        ]
+        states = await db.fetch("SELECT address FROM sync_state WHERE channel = 'sms'")
+        assert [r["address"] for r in states] == ["+48500100200"]
+
+    async def test_national_phone_is_read_in_the_configured_region(
+        self, fake, make_traces, amqp_connection, pool
+    ):
+        """EDRONE_BRIDGE_PHONE_REGION reads the shop's numbers typed without a country code."""
+        settings = await make_traces()
+        settings = settings.model_copy(update={"phone_region": "DE"})
+        await publish_platform(
+            amqp_connection, settings, [shop_event(phone="030 123456", sms_subscriber_status=1)]
+        )
+
+        await forward_burst(amqp_connection, pool, settings)
+
+        assert [r.form["phone"] for r in fake.requests] == ["+4930123456"]
+
+    async def test_invalid_phone_is_dead_lettered_and_changes_nothing(
+        self, fake, make_traces, amqp_connection, pool, db
+    ):
+        """A shop change whose phone is no valid number breaks the contract: dead-lettered at
+        once, x-error naming the field and never the number; nothing sent, nothing stored."""
+        settings = await make_traces()
+        names = topology(settings)
+        broken = shop_event(phone="(0) 500-100-200", sms_subscriber_status=0)
+        await publish_platform(amqp_connection, settings, [broken])
+
+        consumer = await forward_burst(amqp_connection, pool, settings)
+
+        assert (consumer.counters.dead_lettered, fake.requests) == (1, [])
+        [dead] = await take_all(amqp_connection, names.dead_letter_queue(names.traces_queue))
+        error = dead.headers[HEADER_ERROR]
+        assert error.startswith("invalid platform event: phone: ")
+        assert "500" not in error
+        assert await db.fetchval("SELECT count(*) FROM sync_state") == 0
+        assert await db.fetchval("SELECT count(*) FROM sync_history") == 0

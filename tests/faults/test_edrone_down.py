@@ -75,7 +75,7 @@ class TestEdroneDown:
             edrone_503=answered[503],
             requests=len(fake.requests),
             deferred_by_tier=dict(counters.deferred),
-            acked_applied=counters.applied,
+            acked_sent=counters.sent,
             delivered=len(per_email),
             requests_200=answered[200],
             duplicated=sum(1 for n in per_email.values() if n > 1),

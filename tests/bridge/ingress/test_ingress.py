@@ -46,6 +46,12 @@ def signed_native5(**changes: str) -> dict[str, str]:
     return fields
 
 
+def signed_sms(phone: str) -> dict[str, str]:
+    fields = {**VECTOR_B, "phone": phone}
+    fields["signature"] = sign("NATIVE_5", fields, SECRET, APP_ID)
+    return fields
+
+
 class TestAccepted:
     @pytest.mark.parametrize("name", sorted(VECTORS))
     @pytest.mark.parametrize("encode", [json_body, form_body], ids=["json", "form"])
@@ -102,6 +108,30 @@ class TestAccepted:
         assert response.status == 200, await response.text()
         [message] = await queued(settings, amqp_connection)
         assert SubscriptionStatusChanged.model_validate_json(message.body).address == EMAIL
+
+    async def test_phone_is_published_in_e164(self, client, settings, amqp_connection):
+        """The signature covers the phone as edrone typed it; the message carries it in E.164,
+        the one form of a phone on both paths."""
+        response = await client.post(PATH, **form_body(signed_sms("48 500 100 200")))
+        assert response.status == 200, await response.text()
+        [message] = await queued(settings, amqp_connection)
+        event = SubscriptionStatusChanged.model_validate_json(message.body)
+        assert (event.channel, event.address, event.phone) == (
+            "sms",
+            VECTOR_B["phone"],
+            event.address,
+        )
+
+    async def test_national_phone_is_read_in_the_configured_region(
+        self, aiohttp_client, make_settings, amqp_connection
+    ):
+        """EDRONE_BRIDGE_PHONE_REGION reads a number typed without its country code."""
+        german = make_settings(phone_region="DE")
+        client = await aiohttp_client(create_app(german))
+        response = await client.post(PATH, **form_body(signed_sms("030 123456")))
+        assert response.status == 200, await response.text()
+        [message] = await queued(german, amqp_connection)
+        assert SubscriptionStatusChanged.model_validate_json(message.body).address == "+4930123456"
 
     async def test_native4(self, client, settings, amqp_connection):
         """NATIVE_4 (no type, no phone) is read as an e-mail change."""
@@ -185,6 +215,9 @@ REJECTIONS: dict[str, tuple[dict[str, Any], int, str]] = {
         "missing_field",
     ),
     "invalid e-mail": (form_body(signed_native5(email="not-an-email")), 400, "invalid_email"),
+    # The old check (digits, spaces, brackets and dashes) let these through.
+    "phone of no numbering plan": (form_body(signed_sms("+48 100 100 100")), 400, "invalid_phone"),
+    "phone with a trunk zero": (form_body(signed_sms("(0) 500-100-200")), 400, "invalid_phone"),
     "unparseable event_date": (
         form_body(signed_native5(event_date="15/01/2024 10:30")),
         400,

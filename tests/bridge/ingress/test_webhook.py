@@ -105,6 +105,45 @@ class TestFields:
         """A phone that is no phone number is refused."""
         assert rejected(resign({**VECTOR_B, "phone": "call me"})).error == "invalid_phone"
 
+    @pytest.mark.parametrize("phone", ["(0) 500-100-200", "+48 123 456", "+48 500 100 200 ext 7"])
+    def test_phone_that_is_no_valid_number_is_a_400_that_does_not_quote_it(self, phone):
+        """An SMS change's phone must be a valid number (phonenumbers): otherwise 400
+        invalid_phone, whose detail says why and never quotes the number."""
+        error = rejected(resign({**VECTOR_B, "phone": phone}))
+        assert (error.status, error.error) == (400, "invalid_phone")
+        assert error.detail.startswith("phone: ")
+        assert "500" not in error.detail and "456" not in error.detail
+
+    @pytest.mark.parametrize("typed", ["48 500 100 200", "+48 500-100-200", "0048500100200"])
+    def test_sms_address_is_e164(self, typed):
+        """The phone edrone typed is signed as typed, and stored in its one form, E.164."""
+        message, _ = verify_webhook(resign({**VECTOR_B, "phone": typed}), {}, APPS, NOW)
+        assert (message.channel, message.address, message.phone) == (
+            "sms",
+            "+48500100200",
+            "+48500100200",
+        )
+
+    def test_national_number_is_read_in_the_default_region(self):
+        """Without its country code a number is read in the configured region (PL unless
+        set): the same national digits are another phone in another region."""
+        national = resign({**VECTOR_B, "phone": "500 100 200"})
+        message, _ = verify_webhook(national, {}, APPS, NOW)
+        assert message.address == "+48500100200"
+        german = resign({**VECTOR_B, "phone": "030 123456"})
+        message, _ = verify_webhook(german, {}, APPS, NOW, phone_region="DE")
+        assert message.address == "+4930123456"
+
+    def test_phone_beside_an_email_change_is_e164_or_left_out(self):
+        """An e-mail change's phone (which its signature does not cover) is kept in E.164;
+        one that is no valid number is left out rather than refusing the e-mail change."""
+        typed = resign({**VECTOR_A, "phone": "48 500 100 200"})
+        message, _ = verify_webhook(typed, {}, APPS, NOW)
+        assert (message.channel, message.phone) == ("email", "+48500100200")
+        broken = resign({**VECTOR_A, "phone": "call me"})
+        message, _ = verify_webhook(broken, {}, APPS, NOW)
+        assert (message.channel, message.address, message.phone) == ("email", EMAIL, None)
+
     def test_unknown_reason_code_is_kept(self):
         """Reason codes past the legible table are kept as numbers, without a name."""
         message, _ = verify_webhook(

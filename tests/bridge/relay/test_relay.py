@@ -282,15 +282,19 @@ class TestCommand:
         ]
 
 
-async def test_sms_columns_are_applied_and_relayed(make_settings, db, amqp_connection):
-    """With an SMS mapping, edrone's SMS change finds its row by phone and sets the SMS flag
-    without echo; a shop change of that flag is relayed with phone and sms_subscriber_status."""
+@pytest.mark.parametrize(
+    "stored", ["+48500100200", "+48 500 100 200", "48500100200", "500 100 200"]
+)
+async def test_sms_columns_are_applied_and_relayed(make_settings, db, amqp_connection, stored):
+    """With an SMS mapping, edrone's SMS change finds its row by phone, however the shop typed
+    it, and sets the SMS flag without echo; a shop change of that flag is relayed with
+    sms_subscriber_status and the phone in E.164."""
     await db.execute(
         "CREATE TABLE ps_customer (id_customer serial PRIMARY KEY, email text NOT NULL, "
         "newsletter boolean NOT NULL DEFAULT false, phone_mobile text, sms_optin boolean)"
     )
     await db.execute(
-        "INSERT INTO ps_customer (email, phone_mobile) VALUES ('jan@example.com', '+48500100200')"
+        "INSERT INTO ps_customer (email, phone_mobile) VALUES ('jan@example.com', $1)", stored
     )
     target = {
         "table": "ps_customer",
