@@ -32,6 +32,10 @@ class Made:
     whole_seconds: bool = False
     # A shop change the bridge cannot tell from the echo of its own write (see ``doubtful``).
     doubtful: bool = False
+    # A shop change the bridge may take for the echo of a write whose real echo comes later,
+    # and that echo for a person's change: the echo as that change would then stand (see
+    # ``mark_swapped``). Never in ``Timeline.made``: the oracle weighs one or the other.
+    swapped: Made | None = None
 
 
 @dataclass
@@ -48,6 +52,9 @@ class Timeline:
             precision = " (whole-second date)" if change.whole_seconds else ""
             if change.doubtful:
                 precision += " (looks like the echo of the bridge's write)"
+            if change.swapped is not None:
+                at = change.swapped.at.isoformat(timespec="milliseconds")
+                precision += f" (may pass for the echo of the bridge's write, echoed at {at})"
             lines.append(
                 f"  {change.at.isoformat(timespec='milliseconds')} {change.side:<6} "
                 f"sets {change.status}{precision}"
@@ -93,17 +100,42 @@ def mark_doubtful(
             )
 
 
+def mark_swapped(
+    made: list[Made], echoed: list[tuple[datetime, int, datetime]], echo_latency_s: float
+) -> None:
+    """A shop that names no causes, and applies the bridge's write late: a person's change to
+    the write's status, made after the write was published (within the echo latency) but before
+    the shop applied it, looks to the bridge like the write's echo, and the real echo, which
+    comes later, like a person's change. The two shop events say the same, so neither reading
+    can be ruled out (docs/design.md, the echo contract); ``echoed`` holds (published_at,
+    status, applied_at) of the writes that did change the shop."""
+    for change in made:
+        if change.side != SHOP or change.swapped is not None:
+            continue
+        for published, status, applied in echoed:
+            since_s = (change.at - published).total_seconds()
+            if status == change.status and 0 <= since_s < echo_latency_s and change.at < applied:
+                change.swapped = Made(SHOP, status, applied)
+                break
+
+
 def acceptable(made: list[Made]) -> set[int]:
     """The statuses that may win: the newest change's; where a change of another status ties
     with it at the coarser resolution of the two (an edrone date to the second), that one's
     too (the bridge breaks such ties by the order it learned them); and, for every choice of
-    doubtful changes left out, what wins then."""
-    doubtful = [change for change in made if change.doubtful]
-    if doubtful:
+    doubtful changes left out, and of swapped ones taken as their echo, what wins then."""
+    choices = [c for c in made if c.doubtful or c.swapped is not None]
+    if choices:
         statuses: set[int] = set()
-        for mask in range(2 ** len(doubtful)):
-            left_out = {id(c) for n, c in enumerate(doubtful) if mask >> n & 1}
-            statuses |= _acceptable([c for c in made if id(c) not in left_out]) or {INITIAL}
+        for mask in range(2 ** len(choices)):
+            chosen = {id(c) for n, c in enumerate(choices) if mask >> n & 1}
+            reading = []
+            for change in made:
+                if id(change) not in chosen:
+                    reading.append(change)
+                elif change.swapped is not None:
+                    reading.append(change.swapped)  # this one was the echo; the echo, a person's
+            statuses |= _acceptable(reading) or {INITIAL}
         return statuses
     return _acceptable(made)
 

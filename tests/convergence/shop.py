@@ -107,6 +107,8 @@ class BusShop:
         # The bridge's events that changed nothing here (the shop held their status): no echo
         # of theirs ever comes, (published_at, status) per customer.
         self.unechoed: defaultdict[str, list[tuple[datetime, int]]] = defaultdict(list)
+        # Those that changed the shop: (published_at, status, applied_at) per customer.
+        self.echoed: defaultdict[str, list[tuple[datetime, int, datetime]]] = defaultdict(list)
         # One customer's changes in turn, as one row's would be; customers in parallel.
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
 
@@ -139,6 +141,8 @@ class BusShop:
                 return
             self.status[email] = status
             now = datetime.now(UTC)
+            published = datetime.fromisoformat(event["published_at"])
+            self.echoed[email].append((published, status, now))
             self.log[email].append(
                 f"{now.isoformat(timespec='milliseconds')} shop: bridge sets {status}"
             )
