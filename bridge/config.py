@@ -215,6 +215,10 @@ class Settings(BaseSettings):
     metrics_port: int | None = Field(default=None, ge=0, le=65_535)
     # How often queue depths, ages and connections are sampled into the metrics.
     monitor_interval_s: float = Field(default=15.0, gt=0)
+    # Set, `consume subscriptions` (and `run`) prune what is older than this many days every
+    # retention_interval_s, as `edrone-bridge prune --older-than` does; unset, nothing is pruned.
+    retention_days: float | None = Field(default=None, ge=1)
+    retention_interval_s: float = Field(default=3600.0, gt=0)
     # aiohttp's request parser limits, set explicitly: a request over one is answered 400 before
     # any handler runs. edrone sends a short request line and a handful of short headers.
     max_request_line_bytes: int = Field(default=8190, ge=256)

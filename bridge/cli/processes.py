@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import functools
 import signal
 import sys
 from collections.abc import Awaitable, Callable
+from datetime import timedelta
 from typing import TYPE_CHECKING
 
 import asyncpg
@@ -24,7 +26,7 @@ from bridge.cli.common import (
     stop_on_signals,
 )
 from bridge.config import Settings
-from bridge.db import CONNECT_ERRORS, unreachable
+from bridge.db import CONNECT_ERRORS, close_pool, create_pool, unreachable
 from bridge.migrate import migrate
 from bridge.starting import Stopped, unless_stopped
 
@@ -108,13 +110,50 @@ def ingress_part() -> Part:
 def subscriptions_part(metrics: Metrics | None = None, *, expose_metrics: bool = True) -> Part:
     from consumers.subscriptions import PART
 
-    return _served(PART, metrics, expose_metrics)
+    return with_retention(_served(PART, metrics, expose_metrics))
 
 
 def traces_part(metrics: Metrics | None = None, *, expose_metrics: bool = True) -> Part:
     from consumers.traces import PART
 
     return _served(PART, metrics, expose_metrics)
+
+
+def with_retention(part: Part) -> Part:
+    """``part``, and beside it, while it runs, the scheduled prune of EDRONE_BRIDGE_RETENTION_DAYS
+    (if set) on a small pool of its own."""
+
+    async def serve(settings: Settings, stopping: asyncio.Event) -> None:
+        if settings.retention_days is None:
+            await part(settings, stopping)
+            return
+        from bridge.ops.prune import prune_on_schedule
+
+        try:
+            pool = await create_pool(
+                settings, command_timeout_s=60.0, max_size=2, stopping=stopping
+            )
+        except Stopped:
+            return
+        pruner = asyncio.create_task(
+            prune_on_schedule(
+                pool,
+                timedelta(days=settings.retention_days),
+                interval_s=settings.retention_interval_s,
+                stopping=stopping,
+                schema=settings.database_schema,
+            ),
+            name="scheduled prune",
+        )
+        try:
+            await part(settings, stopping)
+        finally:
+            pruner.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await pruner
+            await close_pool(pool, 5.0)
+
+    return serve
 
 
 def _served(part: ConsumerPart, metrics: Metrics | None, expose_metrics: bool) -> Part:

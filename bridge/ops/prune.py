@@ -13,11 +13,14 @@ about 36 minutes, far inside any retention this command allows."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from dataclasses import dataclass
 from datetime import timedelta
 
 import asyncpg
 import structlog
+
+from bridge.db import DATABASE_ERRORS
 
 log = structlog.get_logger(__name__)
 
@@ -85,3 +88,38 @@ async def _delete(
         if deleted < batch_size:
             return total
         await asyncio.sleep(pause_s)  # room for the consumers' own transactions
+
+
+async def prune_on_schedule(
+    pool: asyncpg.Pool,
+    older_than: timedelta,
+    *,
+    interval_s: float,
+    stopping: asyncio.Event,
+    schema: str,
+) -> None:
+    """:func:`prune` every ``interval_s`` (the first round after one interval) until
+    ``stopping`` is set. Of several processes on one schema, one prunes at a time (an advisory
+    lock: the others skip that round); a failed round is logged and tried again next time."""
+    while not stopping.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stopping.wait(), interval_s)
+        if stopping.is_set():
+            return
+        try:
+            await prune_once(pool, older_than, schema)
+        except DATABASE_ERRORS as exc:
+            log.warning("scheduled_prune_failed", error=repr(exc))
+
+
+async def prune_once(pool: asyncpg.Pool, older_than: timedelta, schema: str) -> None:
+    async with pool.acquire() as lock:
+        key = f"edrone-bridge prune {schema}"
+        if not await lock.fetchval("SELECT pg_try_advisory_lock(hashtext($1))", key):
+            log.info("scheduled_prune_skipped", reason="another process is pruning")
+            return
+        try:
+            done = await prune(pool, older_than)
+            log.info("scheduled_prune_done", rows=sum(done.values()), older_than=str(older_than))
+        finally:
+            await lock.execute("SELECT pg_advisory_unlock(hashtext($1))", key)

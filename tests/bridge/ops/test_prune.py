@@ -3,12 +3,14 @@ every event, in batches, and keeps the ledger, the sync state and whatever is un
 
 from __future__ import annotations
 
+import asyncio
 from datetime import timedelta
 
 import pytest
 
+from bridge.cli.processes import with_retention
 from bridge.db import create_pool
-from bridge.ops.prune import TABLES, prune
+from bridge.ops.prune import TABLES, prune, prune_once
 from tests.support.cli import run_cli
 
 OLD = "now() - interval '40 days'"
@@ -117,3 +119,71 @@ class TestCommand:
         result = run_cli("prune", "--older-than", "0.5")
         assert result.returncode == 2
         assert "at least 1 day" in result.stderr
+
+
+class TestSchedule:
+    """EDRONE_BRIDGE_RETENTION_DAYS: the subscription consumer's process prunes on a schedule,
+    one process of a schema at a time."""
+
+    async def test_a_served_part_prunes_every_interval_and_stops_with_it(self, db, make_settings):
+        """While the part runs, old rows go each interval; a stop ends both at once."""
+        settings = make_settings(retention_days=30, retention_interval_s=0.2)
+        await fill(db)
+        stopping = asyncio.Event()
+        ran: list[bool] = []
+
+        async def part(settings, stopping: asyncio.Event) -> None:
+            ran.append(True)
+            await stopping.wait()
+
+        served = asyncio.create_task(with_retention(part)(settings, stopping))
+        try:
+            async with asyncio.timeout(10):
+                while await db.fetchval("SELECT count(*) FROM inbox") != 1:  # noqa: ASYNC110
+                    await asyncio.sleep(0.05)
+            await fill_more(db)  # old again, after the first round: the next round takes it
+            async with asyncio.timeout(10):
+                while await db.fetchval("SELECT count(*) FROM inbox") != 1:  # noqa: ASYNC110
+                    await asyncio.sleep(0.05)
+        finally:
+            stopping.set()
+            async with asyncio.timeout(5):
+                await served
+        assert ran == [True]
+        assert await db.fetchval("SELECT count(*) FROM subscribers") == 1  # never pruned
+
+    async def test_unset_it_prunes_nothing(self, db, make_settings):
+        settings = make_settings(retention_interval_s=0.1)
+        await fill(db)
+        stopping = asyncio.Event()
+
+        async def part(settings, stopping: asyncio.Event) -> None:
+            await asyncio.sleep(0.5)
+
+        await with_retention(part)(settings, stopping)
+        assert await db.fetchval("SELECT count(*) FROM inbox") == 4
+
+    async def test_a_round_is_skipped_while_another_process_prunes(self, db, settings):
+        """The advisory lock held elsewhere (another consumer pruning): this round deletes
+        nothing, and the next one, free again, does."""
+        await fill(db)
+        key = f"edrone-bridge prune {settings.database_schema}"
+        assert await db.fetchval("SELECT pg_try_advisory_lock(hashtext($1))", key)
+        pool = await create_pool(settings, command_timeout_s=30)
+        try:
+            await prune_once(pool, timedelta(days=30), settings.database_schema)
+            assert await db.fetchval("SELECT count(*) FROM inbox") == 4
+            await db.execute("SELECT pg_advisory_unlock(hashtext($1))", key)
+            await prune_once(pool, timedelta(days=30), settings.database_schema)
+            assert await db.fetchval("SELECT count(*) FROM inbox") == 1
+        finally:
+            await pool.close()
+
+
+async def fill_more(db) -> None:
+    await db.execute(
+        "INSERT INTO inbox (app_id, event_id, channel, address, status, event_date,"
+        " event_date_raw, protocol, received_at, processed_at, outcome)"
+        f" VALUES ('a', 'e-late', 'email', 'late@example.com', 1, {OLD}, '', 'NATIVE_5',"
+        f" {OLD}, {OLD}, 'applied')"
+    )
