@@ -228,6 +228,18 @@ class TestFoundByFuzzing:
         assert (await response.json())["error"] == "malformed_body"
         assert await depth(settings, amqp_connection) == 0
 
+    @pytest.mark.parametrize("content_type", [";0*", "application/json; charset*", f"{FORM}; x*"])
+    async def test_content_type_that_does_not_parse(
+        self, client, settings, amqp_connection, content_type
+    ):
+        """A Content-Type whose parameter name ends in '*' with no value is a 415, not a 500
+        from the standard library's header parser."""
+        body = urlencode(VECTOR_A)
+        response = await client.post(PATH, data=body, headers={"Content-Type": content_type})
+        assert response.status == 415, await response.text()
+        assert (await response.json())["error"] == "unsupported_content_type"
+        assert await depth(settings, amqp_connection) == 0
+
     @pytest.mark.parametrize("field", ["signature", "event_id", "app_id"])
     async def test_lone_surrogate_in_json(self, client, settings, amqp_connection, field):
         """A lone \\ud800 escape is valid JSON but no text: a 400, not a 500 from the hashing."""
