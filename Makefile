@@ -21,7 +21,8 @@ soak:
 	$(PYTHON) -m benchmarks --only ingress,endtoend --soak-s 300 $(BENCH_ARGS)
 
 # The suite (without the long fault and convergence tests) on the lowest versions that
-# pyproject.toml's floors admit (requirements/lowest.txt), in a venv of its own.
+# pyproject.toml's floors admit (requirements/lowest.txt), in a venv of its own: the last run of
+# .ci/run, alone (about 4 minutes).
 lowest:
 	rm -rf .ci/venv-lowest && python3 -m venv .ci/venv-lowest
 	.ci/venv-lowest/bin/pip install -q -c requirements/lowest.txt -e '.[test]'

@@ -39,7 +39,14 @@ def rejection(request: web.Request, exc: WebhookRejected) -> web.Response:
         caller=caller(request, request.app[SETTINGS].ingress_trusted_proxies),
     )
     request.app[METRICS].webhooks_rejected.labels(exc.error).inc()
-    return web.json_response({"error": exc.error, "detail": exc.detail}, status=exc.status)
+    response = web.json_response({"error": exc.error, "detail": exc.detail}, status=exc.status)
+    if request.content.exception() is not None:
+        # A body that failed to decode (a gzip body that is no gzip, broken chunking): aiohttp
+        # drops the connection once this answer is sent, when reading the rest of the body
+        # fails again. Said in the answer, so that a client does not send its next request
+        # into the dropped connection (it would fail with no answer).
+        response.force_close()
+    return response
 
 
 @web.middleware

@@ -43,7 +43,7 @@ async def read_fields(request: web.Request, limit: int, timeout_s: float) -> dic
         ) from None
     if not raw:
         return {}
-    content_type = request.content_type
+    content_type = media_type(request)
     if content_type == JSON:
         return parse_json(raw)
     if content_type == FORM:
@@ -51,6 +51,18 @@ async def read_fields(request: web.Request, limit: int, timeout_s: float) -> dic
     raise WebhookRejected(
         415, "unsupported_content_type", f"expected {JSON} or {FORM}, got {content_type!r}"
     )
+
+
+def media_type(request: web.Request) -> str:
+    """The body's media type; a Content-Type header that does not parse is a 415."""
+    try:
+        return request.content_type
+    except IndexError:
+        # CPython's header parser fails on a parameter name that ends in '*' with no value
+        # (``application/json; charset*``, python/cpython#151857): no client means such a header.
+        raise WebhookRejected(
+            415, "unsupported_content_type", "the Content-Type header does not parse"
+        ) from None
 
 
 # edrone's webhook is one flat object; a depth far below Python's recursion limit is enough to

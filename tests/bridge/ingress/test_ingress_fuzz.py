@@ -147,8 +147,16 @@ async def test_the_count_sees_a_published_webhook(client, queues):
     assert await queues.total() == 1
 
 
+# Hypothesis warns while it prints a falsifying example of over 30 kB (a deep body), and the
+# suite's filterwarnings = error made that warning the test's error, in place of the failure.
+LARGE_REPR = "ignore:Generating overly large repr:hypothesis.errors.HypothesisWarning"
+
+
+@pytest.mark.filterwarnings(LARGE_REPR)
 @FUZZ
 @given(body=bodies, content_type=content_types, extra=headers, query=queries)
+# Found by this test: a Content-Type parameter name ending in '*' with no value was a 500.
+@example(body=b"{}", content_type=";0*", extra={}, query="")
 async def test_arbitrary_requests(client, queues, body, content_type, extra, query):
     """Arbitrary bodies, headers, content types and query strings never get a 5xx other than
     503, and publish nothing: none of them carries a valid signature."""

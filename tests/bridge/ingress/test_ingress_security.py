@@ -220,12 +220,29 @@ class TestFoundByFuzzing:
         assert await depth(settings, amqp_connection) == 0
 
     async def test_body_that_does_not_decompress(self, client, settings, amqp_connection):
-        """A gzip Content-Encoding over a body that is no gzip is a 400, not a 500."""
+        """A gzip Content-Encoding over a body that is no gzip is a 400, not a 500. The answer
+        closes the connection, which aiohttp drops after it: the client's next request, sent at
+        once, is served on a new one (it failed with ServerDisconnectedError)."""
         request = form_body(VECTOR_A)
         request["headers"]["Content-Encoding"] = "gzip"
         response = await client.post(PATH, **request)
         assert response.status == 400
         assert (await response.json())["error"] == "malformed_body"
+        assert response.headers["Connection"] == "close"
+        assert await depth(settings, amqp_connection) == 0
+        response = await client.post(PATH, **form_body(VECTOR_A))
+        assert response.status == 200, await response.text()
+
+    @pytest.mark.parametrize("content_type", [";0*", "application/json; charset*", f"{FORM}; x*"])
+    async def test_content_type_that_does_not_parse(
+        self, client, settings, amqp_connection, content_type
+    ):
+        """A Content-Type whose parameter name ends in '*' with no value is a 415, not a 500
+        from the standard library's header parser."""
+        body = urlencode(VECTOR_A)
+        response = await client.post(PATH, data=body, headers={"Content-Type": content_type})
+        assert response.status == 415, await response.text()
+        assert (await response.json())["error"] == "unsupported_content_type"
         assert await depth(settings, amqp_connection) == 0
 
     @pytest.mark.parametrize("field", ["signature", "event_id", "app_id"])
