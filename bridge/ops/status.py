@@ -39,6 +39,9 @@ class Limits:
     max_age_s: float = DEFAULT_MAX_AGE_S
 
 
+DEFAULT_LIMITS = Limits()
+
+
 @dataclass
 class DatabaseStatus:
     url: str  # without credentials
@@ -85,7 +88,7 @@ async def check_status(
     settings: Settings,
     *,
     management: Management | None = None,
-    limits: Limits = Limits(),
+    limits: Limits = DEFAULT_LIMITS,
     timeout_s: float = DEFAULT_TIMEOUT_S,
 ) -> Status:
     """Look at the broker and the database side by side (every wait bounded by ``timeout_s``)
