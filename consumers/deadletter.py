@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 import structlog
@@ -115,6 +116,8 @@ def _new_id() -> str:
 
 
 def _parked(queue: str, message_id: str | None, headers: Mapping[str, Any], since: str) -> Parked:
-    when = as_datetime(headers[since])
-    assert message_id is not None and when is not None  # both set just above
+    # A first-failure time the message brought along may not parse (it came from outside):
+    # the copy's age then counts from now, never failing a copy the broker already confirmed.
+    when = as_datetime(headers.get(since)) or datetime.now(UTC)
+    assert message_id is not None  # copy_of was given one
     return Parked(queue, message_id, when)

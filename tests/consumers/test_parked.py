@@ -124,6 +124,52 @@ async def test_dead_letters_and_retries_are_aged_and_returns_forgotten(declared,
     assert left[0]["since"] == as_datetime(dead.headers[HEADER_DEAD_LETTERED_AT])
 
 
+async def test_a_first_failure_time_that_does_not_parse_is_aged_from_now(
+    declared, tier_settings, db
+):
+    """A message that brings its own unreadable x-first-failure-at is deferred once, into one
+    copy (not one per retry of a publish that was confirmed), aged from when it was parked."""
+    names = topology(tier_settings)
+    tier = names.retry_queue(names.traces_queue, TIER_S)
+    deferred: list[bytes] = []
+
+    async def handler(deliveries):
+        deferred.extend(d.body for d in deliveries)
+        return [Defer("edrone busy") if len(deferred) == 1 else Outcome.APPLIED] * len(deliveries)
+
+    pool = await asyncpg.create_pool(
+        tier_settings.database_url.get_secret_value(),
+        min_size=1,
+        max_size=2,
+        server_settings={"search_path": tier_settings.database_schema},
+    )
+    channel = await declared.channel(publisher_confirms=True)
+    async with channel:
+        message = aio_pika.Message(
+            b"odd", message_id="evt-odd", headers={"x-first-failure-at": "not a time"}
+        )
+        await channel.default_exchange.publish(
+            message, names.traces_queue, mandatory=True, timeout=5
+        )
+    before = datetime.now(UTC)
+    try:
+        consumer = traces_consumer(declared, tier_settings, pool, handler)
+        async with asyncio.timeout(20), consumer:
+            run = asyncio.create_task(consumer.run())
+            await wait_until(lambda: consumer.counters.deferred[TIER_S] >= 1)
+            row = await db.fetchrow(
+                "SELECT copies, since FROM parked_messages WHERE queue = $1", tier
+            )
+            await consumer.stop()
+            await run
+    finally:
+        await pool.close()
+    assert consumer.counters.deferred[TIER_S] == 1
+    assert consumer.counters.retries == 0
+    assert row is not None and row["copies"] == 1
+    assert row["since"] >= before - timedelta(seconds=1)
+
+
 class TestDeadLetterCommands:
     async def _park(self, settings, broker_connection, db, ids: list[str]) -> str:
         names = topology(settings)
