@@ -16,7 +16,7 @@ from aio_pika.abc import AbstractConnection
 
 from bridge.db import DATABASE_ERRORS, answers
 from bridge.metrics import Metrics
-from bridge.parked import Ledger, QueueAge
+from bridge.parked import Ledger, QueueAge, clock
 
 log = structlog.get_logger(__name__)
 
@@ -61,7 +61,7 @@ async def _sample(
     ledger: Ledger | None,
 ) -> None:
     # Taken before the counts: a queue counted empty had nothing parked before this.
-    before = await _ledger_now(ledger)
+    before = await clock(ledger)
     empty = await _count(connection, metrics, [*work_queues, *parked_queues])
     for name, held_age in work_queues.items():
         metrics.queue_oldest_message_age_seconds.labels(name).set(held_age() or 0.0)
@@ -95,16 +95,6 @@ async def _count(
     return empty
 
 
-async def _ledger_now(ledger: Ledger | None) -> datetime | None:
-    if ledger is None:
-        return None
-    try:
-        return await ledger.now()
-    except DATABASE_ERRORS as exc:
-        log.warning("parked_ages_unread", error=repr(exc))
-        return None
-
-
 async def _parked_ages(
     ledger: Ledger | None,
     names: Sequence[str],
@@ -115,9 +105,7 @@ async def _parked_ages(
     if ledger is None or before is None:
         return {}
     try:
-        for name in names:
-            if empty.get(name):
-                await ledger.forget(name, parked_before=before)
+        await ledger.forget([n for n in names if empty.get(n)], parked_before=before)
         return await ledger.ages([n for n in names if not empty.get(n, True)])
     except DATABASE_ERRORS as exc:
         log.warning("parked_ages_unread", error=repr(exc))

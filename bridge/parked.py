@@ -121,13 +121,15 @@ class Ledger:
         when: datetime = await self._db.fetchval(query, timeout=self._timeout_s)
         return when
 
-    async def forget(self, queue: str, *, parked_before: datetime) -> None:
-        """``queue`` was found empty after ``parked_before`` (from :meth:`now`): whatever was
-        parked in it before then has left (a purge in the management UI, a failed release).
+    async def forget(self, queues: Sequence[str], *, parked_before: datetime) -> None:
+        """``queues`` were found empty after ``parked_before`` (from :meth:`now`): whatever was
+        parked in them before then has left (a purge in the management UI, a failed release).
         A copy recorded since is kept: its queue was not empty any more."""
+        if not queues:
+            return
         await self._db.execute(
-            f"DELETE FROM {self._table} WHERE queue = $1 AND parked_at < $2",
-            queue,
+            f"DELETE FROM {self._table} WHERE queue = any($1::text[]) AND parked_at < $2",
+            list(queues),
             parked_before,
             timeout=self._timeout_s,
         )
@@ -138,6 +140,17 @@ class Ledger:
             _AGES.format(table=self._table), list(queues), timeout=self._timeout_s
         )
         return {row["queue"]: QueueAge(int(row["copies"]), row["oldest"]) for row in rows}
+
+
+async def clock(ledger: Ledger | None) -> datetime | None:
+    """The ledger's clock (:meth:`Ledger.now`); None without a ledger or an answer (logged)."""
+    if ledger is None:
+        return None
+    try:
+        return await ledger.now()
+    except DATABASE_ERRORS as exc:
+        log.warning("parked_ages_unread", error=repr(exc))
+        return None
 
 
 async def softly(what: str, write: Awaitable[object]) -> bool:

@@ -13,7 +13,7 @@ import structlog
 
 from bridge.config import Settings
 from bridge.db import DATABASE_ERRORS
-from bridge.parked import Ledger, softly
+from bridge.parked import Ledger, clock, softly
 
 log = structlog.get_logger(__name__)
 
@@ -43,17 +43,11 @@ class Released:
             await softly("release", self._ledger.release(self._queue, ids))
 
     async def now(self) -> datetime | None:
-        if self._ledger is None:
-            return None
-        try:
-            return await self._ledger.now()
-        except DATABASE_ERRORS as exc:
-            log.warning("parked_ages_not_kept", write="forget", error=repr(exc))
-            return None
+        return await clock(self._ledger)
 
     async def forget(self, before: datetime | None) -> None:
         if self._ledger is not None and before is not None:
-            await softly("forget", self._ledger.forget(self._queue, parked_before=before))
+            await softly("forget", self._ledger.forget([self._queue], parked_before=before))
 
 
 @asynccontextmanager
