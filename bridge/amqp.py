@@ -61,6 +61,11 @@ class Topology:
         # clashing with the arguments of the old ones.
         return f"{work_queue}.retry.{round(delay_s * 1000)}ms"
 
+    def parked_queues(self, work_queue: str, tiers_s: Sequence[float]) -> list[str]:
+        """Where ``work_queue``'s messages are parked: its dead-letter queue, then its tiers."""
+        tiers = [self.retry_queue(work_queue, delay_s) for delay_s in tiers_s]
+        return [self.dead_letter_queue(work_queue), *tiers]
+
     def retry_queues(self, tiers_s: Sequence[float]) -> list[str]:
         return [self.retry_queue(self.traces_queue, delay_s) for delay_s in tiers_s]
 

@@ -94,8 +94,7 @@ class Consumer:
         self._connection = connection
         self._topology = topology
         self._retry_tiers = [(d, topology.retry_queue(spec.queue, d)) for d in spec.retry_tiers_s]
-        parked_in = [topology.dead_letter_queue(spec.queue), *(n for _, n in self._retry_tiers)]
-        self._parking = Parking(ledger, parked_in)
+        self._parking = Parking(ledger, topology.parked_queues(spec.queue, spec.retry_tiers_s))
         self._copy_planner: CopyPlanner | None = None
         self._channel: AbstractChannel | None = None
         self._queue: AbstractQueue | None = None

@@ -208,10 +208,7 @@ async def _monitored(
             connection,
             metrics,
             work_queues={queue: consumer.oldest_held_age_s},
-            parked_queues=[
-                names.dead_letter_queue(queue),
-                *(names.retry_queue(queue, d) for d in consumer.spec.retry_tiers_s),
-            ],
+            parked_queues=names.parked_queues(queue, consumer.spec.retry_tiers_s),
             pool=pool,
             interval_s=settings.monitor_interval_s,
         ),
