@@ -12,10 +12,15 @@ from typing import Any, Literal
 import aio_pika
 import aiormq
 import structlog
-from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustConnection
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractExchange,
+    AbstractQueue,
+    AbstractRobustConnection,
+)
 from yarl import URL
 
-from bridge.config import Settings
+from bridge.config import Settings, TraceSettings
 from bridge.starting import ServiceUnreachable, unless_stopped
 
 log = structlog.get_logger(__name__)
@@ -50,8 +55,18 @@ class Topology:
     def traces_queue(self) -> str:
         return f"{self.prefix}.traces"
 
+    @property
+    def backfill_queue(self) -> str:
+        """The trace forwarder's background lane: rows of ``backfill`` and ``reconcile``,
+        sent with what the live lane leaves of each app's rate budget."""
+        return f"{self.prefix}.traces.backfill"
+
+    @property
+    def trace_lanes(self) -> list[str]:
+        return [self.traces_queue, self.backfill_queue]
+
     def work_queues(self) -> list[str]:
-        return [self.subscriptions_queue, self.traces_queue]
+        return [self.subscriptions_queue, *self.trace_lanes]
 
     def dead_letter_queue(self, work_queue: str) -> str:
         return f"{work_queue}.dlq"
@@ -66,14 +81,18 @@ class Topology:
         tiers = [self.retry_queue(work_queue, delay_s) for delay_s in tiers_s]
         return [self.dead_letter_queue(work_queue), *tiers]
 
-    def retry_queues(self, tiers_s: Sequence[float]) -> list[str]:
-        return [self.retry_queue(self.traces_queue, delay_s) for delay_s in tiers_s]
+    def retry_queues(self, tiers_s: Sequence[float], work_queue: str | None = None) -> list[str]:
+        """The retry tiers of ``work_queue`` (the live trace lane unless named)."""
+        work = work_queue or self.traces_queue
+        return [self.retry_queue(work, delay_s) for delay_s in tiers_s]
 
     def queues(self, retry_tiers_s: Sequence[float] = ()) -> list[str]:
-        """Every queue of the deployment: work queues, their dead-letter queues, retry tiers."""
+        """Every queue of the deployment: work queues, their dead-letter queues, retry tiers
+        (both trace lanes have them)."""
         work = self.work_queues()
         dead = [self.dead_letter_queue(q) for q in work]
-        return work + dead + self.retry_queues(retry_tiers_s)
+        tiers = [t for lane in self.trace_lanes for t in self.retry_queues(retry_tiers_s, lane)]
+        return work + dead + tiers
 
     def exchanges(self) -> list[str]:
         return [self.webhook_exchange, self.dead_letter_exchange, self.retry_exchange]
@@ -108,6 +127,7 @@ def queue_specs(settings: Settings) -> list[QueueSpec]:
     limits = {
         names.subscriptions_queue: settings.subscriptions.delivery_limit,
         names.traces_queue: settings.traces.delivery_limit,
+        names.backfill_queue: settings.traces.delivery_limit,
     }
     work = names.work_queues()
     specs = [QueueSpec(q, "work", q, delivery_limit=limits[q]) for q in work]
@@ -115,12 +135,13 @@ def queue_specs(settings: Settings) -> list[QueueSpec]:
     tiers = settings.traces.retry_tiers_s
     specs += [
         QueueSpec(
-            names.retry_queue(names.traces_queue, delay_s),
+            names.retry_queue(lane, delay_s),
             "retry",
-            names.traces_queue,
+            lane,
             delay_s=delay_s,
             scheduled_s=sum(tiers[: i + 1]),
         )
+        for lane in names.trace_lanes
         for i, delay_s in enumerate(tiers)
     ]
     return specs
@@ -265,15 +286,36 @@ async def declare_topology(channel: AbstractChannel, settings: Settings) -> Abst
 
 
 async def declare_trace_topology(channel: AbstractChannel, settings: Settings) -> None:
-    """Declare the trace forwarder's side: its quorum work queue bound to the shop's platform
-    exchange, its dead-letter queue, and one retry-tier queue per delay whose queue-level TTL
-    dead-letters each message back to the work queue through the default exchange."""
+    """Declare the trace forwarder's side: its two lanes (the live one bound to the shop's
+    platform exchange, the background one fed by ``backfill`` and ``reconcile``), each a
+    quorum work queue with its dead-letter queue and one retry-tier queue per delay whose
+    queue-level TTL dead-letters each message back to its lane through the default exchange."""
     names = topology(settings)
-    options = settings.traces
-    work = names.traces_queue
     platform = await channel.declare_exchange(
         settings.platform_exchange, aio_pika.ExchangeType.TOPIC, durable=True
     )
+    retry = await channel.declare_exchange(
+        names.retry_exchange, aio_pika.ExchangeType.DIRECT, durable=True
+    )
+    for lane in names.trace_lanes:
+        queue = await _declare_lane(channel, names, settings.traces, lane, retry)
+        if lane == names.traces_queue:
+            for routing_key in platform_routing_keys(settings):
+                await queue.bind(platform, routing_key=routing_key)
+    log.info(
+        "trace_topology_declared",
+        prefix=settings.amqp_prefix,
+        tiers=settings.traces.retry_tiers_s,
+    )
+
+
+async def _declare_lane(
+    channel: AbstractChannel,
+    names: Topology,
+    options: TraceSettings,
+    work: str,
+    retry: AbstractExchange,
+) -> AbstractQueue:
     await declare_dead_letter_queue(channel, names, work)
     queue = await channel.declare_queue(
         work,
@@ -283,11 +325,6 @@ async def declare_trace_topology(channel: AbstractChannel, settings: Settings) -
             dead_letter_routing_key=names.dead_letter_queue(work),
             delivery_limit=options.delivery_limit,
         ),
-    )
-    for routing_key in platform_routing_keys(settings):
-        await queue.bind(platform, routing_key=routing_key)
-    retry = await channel.declare_exchange(
-        names.retry_exchange, aio_pika.ExchangeType.DIRECT, durable=True
     )
     for delay_s in options.retry_tiers_s:
         tier_name = names.retry_queue(work, delay_s)
@@ -302,4 +339,4 @@ async def declare_trace_topology(channel: AbstractChannel, settings: Settings) -
             },
         )
         await tier.bind(retry, routing_key=tier_name)
-    log.info("trace_topology_declared", prefix=settings.amqp_prefix, tiers=options.retry_tiers_s)
+    return queue

@@ -12,6 +12,7 @@ from datetime import UTC, datetime, timedelta
 from bridge.config import Settings
 from bridge.shop_table import ShopTarget
 from consumers.outcomes import Outcome
+from consumers.shop_rows import RowReading, on_shop_row
 from consumers.shop_target import Applied, Change, apply_changes, writable
 from consumers.sync import (
     EDRONE,
@@ -29,7 +30,9 @@ from consumers.sync import (
 )
 from consumers.sync_store import DispatchRow, Key, SyncBatch, WriteRow
 from schemas.edrone_change import EVENT_TYPE, EdroneSubscriptionChanged
+from schemas.fields import ordered_at
 from schemas.platform_event import CustomerSubscriptionChanged
+from schemas.shop_row import ShopRow
 from schemas.subscription import SubscriptionStatusChanged, status_name
 
 # The type of a request, on the trace queue, to bring edrone to an address's winner.
@@ -40,7 +43,7 @@ def webhook_key(event: SubscriptionStatusChanged) -> Key:
     return (event.app_id, event.channel, event.address)
 
 
-def shop_keys(app_id: str, event: CustomerSubscriptionChanged) -> list[Key]:
+def shop_keys(app_id: str, event: CustomerSubscriptionChanged | ShopRow) -> list[Key]:
     """The addresses a shop change speaks of: its e-mail, and its phone when it gives an SMS
     status (a null one says nothing of SMS, as the trace sent it before)."""
     keys: list[Key] = [(app_id, "email", event.email)]
@@ -102,6 +105,29 @@ class Converger:
                 batch.emails[key] = event.email
             batch.note(
                 key, "shop", "shop_change", event.event_id, status, None, event.occurred_at,
+                decision.decision, decision.why,
+            )  # fmt: skip
+            decisions[key] = decision
+        return decisions
+
+    def read_shop_row(self, batch: SyncBatch, row: ShopRow, now: datetime) -> dict[Key, Decision]:
+        """A row of the shop's table or file (backfill, reconcile), per address it names."""
+        settings = self.settings
+        # The bridge's own writes are stamped before they commit, by its clock, as reads are.
+        margin = timedelta(seconds=settings.sync.echo_latency_s)
+        # A date in the future holds the address no longer than a shop change's would.
+        changed_at = row.changed_at and ordered_at(row.changed_at, now, settings.clock_skew)
+        decisions = {}
+        for key in shop_keys(row.app_id, row):
+            status = row.subscriber_status if key[1] == "email" else row.sms_subscriber_status
+            reading = RowReading(status, row.observed_at, row.event_id, changed_at)
+            decision = on_shop_row(
+                batch.states[key], reading, floor=settings.date_floor, margin=margin
+            )
+            if key[1] == "sms":
+                batch.emails[key] = row.email
+            batch.note(
+                key, "shop", row.source, row.event_id, status, None, changed_at,
                 decision.decision, decision.why,
             )  # fmt: skip
             decisions[key] = decision

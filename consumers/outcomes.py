@@ -33,6 +33,9 @@ class Outcome(StrEnum):
     NOOP = "noop"  # edrone is known to hold the winner: nothing to tell it
     ECHO = "echo"  # the shop mirroring a write of the bridge's: nothing to tell edrone
     UNREACHABLE = "unreachable"  # an SMS address whose customer's e-mail is unknown
+    # A shop row (backfill, reconcile) that would resubscribe an address the bridge knows
+    # unsubscribed: never sent, left for a person (reconcile reports it).
+    KEPT = "kept"
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,7 @@ class Verdict(StrEnum):
     ACKNOWLEDGED = "acknowledged"  # edrone confirming a trace of the bridge's: no new change
     ECHO = "echo"  # the shop mirroring a write of the bridge's: no new change
     DUPLICATE = "duplicate"  # seen before (a redelivery): nothing new
+    KEPT = "kept"  # a shop row that would resubscribe a known unsubscribe: left for a person
 
 
 # Trace states: "sending" is recorded before the call (an acknowledgement may overtake its
@@ -177,14 +178,14 @@ def on_webhook(state: SyncState, change: EdroneChange, skew: timedelta) -> Decis
     """Read an edrone webhook into ``state``."""
     stamp = Stamp(change.at, state.next_seq(), change.whole_seconds)
     trace = _acknowledged_trace(state, change, skew) if change.trace_reason else None
-    _learn_held(state, EDRONE, change.status, stamp)
+    learn_held(state, EDRONE, change.status, stamp)
     if trace is not None:
         _close_acknowledged(state, trace)
         return Decision(
             Verdict.ACKNOWLEDGED,
             f"confirms the bridge's trace #{trace.id} of {_fmt(trace.made_at)}: no new change",
         )
-    return _contend(state, Winner(change.status, stamp, EDRONE, change.event_id))
+    return contend(state, Winner(change.status, stamp, EDRONE, change.event_id))
 
 
 def on_shop_change(
@@ -198,7 +199,7 @@ def on_shop_change(
     long after a write the shop applies it (and echoes it, if it changes the shop's value)."""
     stamp = Stamp(change.at, state.next_seq())
     write = _echoed_write(state, change, tolerance, echo_latency)
-    _learn_held(state, SHOP, change.status, stamp)
+    learn_held(state, SHOP, change.status, stamp)
     if write is not None:
         # The shop applies the bridge's writes in turn: the ones before this one have been
         # applied, echoed or not (a write of the status the shop held already has no echo).
@@ -220,18 +221,24 @@ def on_shop_change(
     for pending in [w for w in state.writes if w.written_at < change.at - echo_latency]:
         state.writes.remove(pending)
         state.closed_writes[pending.write_id] = "lapsed"
-    return _contend(state, Winner(change.status, stamp, SHOP, change.event_id))
+    return contend(state, Winner(change.status, stamp, SHOP, change.event_id))
 
 
-def _contend(state: SyncState, challenger: Winner) -> Decision:
+def beats(challenger: Stamp, current: Winner | None) -> bool:
+    """A change stamped ``challenger`` would take the winner's place."""
+    if current is None:
+        return True
+    precise_and_earlier = not challenger.whole_seconds and challenger.at < current.earliest
+    return newer(challenger, current.stamp) and not precise_and_earlier
+
+
+def contend(state: SyncState, challenger: Winner) -> Decision:
+    """``challenger``, a person's change, takes the winner's place if it is newer."""
     current = state.winner
     if current is None:
         state.winner = challenger
         return Decision(Verdict.WINS, "the newest change a person made")
-    precise_and_earlier = (
-        not challenger.stamp.whole_seconds and challenger.stamp.at < current.earliest
-    )
-    if newer(challenger.stamp, current.stamp) and not precise_and_earlier:
+    if beats(challenger.stamp, current):
         floor = max(current.earliest, challenger.stamp.at)
         state.winner = Winner(
             challenger.status, challenger.stamp, challenger.side, challenger.event_id, floor
@@ -244,7 +251,8 @@ def _contend(state: SyncState, challenger: Winner) -> Decision:
     )
 
 
-def _learn_held(state: SyncState, side: Side, status: int | None, stamp: Stamp) -> None:
+def learn_held(state: SyncState, side: Side, status: int | None, stamp: Stamp) -> None:
+    """``side`` held ``status`` as of ``stamp``, unless it is known to hold a later one."""
     held = state.edrone if side == EDRONE else state.shop
     if side == EDRONE:
         _see_edrone(state, status, stamp.at)
@@ -373,7 +381,7 @@ def trace_answered(state: SyncState, trace_id: int, state_now: str, at: datetime
     else:
         state.traces.remove(trace)
     if state_now == SENT:
-        _learn_held(state, EDRONE, trace.status, Stamp(min(trace.sent_at, at), state.next_seq()))
+        learn_held(state, EDRONE, trace.status, Stamp(min(trace.sent_at, at), state.next_seq()))
 
 
 def wrote(
@@ -381,7 +389,7 @@ def wrote(
 ) -> None:
     """The bridge wrote ``status`` to the shop: the shop holds it, and (for a shop that
     publishes its own changes) its echo is expected."""
-    _learn_held(state, SHOP, status, Stamp(written_at, state.next_seq()))
+    learn_held(state, SHOP, status, Stamp(written_at, state.next_seq()))
     if echoes:
         state.writes.append(PendingWrite(write_id, status, written_at))
 

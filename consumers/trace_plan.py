@@ -18,16 +18,19 @@ from consumers.outcomes import Defer, Outcome, Result, database_retry
 from consumers.sync import Decision, OpenTrace, Verdict, trace_answered
 from consumers.sync_store import Key, SyncBatch
 from schemas.platform_event import CustomerSubscriptionChanged
+from schemas.shop_row import ShopRow
 
 
 @dataclass(frozen=True)
 class Item:
-    """One message of a batch: a shop change, or a request to reconcile one address."""
+    """One message of a batch: a shop change, a row of the shop's (backfill, reconcile), or a
+    request to bring edrone to one address's winner."""
 
     index: int
     app_id: str
     event: CustomerSubscriptionChanged | None = None
     key: Key | None = None
+    row: ShopRow | None = None
     # Delivered before and not acked: a trace it was sending died with its consumer.
     redelivered: bool = False
 
@@ -100,26 +103,30 @@ class TracePlanner:
         keys_of = {item.index: _keys(item) for item in items}
         batch = await sync_store.lock(conn, (k for keys in keys_of.values() for k in keys))
         fresh = await sync_store.unseen(
-            conn, [(item.app_id, item.event.event_id) for item in items if item.event]
+            conn, [(item.app_id, _event_id(item)) for item in items if item.key is None]
         )
         labels: dict[int, Outcome] = {}
         # The messages whose change wins: a call carries each, its own or a later message's.
         winning: set[int] = set()
         won: set[Key] = set()
+        now = utcnow()
         for item in items:
-            if item.event is None:
+            if item.key is not None:
                 continue
-            if (item.app_id, item.event.event_id) not in fresh:
+            if (item.app_id, _event_id(item)) not in fresh:
                 labels[item.index] = Outcome.DUPLICATE
                 continue
-            decisions = converger.read_shop_change(batch, item.app_id, item.event)
+            if item.row is not None:
+                decisions = converger.read_shop_row(batch, item.row, now)
+            else:
+                assert item.event is not None
+                decisions = converger.read_shop_change(batch, item.app_id, item.event)
             wins = {key for key, d in decisions.items() if d.decision == Verdict.WINS}
             if wins:
                 winning.add(item.index)
             else:
                 labels[item.index] = _label(decisions)
             won.update(wins)
-        now = utcnow()
         converger.lapse(batch, now)
         await converger.bring_shop(batch, batch.states, set(), now)
         calls = await self._calls(batch, items, keys_of, won, now)
@@ -171,6 +178,8 @@ class TracePlanner:
                 call.index = max(call.index, item.index)
                 if item.event is not None:
                     call.event = item.event
+                elif item.row is not None and call.phone is None:
+                    call.phone = item.row.phone
                 _include(call, key, batch)
         for call in by_customer.values():
             _fill_in(call, batch)
@@ -214,17 +223,30 @@ class TracePlanner:
 def _keys(item: Item) -> list[Key]:
     if item.event is not None:
         return shop_keys(item.app_id, item.event)
+    if item.row is not None:
+        return shop_keys(item.app_id, item.row)
     assert item.key is not None
     return [item.key]
 
 
+def _event_id(item: Item) -> str:
+    message = item.row if item.row is not None else item.event
+    assert message is not None
+    return message.event_id
+
+
 def _label(decisions: Mapping[Key, Decision]) -> Outcome:
-    """The outcome of a shop change that wins nowhere: older than a winner, else an echo."""
+    """The outcome of a shop change or row that wins nowhere: kept for a person, older than a
+    winner, an echo, or nothing new."""
     names = {d.decision for d in decisions.values()}
+    if Verdict.KEPT in names:
+        return Outcome.KEPT
     if Verdict.OLDER in names:
         return Outcome.OLDER
     if Verdict.ECHO in names:
         return Outcome.ECHO
+    if names == {Verdict.DUPLICATE}:
+        return Outcome.DUPLICATE
     return Outcome.NOOP
 
 

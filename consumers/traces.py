@@ -50,6 +50,7 @@ from schemas.fields import (
     ordered_at,
 )
 from schemas.platform_event import CustomerSubscriptionChanged
+from schemas.shop_row import SHOP_ROW_TYPE, ShopRow
 
 log = structlog.get_logger(__name__)
 
@@ -86,6 +87,19 @@ def decode(
     if app_id not in apps:
         raise InvalidMessage(f"unknown app_id {app_id!r}: not among the configured apps")
     return app_id, event
+
+
+def decode_row(
+    body: bytes, apps: Mapping[str, AppConfig], phone_region: str = DEFAULT_PHONE_REGION
+) -> ShopRow:
+    """A row of ``backfill`` or ``reconcile``; :class:`InvalidMessage` as :func:`decode`."""
+    try:
+        row = ShopRow.model_validate_json(body, context={PHONE_REGION_CONTEXT: phone_region})
+    except ValidationError as exc:
+        raise InvalidMessage(f"invalid shop row: {describe_validation_error(exc)}") from None
+    if row.app_id not in apps:
+        raise InvalidMessage(f"unknown app_id {row.app_id!r}: not among the configured apps")
+    return row
 
 
 def retry_after_s(value: str | None) -> float | None:
@@ -171,6 +185,9 @@ class TraceForwarder:
                 return replace(item, redelivered=bool(delivery.redelivered))
             except (ValueError, TypeError, KeyError) as exc:
                 raise InvalidMessage(f"invalid reconcile request: {exc!r}") from None
+        if delivery.type == SHOP_ROW_TYPE:
+            row = decode_row(delivery.body, self._apps, self._phone_region)
+            return Item(index, row.app_id, row=row, redelivered=bool(delivery.redelivered))
         app_id, event = decode(delivery.body, self._apps, self._date_floor, self._phone_region)
         event = self._clamped(app_id, event, consumed_at)
         return Item(index, app_id, event, redelivered=bool(delivery.redelivered))

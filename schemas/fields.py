@@ -211,3 +211,14 @@ def ordered_at(stated: datetime, reference: datetime, skew: timedelta) -> dateti
     clock gone wrong then holds an address for ``skew`` at most, instead of for ever."""
     limit = reference + skew
     return stated if stated <= limit else limit
+
+
+def as_utc(value: datetime) -> datetime:
+    """``value`` in UTC; one without an offset is taken for UTC."""
+    # A shop that leaves out the offset means UTC, as edrone's own dates do.
+    if value.utcoffset() is None:
+        return value.replace(tzinfo=UTC)
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:  # year 1 east of UTC, year 9999 west of it
+        raise ValueError("is out of the range of dates") from None

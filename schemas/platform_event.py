@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -16,20 +16,10 @@ from pydantic import (
     field_validator,
 )
 
-from schemas.fields import Email, Phone, PlainText, StorableText, check_floor
+from schemas.fields import Email, Phone, PlainText, StorableText, as_utc, check_floor
 
 SCHEMA_FILE = Path(__file__).with_name("customer_subscription_changed.schema.json")
 EXAMPLE_FILE = Path(__file__).parent / "examples" / "customer_subscription_changed.json"
-
-
-def _as_utc(value: datetime) -> datetime:
-    # A shop that leaves out the offset means UTC, as edrone's own dates do.
-    if value.utcoffset() is None:
-        return value.replace(tzinfo=UTC)
-    try:
-        return value.astimezone(UTC)
-    except OverflowError:  # year 1 east of UTC, year 9999 west of it
-        raise ValueError("is out of the range of dates") from None
 
 
 def _tags(value: object) -> object:
@@ -50,7 +40,7 @@ class CustomerSubscriptionChanged(BaseModel):
     event_id: PlainText = Field(min_length=1, max_length=255)
     # When the change was made; never before the date floor (2000-01-01 unless configured). A
     # date in the future is ordered as if no later than its consumption plus the clock skew.
-    occurred_at: Annotated[datetime, AfterValidator(_as_utc)]
+    occurred_at: Annotated[datetime, AfterValidator(as_utc)]
     # Normalised as the ingress normalises edrone's: trimmed, lower-cased, the domain in
     # IDNA's Unicode form, so that one mailbox is one address on both paths.
     email: Email

@@ -239,7 +239,7 @@ class TestManagementPath:
         names = deployment.names.queues(settings.traces.retry_tiers_s)
         assert [q["name"] for q in document["queues"]] == names
         kinds = [q["kind"] for q in document["queues"]]
-        assert kinds == ["work"] * 2 + ["dlq"] * 2 + ["retry"] * len(names[4:])
+        assert kinds == ["work"] * 3 + ["dlq"] * 3 + ["retry"] * len(names[6:])
         for queue in document["queues"]:
             counts = (queue["exists"], queue["ready"], queue["unacked"], queue["consumers"])
             assert counts == (True, 0, 0, 0), queue
@@ -450,10 +450,14 @@ class TestPieces:
         assert vhost_of("amqp://h/%2Fshop") == "/shop"
 
     def test_retry_tiers_are_allowed_their_schedule(self, settings):
-        """Each retry tier may wait out its own and every shorter tier's delay."""
+        """Each retry tier, of either trace lane, may wait out its own and every shorter tier's
+        delay."""
         tiers = settings.traces.retry_tiers_s
-        retry = [s for s in queue_specs(settings) if s.kind == "retry"]
-        assert [s.scheduled_s for s in retry] == [sum(tiers[: i + 1]) for i in range(len(tiers))]
+        names = topology(settings)
+        for lane in names.trace_lanes:
+            retry = [s for s in queue_specs(settings) if s.kind == "retry" and s.work_queue == lane]
+            expected = [sum(tiers[: i + 1]) for i in range(len(tiers))]
+            assert [s.scheduled_s for s in retry] == expected
 
 
 class TestObservingNeverDisturbs:
