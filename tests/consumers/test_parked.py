@@ -157,9 +157,13 @@ async def test_a_first_failure_time_that_does_not_parse_is_aged_from_now(
         async with asyncio.timeout(20), consumer:
             run = asyncio.create_task(consumer.run())
             await wait_until(lambda: consumer.counters.deferred[TIER_S] >= 1)
-            row = await db.fetchrow(
-                "SELECT copies, since FROM parked_messages WHERE queue = $1", tier
-            )
+            # The copy is counted once confirmed, and recorded in the ledger just after.
+            row = None
+            while row is None:
+                row = await db.fetchrow(
+                    "SELECT copies, since FROM parked_messages WHERE queue = $1", tier
+                )
+                await asyncio.sleep(0.02)
             await consumer.stop()
             await run
     finally:
