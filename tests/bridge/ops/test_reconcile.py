@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 from datetime import timedelta
 from pathlib import Path
 
@@ -15,17 +16,19 @@ import pytest
 
 from bridge.amqp import declare_topology, declare_trace_topology, topology
 from bridge.app_config import AppConfig
+from bridge.cli.common import EXIT_DRIFT, EXIT_USAGE
 from bridge.db import create_pool
 from bridge.devtools.fake_edrone import FakeEdrone
 from bridge.metrics import Metrics
 from bridge.ops.drift import KINDS
-from bridge.ops.drift_check import check_once
+from bridge.ops.drift_check import check_on_schedule, check_once
 from bridge.ops.reconcile import reconcile, repairing
 from bridge.relay.triggers import install_triggers
 from bridge.shop_table import resolve_target
 from consumers import traces
 from consumers.service import serve
 from tests.support.apps import TEST_APP_ID, TEST_SECRET
+from tests.support.cli import run_cli_async
 from tests.support.consumers import (
     BASE_DATE,
     TRACE_FAST,
@@ -235,3 +238,106 @@ async def test_one_process_counts_at_a_time(bridge, planted, pool, db):
         assert await check_once(pool, bridge, Metrics(), settle_s=0.0) is None
     finally:
         await db.execute("SELECT pg_advisory_unlock(hashtext($1))", key)
+
+
+PLAIN = ("table", "address_column", "email_status_column", "set_now")
+
+
+def cli_config(bridge, tmp_path: Path, **variables: str) -> dict[str, str]:
+    """The command's environment: the test's services, the app with its target in a file, and
+    a second app without one."""
+    config = tmp_path / "bridge.toml"
+    config.write_text(
+        f'[apps.{TEST_APP_ID}]\nsecret = "{TEST_SECRET}"\n'
+        f"[apps.{TEST_APP_ID}.target]\n"
+        + "".join(f"{k} = {json.dumps(v)}\n" for k, v in MAGENTO_TARGET.items() if k in PLAIN)
+        + "email_status_values = { subscribed = 1, unsubscribed = 3 }\n"
+        '[apps.plain]\nsecret = "s"\n'
+    )
+    return {
+        "EDRONE_BRIDGE_CONFIG": str(config),
+        "EDRONE_BRIDGE_DATABASE_URL": bridge.database_url.get_secret_value(),
+        "EDRONE_BRIDGE_DATABASE_SCHEMA": bridge.database_schema,
+        "EDRONE_BRIDGE_AMQP_URL": bridge.amqp_url.get_secret_value(),
+        "EDRONE_BRIDGE_AMQP_PREFIX": bridge.amqp_prefix,
+        "EDRONE_BRIDGE_LOG_LEVEL": "warning",
+        **variables,
+    }
+
+
+async def test_the_command_streams_json_lines_and_exits_3_on_drift(bridge, planted, tmp_path):
+    env = cli_config(bridge, tmp_path)
+    code, stdout, stderr = await run_cli_async(
+        "reconcile", "--app", TEST_APP_ID, "--edrone-export", str(planted), "--json",
+        "--limit", "2", **env,
+    )  # fmt: skip
+    assert code == EXIT_DRIFT, stderr
+    lines = [json.loads(line) for line in stdout.splitlines()]
+    *listed, summary = lines
+    assert [d["address"] for d in listed] == ["behind@example.com", "export@example.com"]
+    assert listed[1]["kind"] == "edrone_changed_unseen" and listed[1]["why"]
+    assert summary["summary"]["differences"] == len(EXPECTED)
+    assert summary["summary"]["listed"] == 2 and summary["summary"]["edrone_compared"]
+
+    code, stdout, _ = await run_cli_async("reconcile", "--app", TEST_APP_ID, **env)
+    assert code == EXIT_DRIFT
+    assert "edrone's side not compared" in stdout and "never_synced: 2" in stdout
+
+
+async def test_no_drift_exits_0(bridge, db, tmp_path):
+    await db.execute(MAGENTO_TABLE)
+    code, stdout, stderr = await run_cli_async(
+        "reconcile", "--app", TEST_APP_ID, **cli_config(bridge, tmp_path)
+    )
+    assert (code, stderr) == (0, "")
+    assert "no drift" in stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "content", "message"),
+    [
+        (["--app", "nobody"], None, "--app 'nobody' is not a configured app"),
+        (["--app", "plain"], None, "app 'plain' has no [apps.plain.target]"),
+        (["--app", TEST_APP_ID, "--edrone-export", "/nonexistent.csv"], None, "cannot be read"),
+        (["--app", TEST_APP_ID], "mail,status\na@example.com,1\n", "the header has no email"),
+        (["--app", TEST_APP_ID], "email,subscriber_status\na@example.com,yes\n",
+         "line 2: subscriber_status: 'yes' is not 1, 0 or empty"),
+        (["--app", TEST_APP_ID], '{"email": "a@example.com"}\n', "line 1: no subscriber_status"),
+        (["--app", TEST_APP_ID], b"\xff\xfe\x00", "not UTF-8"),
+    ],
+)  # fmt: skip
+async def test_bad_input_is_a_usage_error_and_sends_nothing(
+    bridge, planted, pool, amqp_connection, db, tmp_path, args, content, message
+):
+    if content is not None:
+        export = tmp_path / "export.csv"
+        if isinstance(content, bytes):
+            export.write_bytes(content)
+        else:
+            export.write_text(content)
+        args = [*args, "--edrone-export", str(export)]
+    before = await db.fetch("SELECT * FROM sync_state ORDER BY address")
+    code, stdout, stderr = await run_cli_async(
+        "reconcile", *args, "--repair", **cli_config(bridge, tmp_path)
+    )
+    assert code == EXIT_USAGE, stderr
+    assert message in stderr and stdout == ""
+    for queue in (topology(bridge).backfill_queue, topology(bridge).subscriptions_queue):
+        assert await ready_count(amqp_connection, queue) == 0
+    assert await db.fetch("SELECT * FROM sync_state ORDER BY address") == before
+
+
+async def test_the_check_runs_on_its_schedule_until_stopped(make_settings, bridge, planted):
+    """EDRONE_BRIDGE_DRIFT_INTERVAL_S: a round every interval sets the gauge; a stop ends it."""
+    scheduled = make_settings(
+        apps=bridge.apps, drift_interval_s=0.05, drift_settle_s=0.0, sync=bridge.sync
+    )
+    pool = await create_pool(scheduled, command_timeout_s=30)
+    metrics, stopping = Metrics(), asyncio.Event()
+    task = asyncio.create_task(check_on_schedule(pool, scheduled, metrics, stopping=stopping))
+    try:
+        await wait_until(lambda: drift(metrics).get("never_synced") == 2)
+    finally:
+        stopping.set()
+        await asyncio.wait_for(task, 10)
+        await asyncio.wait_for(pool.close(), 10)
