@@ -48,12 +48,20 @@ class TargetMapping(BaseModel):
     # fixed value with every change (and on every row created).
     set_now: tuple[str, ...] = ()
     set_values: dict[str, ShopValue] = Field(default_factory=dict)
+    # A date/time column of when the shop last set the status (Magento's change_status_at), if
+    # the table keeps one: `backfill` and `reconcile` date the rows they read by it.
+    changed_at_column: str | None = None
     # edrone promises that the sync creates no profiles: unknown addresses are counted as
     # unknown_customer unless this is true, which inserts a row.
     create_missing: bool = False
 
     @field_validator(
-        "table", "address_column", "email_status_column", "sms_status_column", "phone_column"
+        "table",
+        "address_column",
+        "email_status_column",
+        "sms_status_column",
+        "phone_column",
+        "changed_at_column",
     )
     @classmethod
     def _no_nul(cls, value: str | None) -> str | None:
@@ -74,6 +82,7 @@ class TargetMapping(BaseModel):
             "email_status_column": self.email_status_column,
             "sms_status_column": self.sms_status_column,
             "phone_column": self.phone_column,
+            "changed_at_column": self.changed_at_column,
         }
         found = {option: name for option, name in named.items() if name is not None}
         found.update({f"set_now.{name}": name for name in self.set_now})

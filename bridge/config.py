@@ -219,6 +219,12 @@ class Settings(BaseSettings):
     # retention_interval_s, as `edrone-bridge prune --older-than` does; unset, nothing is pruned.
     retention_days: float | None = Field(default=None, ge=1)
     retention_interval_s: float = Field(default=3600.0, gt=0)
+    # Set, `consume traces` (and `run`) count every drift_interval_s the addresses where the
+    # shop's mapped table and the sync state differ (as `edrone-bridge reconcile` finds them)
+    # into the drift_addresses gauge; a difference younger than drift_settle_s (a change on its
+    # way) is not counted. Unset, nothing is counted.
+    drift_interval_s: float | None = Field(default=None, gt=0)
+    drift_settle_s: float = Field(default=300.0, ge=0)
     # aiohttp's request parser limits, set explicitly: a request over one is answered 400 before
     # any handler runs. edrone sends a short request line and a handful of short headers.
     max_request_line_bytes: int = Field(default=8190, ge=256)

@@ -118,6 +118,14 @@ class Metrics:
             "Outbox rows the relay handled: published, coalesced, invalid, set_aside",
             "outcome",
         )
+        self.drift_addresses = _gauge(
+            r,
+            "drift_addresses",
+            "Addresses where the shop's table and the sync state differ, by app and kind "
+            "(the scheduled drift check, as `reconcile` finds them)",
+            "app_id",
+            "kind",
+        )
         self.broker_connected = _gauge(r, "broker_connected", "1 while connected to RabbitMQ")
         self.database_connected = _gauge(r, "database_connected", "1 while PostgreSQL answers")
 

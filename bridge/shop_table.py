@@ -144,6 +144,9 @@ def _check_categories(where: str, mapping: TargetMapping, columns: Mapping[str, 
     if mapping.phone_column is not None:
         expected.append((mapping.phone_column, "phone_column", _STRING, "a text"))
     expected += [(name, f"set_now.{name}", _DATETIME, "a date/time") for name in mapping.set_now]
+    if mapping.changed_at_column is not None:
+        name = mapping.changed_at_column
+        expected.append((name, "changed_at_column", _DATETIME, "a date/time"))
     for name, option, category, kind in expected:
         column = columns[name]
         if column.category != category:

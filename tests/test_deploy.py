@@ -89,6 +89,7 @@ class TestPrometheus:
             "EdroneBridgeBreakerOpen",
             "EdroneBridgeServiceDisconnected",
             "EdroneBridgeWebhookSilence",
+            "EdroneBridgeDrift",
         }
 
     def test_the_scrape_targets_are_the_compose_services(self):

@@ -21,6 +21,7 @@ Command = Callable[[Settings, argparse.Namespace], Coroutine[Any, Any, int]]
 Subcommands: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 EXIT_FAILED = 1
 EXIT_USAGE = 2  # also argparse's: the command line or the configuration is wrong
+EXIT_DRIFT = 3  # `reconcile` found addresses where the sides differ
 EXIT_INTERRUPTED = 130
 # Failures an operator fixes outside the code (a service down, a changed migration): one
 # readable line is more use than a traceback.

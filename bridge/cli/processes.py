@@ -114,9 +114,42 @@ def subscriptions_part(metrics: Metrics | None = None, *, expose_metrics: bool =
 
 
 def traces_part(metrics: Metrics | None = None, *, expose_metrics: bool = True) -> Part:
+    from bridge.metrics import Metrics
     from consumers.traces import PART
 
-    return _served(PART, metrics, expose_metrics)
+    # One registry for the forwarder and the drift check beside it.
+    metrics = metrics if metrics is not None else Metrics()
+    return with_drift_check(_served(PART, metrics, expose_metrics), metrics)
+
+
+def with_drift_check(part: Part, metrics: Metrics) -> Part:
+    """``part``, and beside it, while it runs, the drift check of EDRONE_BRIDGE_DRIFT_INTERVAL_S
+    (if set) on a small pool of its own, counted into ``metrics``."""
+
+    async def serve(settings: Settings, stopping: asyncio.Event) -> None:
+        if settings.drift_interval_s is None:
+            await part(settings, stopping)
+            return
+        from bridge.ops.drift_check import check_on_schedule
+
+        try:
+            pool = await create_pool(
+                settings, command_timeout_s=600.0, max_size=2, stopping=stopping
+            )
+        except Stopped:
+            return
+        checker = asyncio.create_task(
+            check_on_schedule(pool, settings, metrics, stopping=stopping), name="drift check"
+        )
+        try:
+            await part(settings, stopping)
+        finally:
+            checker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await checker
+            await close_pool(pool, 5.0)
+
+    return serve
 
 
 def with_retention(part: Part) -> Part:
