@@ -92,6 +92,9 @@ class TraceSettings(ConsumerOptions):
     # traffic leaves of each app's limit (consumers/throttle.py): live demand's recent peak
     # times the headroom stays free for it, and never less than the fraction of the limit.
     background_concurrency: int = Field(default=10, ge=1, le=1_000)
+    # Smaller batches than live ones: both lanes share the event loop and the pool, and a
+    # batch of 200 rows planned at once held live changes up by a p95 of 130 ms, 50 by 40 ms.
+    background_batch_size: int = Field(default=50, ge=1, le=10_000)
     background_reserve_fraction: float = Field(default=0.1, ge=0, lt=1)
     background_headroom: float = Field(default=1.5, ge=1)
     # A background batch waits this long for room at most; its calls still waiting are

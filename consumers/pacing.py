@@ -80,9 +80,17 @@ def batch_timeout_s(options: TraceSettings, *, background: bool = False) -> floa
     """Enough for a whole batch of the slowest answers, queued behind the concurrency bound and
     the rate limit: a batch timed out is sent again, and edrone would hear twice. A background
     batch waits for room no longer than ``background_max_wait_s``."""
+    if background:
+        options = background_options(options)
     concurrency = options.background_concurrency if background else options.concurrency
     rounds = math.ceil(options.batch_size / concurrency)
     pacing_s = options.batch_size / options.rate_limit_per_s if options.rate_limit_per_s else 0.0
     if background:
         pacing_s = options.background_max_wait_s
     return rounds * options.timeout_s + pacing_s + 10.0
+
+
+def background_options(options: TraceSettings) -> TraceSettings:
+    """The background lane's runtime numbers: its smaller batches, and room for two of them."""
+    size = options.background_batch_size
+    return options.model_copy(update={"batch_size": size, "prefetch": 2 * size})

@@ -61,6 +61,8 @@ class BackgroundLane:
 
     queue: Callable[[Settings], str]
     timeout_s: Callable[[Settings], float]
+    # Its runtime's numbers, where they differ from the part's.
+    options: Callable[[Settings], ConsumerOptions] | None = None
 
 
 @dataclass(frozen=True)
@@ -200,11 +202,13 @@ async def consumers_of(
     yet: ``async with consumer`` opens its channels (the topology must be declared) and closes
     them, drained, before the block ends."""
     async with part.handler(connection, pool, settings, metrics) as lanes:
-        lane_specs = [(part.queue(settings), lanes.live, part.timeout_s(settings))]
+        options = part.options(settings)
+        lane_specs = [(part.queue(settings), lanes.live, part.timeout_s(settings), options)]
         if part.background is not None and lanes.background is not None:
-            background = part.background
+            lane = part.background
+            lane_options = lane.options(settings) if lane.options is not None else options
             lane_specs.append(
-                (background.queue(settings), lanes.background, background.timeout_s(settings))
+                (lane.queue(settings), lanes.background, lane.timeout_s(settings), lane_options)
             )
         yield [
             Consumer(
@@ -216,13 +220,13 @@ async def consumers_of(
                     retry_tiers_s=part.retry_tiers_s(settings),
                     probe=functools.partial(answers, pool, part.probe_timeout_s(settings)),
                 ),
-                part.options(settings),
+                lane_options,
                 topology=topology(settings),
                 publish_timeout_s=settings.publish_timeout_s,
                 metrics=metrics,
                 ledger=Ledger(pool, timeout_s=part.probe_timeout_s(settings)),
             )
-            for queue, handler, timeout_s in lane_specs
+            for queue, handler, timeout_s, lane_options in lane_specs
         ]
 
 

@@ -36,7 +36,13 @@ from consumers.outcomes import (
     Result,
     describe_validation_error,
 )
-from consumers.pacing import NoRoom, Pacing, batch_timeout_s, create_session
+from consumers.pacing import (
+    NoRoom,
+    Pacing,
+    background_options,
+    batch_timeout_s,
+    create_session,
+)
 from consumers.service import BackgroundLane, ConsumerPart, Lanes
 from consumers.spec import Delivery
 from consumers.sync import REFUSED, SENT, UNCERTAIN, UNSENT
@@ -386,5 +392,6 @@ PART = ConsumerPart(
     background=BackgroundLane(
         queue=lambda settings: topology(settings).backfill_queue,
         timeout_s=lambda settings: batch_timeout_s(settings.traces, background=True),
+        options=lambda settings: background_options(settings.traces),
     ),
 )
