@@ -1,7 +1,8 @@
 """Any consumer process, from the part that describes it: each consumer module exports one
 :class:`ConsumerPart`; :func:`serve` runs it until ``stopping`` is set (pool, connection,
-topology, the consumer, its metrics server and its queue monitor, closed in reverse order), and
-:func:`consumer_of` builds its consumer on a connection and pool the caller owns."""
+topology, the consumers, its metrics server and its queue monitor, closed in reverse order), and
+:func:`consumers_of` builds its consumers on a connection and pool the caller owns: one for its
+queue, and one for its background lane if it has one (the trace forwarder's backfill)."""
 
 from __future__ import annotations
 
@@ -30,16 +31,38 @@ from consumers.spec import ConsumerSpec, Handler
 log = structlog.get_logger(__name__)
 
 Declare = Callable[[AbstractChannel, Settings], Awaitable[object]]
-# Builds a part's handler from (connection, pool, settings, metrics) and holds what the handler
-# needs (an HTTP session, the dispatcher) until the block ends.
+
+
+@dataclass(frozen=True)
+class Lanes:
+    """A part's handlers: its queue's, and its background lane's if it has one; the two share
+    what the factory holds (the trace forwarder's: edrone's rate limits and breaker)."""
+
+    live: Handler
+    background: Handler | None = None
+
+
+# Builds a part's handlers from (connection, pool, settings, metrics) and holds what they need
+# (an HTTP session, the dispatcher) until the block ends.
 HandlerFactory = Callable[
     [AbstractConnection, asyncpg.Pool, Settings, Metrics | None],
-    AbstractAsyncContextManager[Handler],
+    AbstractAsyncContextManager[Lanes],
 ]
 
 
 def _no_tiers(settings: Settings) -> Sequence[float]:
     return ()
+
+
+@dataclass(frozen=True)
+class BackgroundLane:
+    """A second queue of a part, consumed beside its queue on the same connection and pool,
+    with the same options and retry tiers (its own tier queues), for work that may wait."""
+
+    queue: Callable[[Settings], str]
+    timeout_s: Callable[[Settings], float]
+    # Its runtime's numbers, where they differ from the part's.
+    options: Callable[[Settings], ConsumerOptions] | None = None
 
 
 @dataclass(frozen=True)
@@ -63,6 +86,8 @@ class ConsumerPart:
     # Bound on asking whether the database answers, after a batch failed (the probe).
     probe_timeout_s: Callable[[Settings], float]
     retry_tiers_s: Callable[[Settings], Sequence[float]] = _no_tiers
+    # Consumed too when the handler factory yields a background handler.
+    background: BackgroundLane | None = None
 
 
 async def serve(
@@ -81,16 +106,17 @@ async def serve(
 
     ``expose_metrics`` serves ``/metrics``, ``/healthz`` and ``/readyz`` on
     ``settings.metrics_port``; ``run`` turns it off and exposes one registry on the ingress.
-    ``started`` is called with the consumer once everything is up (tests read its counters)."""
+    ``started`` is called with each consumer, its queue's first, once everything is up (tests
+    read their counters)."""
     metrics = metrics if metrics is not None else Metrics()
     try:
         async with AsyncExitStack() as opened:
-            consumer = await _start(
+            consumers = await _start(
                 part, settings, stopping, opened, connection, pool, metrics, expose_metrics
             )
-            if started is not None:
+            for consumer in consumers if started is not None else ():
                 started(consumer)
-            await consume_until(consumer, stopping)
+            await consume_all_until(consumers, stopping)
     except Stopped:
         log.info("stopped_before_serving", part=part.name)
 
@@ -104,7 +130,7 @@ async def _start(
     pool: asyncpg.Pool | None,
     metrics: Metrics,
     expose_metrics: bool,
-) -> Consumer:
+) -> list[Consumer]:
     """Everything up to consuming, each step registered in ``opened`` to be closed in reverse
     order; a stop asked for meanwhile ends the start at once (:class:`Stopped`). ``/readyz``
     answers from the first step on, saying what the start waits for."""
@@ -129,14 +155,15 @@ async def _start(
     # exchanges gets them back before the consumer's channel is restored.
     channel = await opened.enter_async_context(connection.channel())
     await unless_stopped(part.declare(channel, settings), stopping)
-    consumer = await opened.enter_async_context(
-        consumer_of(part, settings, connection, pool, metrics=metrics)
+    consumers = await opened.enter_async_context(
+        consumers_of(part, settings, connection, pool, metrics=metrics)
     )
-    await unless_stopped(opened.enter_async_context(consumer), stopping)
-    readiness.checks += [_connected(connection), _consuming(consumer)]
+    for consumer in consumers:
+        await unless_stopped(opened.enter_async_context(consumer), stopping)
+    readiness.checks += [_connected(connection), *map(_consuming, consumers)]
     readiness.reason = None
-    await opened.enter_async_context(_monitored(settings, metrics, connection, consumer, pool))
-    return consumer
+    await opened.enter_async_context(_monitored(settings, metrics, connection, consumers, pool))
+    return consumers
 
 
 def _connected(connection: AbstractConnection) -> Callable[[], str | None]:
@@ -156,26 +183,76 @@ async def consumer_of(
     *,
     metrics: Metrics | None = None,
 ) -> AsyncIterator[Consumer]:
-    """The part's consumer on ``connection`` and ``pool`` (both the caller's), its handler's
-    resources held for the block. Not open yet: ``async with consumer`` opens its channels
-    (the topology must be declared) and closes them, drained, before the block ends."""
-    async with part.handler(connection, pool, settings, metrics) as handler:
-        spec = ConsumerSpec(
-            part.queue(settings),
-            handler,
-            timeout_s=part.timeout_s(settings),
-            retry_tiers_s=part.retry_tiers_s(settings),
-            probe=functools.partial(answers, pool, part.probe_timeout_s(settings)),
-        )
-        yield Consumer(
-            connection,
-            spec,
-            part.options(settings),
-            topology=topology(settings),
-            publish_timeout_s=settings.publish_timeout_s,
-            metrics=metrics,
-            ledger=Ledger(pool, timeout_s=part.probe_timeout_s(settings)),
-        )
+    """The consumer of the part's queue, as :func:`consumers_of` builds it."""
+    async with consumers_of(part, settings, connection, pool, metrics=metrics) as consumers:
+        yield consumers[0]
+
+
+@asynccontextmanager
+async def consumers_of(
+    part: ConsumerPart,
+    settings: Settings,
+    connection: AbstractConnection,
+    pool: asyncpg.Pool,
+    *,
+    metrics: Metrics | None = None,
+) -> AsyncIterator[list[Consumer]]:
+    """The part's consumers on ``connection`` and ``pool`` (both the caller's), its queue's
+    first, then its background lane's; their handlers' resources held for the block. Not open
+    yet: ``async with consumer`` opens its channels (the topology must be declared) and closes
+    them, drained, before the block ends."""
+    async with part.handler(connection, pool, settings, metrics) as lanes:
+        options = part.options(settings)
+        lane_specs = [(part.queue(settings), lanes.live, part.timeout_s(settings), options)]
+        if part.background is not None and lanes.background is not None:
+            lane = part.background
+            lane_options = lane.options(settings) if lane.options is not None else options
+            lane_specs.append(
+                (lane.queue(settings), lanes.background, lane.timeout_s(settings), lane_options)
+            )
+        yield [
+            Consumer(
+                connection,
+                ConsumerSpec(
+                    queue,
+                    handler,
+                    timeout_s=timeout_s,
+                    retry_tiers_s=part.retry_tiers_s(settings),
+                    probe=functools.partial(answers, pool, part.probe_timeout_s(settings)),
+                ),
+                lane_options,
+                topology=topology(settings),
+                publish_timeout_s=settings.publish_timeout_s,
+                metrics=metrics,
+                ledger=Ledger(pool, timeout_s=part.probe_timeout_s(settings)),
+            )
+            for queue, handler, timeout_s, lane_options in lane_specs
+        ]
+
+
+async def consume_all_until(consumers: Sequence[Consumer], stopping: asyncio.Event) -> None:
+    """Run every consumer until ``stopping`` is set; one that stops by itself or crashes stops
+    the others, drained, and its error is re-raised once they have."""
+    stop_all = asyncio.Event()
+
+    async def consume(consumer: Consumer) -> None:
+        try:
+            await consume_until(consumer, stop_all)
+        finally:
+            stop_all.set()
+
+    async def relay_stop() -> None:
+        await stopping.wait()
+        stop_all.set()
+
+    relay = asyncio.create_task(relay_stop())
+    try:
+        ended = await asyncio.gather(*map(consume, consumers), return_exceptions=True)
+    finally:
+        relay.cancel()
+    for result in ended:
+        if isinstance(result, BaseException):
+            raise result
 
 
 async def consume_until(consumer: Consumer, stopping: asyncio.Event) -> None:
@@ -198,21 +275,24 @@ async def _monitored(
     settings: Settings,
     metrics: Metrics,
     connection: AbstractConnection,
-    consumer: Consumer,
+    consumers: Sequence[Consumer],
     pool: asyncpg.Pool,
 ) -> AsyncIterator[None]:
     names = topology(settings)
-    queue = consumer.queue_name
     task = asyncio.create_task(
         monitor(
             connection,
             metrics,
-            work_queues={queue: consumer.oldest_held_age_s},
-            parked_queues=names.parked_queues(queue, consumer.spec.retry_tiers_s),
+            work_queues={c.queue_name: c.oldest_held_age_s for c in consumers},
+            parked_queues=[
+                parked
+                for c in consumers
+                for parked in names.parked_queues(c.queue_name, c.spec.retry_tiers_s)
+            ],
             pool=pool,
             interval_s=settings.monitor_interval_s,
         ),
-        name=f"monitor {queue}",
+        name=f"monitor {consumers[0].queue_name}",
     )
     try:
         yield

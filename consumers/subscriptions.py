@@ -30,7 +30,7 @@ from consumers.outcomes import (
     database_retry,
     describe_validation_error,
 )
-from consumers.service import ConsumerPart
+from consumers.service import ConsumerPart, Lanes
 from consumers.spec import Delivery
 from consumers.sync import Decision, Verdict
 from consumers.sync_store import SyncBatch
@@ -334,12 +334,14 @@ async def _applier(
     pool: asyncpg.Pool,
     settings: Settings,
     metrics: Metrics | None,
-) -> AsyncIterator[SubscriptionApplier]:
+) -> AsyncIterator[Lanes]:
     """The applier, with the shops' tables it writes to and the dispatcher it nudges."""
     # Checked before consuming: a mapping that does not fit the table stops the start.
     targets = await resolve_targets(pool, settings.apps)
     async with dispatching(connection, pool, settings) as dispatcher:
-        yield SubscriptionApplier(pool, settings, targets, metrics=metrics, nudge=dispatcher.nudge)
+        yield Lanes(
+            SubscriptionApplier(pool, settings, targets, metrics=metrics, nudge=dispatcher.nudge)
+        )
 
 
 # `edrone-bridge consume subscriptions` (served by consumers.service.serve).

@@ -5,8 +5,8 @@ an echo of the bridge's own change is never sent back and edrone is brought to t
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
-import math
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import replace
@@ -23,7 +23,7 @@ from pydantic import ValidationError
 from bridge import bridge_version
 from bridge.amqp import declare_trace_topology, topology
 from bridge.app_config import AppConfig
-from bridge.config import Settings, TraceSettings
+from bridge.config import Settings
 from bridge.metrics import Metrics
 from bridge.shop_table import ShopTarget, resolve_targets
 from consumers.convergence import RECONCILE_TYPE
@@ -36,10 +36,16 @@ from consumers.outcomes import (
     Result,
     describe_validation_error,
 )
-from consumers.service import ConsumerPart
+from consumers.pacing import (
+    NoRoom,
+    Pacing,
+    background_options,
+    batch_timeout_s,
+    create_session,
+)
+from consumers.service import BackgroundLane, ConsumerPart, Lanes
 from consumers.spec import Delivery
 from consumers.sync import REFUSED, SENT, UNCERTAIN, UNSENT
-from consumers.throttle import Breaker, RateLimiter
 from consumers.trace_form import trace_form
 from consumers.trace_plan import Answer, Item, TraceCall, TracePlanner, reconcile_item
 from schemas.fields import (
@@ -122,7 +128,11 @@ class TraceForwarder:
     within the concurrency bound; then record its answers.
 
     ``targets`` are the shops' own tables (a shop known to hold another status than the
-    winner is corrected); ``nudge`` wakes the dispatcher after a commit that left messages."""
+    winner is corrected); ``nudge`` wakes the dispatcher after a commit that left messages.
+    ``pacing`` (rate limits, breaker) is shared with the other lane's forwarder; a
+    ``background`` one (the backfill lane) uses only what live traces leave of each limit,
+    within its own concurrency bound, and defers, uncounted, the calls of a batch that found no
+    room within ``background_max_wait_s``."""
 
     def __init__(
         self,
@@ -133,6 +143,8 @@ class TraceForwarder:
         *,
         targets: Mapping[str, ShopTarget] | None = None,
         nudge: Callable[[], None] | None = None,
+        pacing: Pacing | None = None,
+        background: bool = False,
     ) -> None:
         options = settings.traces
         self._metrics = metrics if metrics is not None else Metrics()
@@ -144,16 +156,16 @@ class TraceForwarder:
         self._date_floor = settings.date_floor
         self._phone_region = settings.phone_region
         self._clock_skew = settings.clock_skew
-        self._queue = topology(settings).traces_queue
+        names = topology(settings)
+        self._queue = names.backfill_queue if background else names.traces_queue
         self._planner = TracePlanner(pool, settings, targets or {}, nudge)
         self._version = bridge_version()
-        self._slots = asyncio.Semaphore(options.concurrency)
-        self._limiters: dict[str, RateLimiter] = {}
-        self.breaker = Breaker(
-            failures=options.breaker_failures,
-            initial_pause_s=options.breaker_initial_pause_s,
-            max_pause_s=options.breaker_max_pause_s,
+        self._background = background
+        self._slots = asyncio.Semaphore(
+            options.background_concurrency if background else options.concurrency
         )
+        self._pacing = pacing if pacing is not None else Pacing(settings)
+        self.breaker = self._pacing.breaker
         self.rate_limit_waits = 0
 
     async def __call__(self, deliveries: Sequence[Delivery]) -> list[Result]:
@@ -170,7 +182,7 @@ class TraceForwarder:
             calls, labels = await self._planner.plan(items)
             for index, label in labels.items():
                 outcomes[index] = label
-            results = await self._send_all(calls)
+            results = await self._send_all(calls, self._deadline())
             answers = []
             for call, (outcome, answer) in zip(calls, results, strict=True):
                 outcomes[call.index] = outcome
@@ -211,20 +223,22 @@ class TraceForwarder:
         self._metrics.dates_clamped.labels(self._queue).inc()
         return event.model_copy(update={"occurred_at": when})
 
-    async def _send_all(self, calls: list[TraceCall]) -> list[tuple[Result, Answer]]:
+    async def _send_all(
+        self, calls: list[TraceCall], deadline: float | None
+    ) -> list[tuple[Result, Answer]]:
         if not calls:
             return []
         if self.breaker.probing:
             # edrone failed until a moment ago: one call tests the way before the others go,
             # and a failed test is not the message's fault.
-            first = await self._send(calls[0])
+            first = await self._send(calls[0], deadline)
             if isinstance(first[0], Defer):
                 first = (_paused(self.breaker.paused_for_s), first[1])
-            rest = await asyncio.gather(*(self._send(call) for call in calls[1:]))
+            rest = await asyncio.gather(*(self._send(call, deadline) for call in calls[1:]))
             return [first, *rest]
-        return list(await asyncio.gather(*(self._send(call) for call in calls)))
+        return list(await asyncio.gather(*(self._send(call, deadline) for call in calls)))
 
-    async def _send(self, call: TraceCall) -> tuple[Result, Answer]:
+    async def _send(self, call: TraceCall, deadline: float | None) -> tuple[Result, Answer]:
         """One trace call and its outcome, with what it tells of edrone's state."""
         event_id = call.event.event_id if call.event is not None else None
         with structlog.contextvars.bound_contextvars(app_id=call.app_id, event_id=event_id):
@@ -241,8 +255,13 @@ class TraceForwarder:
                     log.warning("trace_unencodable", error=repr(exc))
                     reason = f"cannot build the trace: {exc!r}"
                     return Reject(reason), Answer(UNSENT, reason)
-                async with self._paced(call.app_id):
-                    return await self._post(encoded)
+                try:
+                    async with self._paced(call.app_id, deadline):
+                        return await self._post(encoded)
+                except NoRoom as exc:
+                    # Live traffic used the limit all along: not the message's fault.
+                    self._metrics.traces.labels("no_room").inc()
+                    return Defer(str(exc), counts=False), Answer(UNSENT, str(exc))
 
     def _encode(self, call: TraceCall) -> bytes:
         form = trace_form(
@@ -291,27 +310,29 @@ class TraceForwarder:
         log.warning("trace_refused", status=status)
         return Reject(answer), Answer(REFUSED, answer)
 
+    def _deadline(self) -> float | None:
+        """When a background batch stops waiting for room (loop time); None for live ones."""
+        if not self._background:
+            return None
+        return asyncio.get_running_loop().time() + self._options.background_max_wait_s
+
     @asynccontextmanager
-    async def _paced(self, app_id: str) -> AsyncIterator[None]:
-        """Within the app's rate limit, for the whole call (see RateLimiter)."""
-        limiter = self._limiter(app_id)
-        if limiter is None:
-            yield
-            return
-        async with limiter.slot() as waited_s:
+    async def _paced(self, app_id: str, deadline: float | None) -> AsyncIterator[None]:
+        """Within the app's rate limit, for the whole call (see RateLimiter); by ``deadline``
+        (loop time) or :class:`NoRoom`."""
+        timeout_s = None
+        if deadline is not None:
+            timeout_s = max(0.0, deadline - asyncio.get_running_loop().time())
+        async with self._pacing.slot(
+            app_id, background=self._background, timeout_s=timeout_s
+        ) as waited_s:
             if waited_s > 0:
                 self.rate_limit_waits += 1
-                self._metrics.rate_limit_waits.labels(app_id).inc()
-                self._metrics.rate_limit_wait_seconds.labels(app_id).inc(waited_s)
+                # The metric tells of live traces held up; the background waits by design.
+                if not self._background:
+                    self._metrics.rate_limit_waits.labels(app_id).inc()
+                    self._metrics.rate_limit_wait_seconds.labels(app_id).inc(waited_s)
             yield
-
-    def _limiter(self, app_id: str) -> RateLimiter | None:
-        rate = self._apps[app_id].rate_limit_per_s or self._options.rate_limit_per_s
-        if not rate:
-            return None
-        if app_id not in self._limiters:
-            self._limiters[app_id] = RateLimiter(rate)
-        return self._limiters[app_id]
 
     async def _record(self, answers: list[tuple[TraceCall, Answer]]) -> None:
         # The calls are made: a failure here, whatever it is, only costs a later check, so it
@@ -328,42 +349,33 @@ def _paused(paused_s: float) -> Defer:
     return Defer("edrone is failing; sending paused", after_s=paused_s, counts=False)
 
 
-def create_session(settings: Settings) -> aiohttp.ClientSession:
-    """A keep-alive session to edrone, bounded by the configured timeouts."""
-    options = settings.traces
-    return aiohttp.ClientSession(
-        timeout=aiohttp.ClientTimeout(total=options.timeout_s, connect=options.connect_timeout_s),
-        connector=aiohttp.TCPConnector(limit=options.concurrency),
-        raise_for_status=False,
-    )
-
-
-def batch_timeout_s(options: TraceSettings) -> float:
-    """Enough for a whole batch of the slowest answers, queued behind the concurrency bound and
-    the rate limit: a batch timed out is sent again, and edrone would hear twice."""
-    rounds = math.ceil(options.batch_size / options.concurrency)
-    pacing_s = options.batch_size / options.rate_limit_per_s if options.rate_limit_per_s else 0.0
-    return rounds * options.timeout_s + pacing_s + 10.0
-
-
 @asynccontextmanager
 async def _forwarder(
     connection: AbstractConnection,
     pool: asyncpg.Pool,
     settings: Settings,
     metrics: Metrics | None,
-) -> AsyncIterator[TraceForwarder]:
-    """The forwarder, with its HTTP session to edrone, the shops' tables it corrects and the
-    dispatcher it nudges."""
+) -> AsyncIterator[Lanes]:
+    """The forwarders of both lanes, with their HTTP session to edrone, the shops' tables they
+    correct, the dispatcher they nudge and the pacing they share."""
     # Checked before consuming: a mapping that does not fit the table stops the start.
     targets = await resolve_targets(pool, settings.apps)
     async with (
         create_session(settings) as session,
         dispatching(connection, pool, settings) as dispatcher,
     ):
-        yield TraceForwarder(
-            session, pool, settings, metrics, targets=targets, nudge=dispatcher.nudge
+        # One pacing for both lanes: the rate limits serve live first, the breaker pauses both.
+        forwarder = functools.partial(
+            TraceForwarder,
+            session,
+            pool,
+            settings,
+            metrics,
+            targets=targets,
+            nudge=dispatcher.nudge,
+            pacing=Pacing(settings),
         )
+        yield Lanes(forwarder(), forwarder(background=True))
 
 
 # `edrone-bridge consume traces` (served by consumers.service.serve).
@@ -377,4 +389,9 @@ PART = ConsumerPart(
     command_timeout_s=lambda settings: settings.traces.db_timeout_s,
     probe_timeout_s=lambda settings: min(settings.traces.db_timeout_s, 5.0),
     retry_tiers_s=lambda settings: settings.traces.retry_tiers_s,
+    background=BackgroundLane(
+        queue=lambda settings: topology(settings).backfill_queue,
+        timeout_s=lambda settings: batch_timeout_s(settings.traces, background=True),
+        options=lambda settings: background_options(settings.traces),
+    ),
 )

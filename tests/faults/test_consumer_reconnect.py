@@ -233,7 +233,8 @@ class TestTopologyRestore:
             await send(url, before, answers)
             assert answers.counts() == {"200": 50}
             await wait_for_count(db, "SELECT count(*) FROM inbox", 50, 10)
-            await wait_until(lambda: [c.ready for c in consumers_made] == [True, True], 10)
+            # The subscription consumer and both lanes of the trace forwarder.
+            await wait_until(lambda: [c.ready for c in consumers_made] == [True] * 3, 10)
             await amqp_proxy.cut()
             # A broker that comes back without its definitions (a new node, a container
             # without its volume): every queue and exchange of the deployment is gone.
