@@ -1,7 +1,7 @@
 """The ``edrone-bridge`` command: parses arguments, loads the settings once, configures logging
 and runs one coroutine per subcommand. The command modules beside it add their subcommands:
 ``processes`` (run, ingress, consume, relay, migrate), ``status``, ``dlq``, ``history``,
-``prune``, ``reconcile`` and ``tools`` (the developer tools)."""
+``prune``, ``reconcile``, ``backfill`` and ``tools`` (the developer tools)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import structlog
 
 from bridge import bridge_version
-from bridge.cli import dlq, history, processes, prune, reconcile, status, tools
+from bridge.cli import backfill, dlq, history, processes, prune, reconcile, status, tools
 from bridge.cli.common import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,
@@ -77,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     history.add_commands(commands)
     prune.add_commands(commands)
     reconcile.add_commands(commands)
+    backfill.add_commands(commands)
     tools.add_commands(commands)
     return parser
 
