@@ -104,12 +104,15 @@ class Reader:
         return row.model_copy(update={"event_id": event_id})
 
     async def check(self, page: Page) -> Checked:
-        rows, invalid = [], list(page.invalid)
-        for candidate in page.candidates:
+        rows, invalid = [], []
+        for read in page.rows:
+            if isinstance(read, Invalid):
+                invalid.append(read)
+                continue
             try:
-                rows.append(self.shop_row(candidate))
+                rows.append(self.shop_row(read))
             except ValidationError as exc:
-                invalid.append(Invalid(candidate.where, _why(exc)))
+                invalid.append(Invalid(read.where, _why(exc)))
         keys = [(i, *address) for i, row in enumerate(rows) for address in addresses(row)]
         classes: list[list[str]] = [[] for _ in rows]
         if keys:

@@ -80,18 +80,18 @@ class FileSource:
                 yield self._page(chunk, done)
 
     def _page(self, chunk: list[Record], done: int) -> Page:
-        candidates, invalid = [], []
+        read: list[Candidate | Invalid] = []
         for where, record in chunk:
             if record is None:
                 continue
             if isinstance(record, str):
-                invalid.append(Invalid(where, record))
+                read.append(Invalid(where, record))
                 continue
             try:
-                candidates.append(Candidate(where, _fields(record), self.observed_at))
+                read.append(Candidate(where, _fields(record), self.observed_at))
             except ValueError as exc:
-                invalid.append(Invalid(where, str(exc)))
-        return Page(candidates, invalid, done)
+                read.append(Invalid(where, str(exc)))
+        return Page(read, done)
 
     def _open(self) -> TextIO:
         try:
@@ -138,7 +138,7 @@ def _jsonl(handle: TextIO) -> Iterator[Record]:
             yield where, None
             continue
         try:
-            record = json.loads(line)
+            record = json.loads(line.rstrip("\r\n"))
         except ValueError as exc:
             yield where, f"not JSON: {exc.msg} at column {exc.colno}"
             continue

@@ -37,14 +37,18 @@ class Candidate:
 
 @dataclass(frozen=True)
 class Page:
-    candidates: list[Candidate]
-    invalid: list[Invalid] = field(default_factory=list)
+    # In the source's order, the rows it could not read in their places.
+    rows: list[Candidate | Invalid] = field(default_factory=list)
     # JSON-ready: where the page after this one starts.
     position: Any = None
 
     @property
+    def candidates(self) -> list[Candidate]:
+        return [row for row in self.rows if isinstance(row, Candidate)]
+
+    @property
     def read(self) -> int:
-        return len(self.candidates) + len(self.invalid)
+        return len(self.rows)
 
 
 class Source(Protocol):

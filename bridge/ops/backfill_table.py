@@ -110,7 +110,7 @@ class TableSource:
                 return
 
     def _page(self, rows: Sequence[asyncpg.Record], position: list[str]) -> Page:
-        candidates, invalid = [], []
+        read: list[Candidate | Invalid] = []
         sms = self._target.mapping.sms_status_column is not None
         for row in rows:
             where = ", ".join(
@@ -118,7 +118,7 @@ class TableSource:
                 for column, value in zip(self._key, row["key"], strict=True)
             )
             if not row["email"]:
-                invalid.append(Invalid(where, "no e-mail address in the row"))
+                read.append(Invalid(where, "no e-mail address in the row"))
                 continue
             fields = {
                 "email": row["email"],
@@ -129,8 +129,8 @@ class TableSource:
                 ),
                 "changed_at": row["changed_at"],
             }
-            candidates.append(Candidate(where, fields, row["observed_at"]))
-        return Page(candidates, invalid, position)
+            read.append(Candidate(where, fields, row["observed_at"]))
+        return Page(read, position)
 
 
 def _status(texts: Mapping[str, int | None], text: str | None) -> int | None:
