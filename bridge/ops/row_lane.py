@@ -42,10 +42,12 @@ class RowLane:
 
     async def depth(self) -> int:
         """Messages ready in the lane, from a passive declaration (which moves none)."""
+        # On the channel itself: a robust channel answers a passive declare of a queue it
+        # declared with that queue's first declaration (its count then, never again).
+        underlay = await self._channel.get_underlay_channel()
         async with asyncio.timeout(self._timeout_s):
-            queue = await self._channel.declare_queue(self.queue, passive=True)
-        count = queue.declaration_result.message_count
-        return int(count or 0)
+            declared = await underlay.queue_declare(self.queue, passive=True)
+        return int(declared.message_count or 0)
 
     async def send(self, rows: Sequence[ShopRow]) -> None:
         """Publish ``rows`` and return once the broker confirmed every one (raises
