@@ -75,7 +75,11 @@ def add_commands(commands: Subcommands) -> None:
         help="give up the source's unfinished run and start from the beginning",
     )
     parser.add_argument(
-        "--page-size", type=positive_int, default=1000, help="rows read per statement (1000)"
+        "--page-size",
+        type=positive_int,
+        default=1000,
+        metavar="N",
+        help="rows read per statement, and checkpointed together (1000)",
     )
     parser.add_argument(
         "--max-queued",
@@ -157,14 +161,15 @@ async def _dry_run(
     pool: asyncpg.Pool, settings: Settings, args: argparse.Namespace, source: Source
 ) -> int:
     # What the next run would read: the rest of an unfinished run, unless --restart.
-    position, already = None, Counts()
+    position, done = None, 0
     found = await backfill_runs.unfinished(pool, args.app, source.label)
     if found is not None and not args.restart:
         resumed = backfill_runs.resumed(found)
-        position = resumed.position
-        print(f"resuming run {resumed.run_id}, after {resumed.counts.read:,} rows read")
+        position, done = resumed.position, resumed.counts.read
+        print(f"resuming run {resumed.run_id}, after {done:,} rows read")
     reader = backfill.Reader(pool, args.app, DRY_RUN_ID, settings.phone_region)
-    report = Report(await source.total(), already)
+    total = await source.total()
+    report = Report(None if total is None else max(total - done, 0), Counts())
     try:
         tally = await backfill.dry_run(
             reader,
