@@ -221,6 +221,21 @@ async def test_two_backfills_of_one_app_do_not_run_at_once(shop, pool, amqp_conn
     assert await lane_depth(amqp_connection, shop) == 2
 
 
+async def test_a_dry_run_tells_what_the_resumed_run_would_read(shop, pool, amqp_connection, capsys):
+    task = asyncio.create_task(run_backfill(shop, command("--page-size", "2", "--max-queued", "2")))
+    await wait_until(lambda: _equals(pool.fetchval("SELECT rows_read FROM backfill_runs"), 2))
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert await run_backfill(shop, command("--dry-run")) == 0
+    out = capsys.readouterr().out
+    assert "after 2 rows read" in out and f"read {CUSTOMERS - 2} rows" in out
+    assert await run_backfill(shop, command("--dry-run", "--restart")) == 0
+    assert f"read {CUSTOMERS} rows" in capsys.readouterr().out
+    assert await pool.fetchval("SELECT rows_read FROM backfill_runs") == 2
+    assert await lane_depth(amqp_connection, shop) == 2
+
+
 class TestUsage:
     async def test_unknown_app(self, shop, pool, amqp_connection):
         args = cli.build_parser().parse_args(["backfill", "--app", "nope"])
