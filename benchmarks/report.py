@@ -15,11 +15,12 @@ from typing import Any
 
 @dataclass
 class Target:
-    """What a figure must reach: a ratio to its baseline (``min_ratio``), or bounds on the
-    value itself (``min_value`` / ``max_value``)."""
+    """What a figure must reach: bounds on its ratio to its baseline (``min_ratio`` /
+    ``max_ratio``), or on the value itself (``min_value`` / ``max_value``)."""
 
     text: str
     min_ratio: float | None = None
+    max_ratio: float | None = None
     min_value: float | None = None
     max_value: float | None = None
 
@@ -29,6 +30,8 @@ class Target:
         checks = []
         if self.min_ratio is not None:
             checks.append(ratio is not None and ratio >= self.min_ratio)
+        if self.max_ratio is not None:
+            checks.append(ratio is not None and ratio <= self.max_ratio)
         if self.min_value is not None:
             checks.append(value >= self.min_value)
         if self.max_value is not None:

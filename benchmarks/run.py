@@ -11,11 +11,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from benchmarks import endtoend, ingress, subscriptions, traces
+from benchmarks import backfill, endtoend, ingress, subscriptions, traces
 from benchmarks.report import Row, render, write_json
 from benchmarks.worker import quiet
 
-BENCHMARKS = ("ingress", "subscriptions", "traces", "endtoend")
+BENCHMARKS = ("ingress", "subscriptions", "traces", "endtoend", "backfill")
 RESULTS = Path(__file__).resolve().parent / "results"
 # Small sizes for trying a change on a busy machine; the defaults are the sizes.
 QUICK = {
@@ -26,6 +26,8 @@ QUICK = {
     "limited_s": 4.0,
     "latency_s": 3.0,
     "soak_s": 10.0,
+    "backfill_rows": 20_000,
+    "reconcile_rows": "10000,50000",
 }
 
 
@@ -59,6 +61,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--soak-s", type=float, default=90.0, help="seconds of the memory soak (90; 300 = 5 min)"
+    )
+    parser.add_argument(
+        "--backfill-rows", type=int, default=1_000_000, help="rows backfilled (1000000)"
+    )
+    parser.add_argument(
+        "--reconcile-rows",
+        default="100000,1000000",
+        help="comma-separated table sizes reconciled (100000,1000000)",
     )
     parser.add_argument(
         "--rate",
@@ -107,6 +117,13 @@ async def run(args: argparse.Namespace) -> list[Row]:
                 repeats=args.repeats,
                 traces=args.traces,
                 limited_s=args.limited_s,
+                log_dir=args.log_dir,
+            )
+        elif name == "backfill":
+            rows += await backfill.run(
+                repeats=args.repeats,
+                rows=args.backfill_rows,
+                reconcile_rows=[int(n) for n in args.reconcile_rows.split(",") if n.strip()],
                 log_dir=args.log_dir,
             )
         else:

@@ -26,7 +26,7 @@ from bridge.db import create_pool
 from consumers import traces
 from consumers.service import consumer_of
 from consumers.trace_form import trace_form
-from schemas.platform_event import CustomerSubscriptionChanged
+from consumers.trace_plan import TraceCall
 
 LATENCY_MS = 20
 FORM_HEADERS = {"Content-Type": "application/x-www-form-urlencoded"}
@@ -100,17 +100,12 @@ async def forward(settings: Settings, expected: int, duration_s: float | None) -
 
 async def bare_posts(url: str, count: int, concurrency: int) -> float:
     """aiohttp alone: ``concurrency`` tasks POSTing trace forms on one keep-alive session."""
-    event = CustomerSubscriptionChanged.model_validate(
-        {
-            "event_id": "e",
-            "occurred_at": datetime.now(UTC),
-            "email": "a@example.com",
-            "subscriber_status": 1,
-        }
+    call = TraceCall(
+        0, d.APP_ID, "a@example.com", datetime.now(UTC), email_known=True, email_status=1
     )
     settings = d.make_settings("form")
     form = trace_form(
-        event, d.APP_ID, settings.apps[d.APP_ID], platform="x", platform_version="1", version="1"
+        call, settings.apps[d.APP_ID], platform="x", platform_version="1", version="1"
     )
     numbers = iter(range(count))
     ok = 0
