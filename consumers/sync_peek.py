@@ -11,7 +11,7 @@ from collections.abc import Iterable
 import asyncpg
 
 from consumers.sync import SyncState
-from consumers.sync_store import Key, _columns, _state
+from consumers.sync_store import Key, as_columns, state_of
 
 # The second half mirrors sync_store._LOCK_SQL's new rows, built as sync_state records.
 _PEEK_SQL = """
@@ -47,11 +47,11 @@ async def peek(
 ) -> tuple[dict[Key, SyncState], dict[Key, str]]:
     """The states of ``keys`` and the customers' e-mails they know, as stored; nothing
     written, nothing locked."""
-    rows = await conn.fetch(_PEEK_SQL, *_columns(sorted(set(keys)), 3))
+    rows = await conn.fetch(_PEEK_SQL, *as_columns(sorted(set(keys)), 3))
     states, emails = {}, {}
     for row in rows:
         key = (row["app_id"], row["channel"], row["address"])
-        states[key] = _state(row)
+        states[key] = state_of(row)
         if row["email"] is not None:
             emails[key] = row["email"]
     return states, emails

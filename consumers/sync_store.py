@@ -184,7 +184,7 @@ class SyncBatch:
             return []
         rows = await self.conn.fetch(
             _OPEN_TRACE_SQL,
-            *_columns(
+            *as_columns(
                 [
                     (*key, status, made, event_id, fix)
                     for key, status, made, event_id, fix in wanted
@@ -232,7 +232,7 @@ class SyncBatch:
         if self.history:
             await self.conn.execute(
                 _HISTORY_SQL,
-                *_columns(
+                *as_columns(
                     [
                         (
                             *h.key,
@@ -253,11 +253,11 @@ class SyncBatch:
             )
         trace_updates = [(i, s) for st in self.states.values() for i, s in st.trace_updates.items()]
         if trace_updates:
-            await self.conn.execute(_CLOSE_TRACES_SQL, *_columns(trace_updates, 2))
+            await self.conn.execute(_CLOSE_TRACES_SQL, *as_columns(trace_updates, 2))
         if self.writes:
             await self.conn.execute(
                 _NEW_WRITES_SQL,
-                *_columns(
+                *as_columns(
                     [
                         (
                             w.write_id,
@@ -275,11 +275,11 @@ class SyncBatch:
             )
         closed_writes = [(i, s) for st in self.states.values() for i, s in st.closed_writes.items()]
         if closed_writes:
-            await self.conn.execute(_CLOSE_WRITES_SQL, *_columns(closed_writes, 2))
+            await self.conn.execute(_CLOSE_WRITES_SQL, *as_columns(closed_writes, 2))
         if self.dispatch:
             await self.conn.execute(
                 _DISPATCH_SQL,
-                *_columns(
+                *as_columns(
                     [
                         (d.exchange, d.routing_key, d.message_id, d.type, json.dumps(d.body))
                         for d in self.dispatch
@@ -291,14 +291,14 @@ class SyncBatch:
 
 async def lock(conn: asyncpg.Connection, keys: Iterable[Key]) -> SyncBatch:
     """The states of ``keys`` (created where new), locked until the transaction ends."""
-    rows = await conn.fetch(_LOCK_SQL, *_columns(sorted(set(keys)), 3))
+    rows = await conn.fetch(_LOCK_SQL, *as_columns(sorted(set(keys)), 3))
     states: dict[Key, SyncState] = {}
     emails: dict[Key, str] = {}
     tracing: list[Key] = []
     writing: list[Key] = []
     for row in rows:
         key = (row["app_id"], row["channel"], row["address"])
-        states[key] = _state(row)
+        states[key] = state_of(row)
         if row["email"] is not None:
             emails[key] = row["email"]
         if row["open_traces"]:
@@ -307,7 +307,7 @@ async def lock(conn: asyncpg.Connection, keys: Iterable[Key]) -> SyncBatch:
             writing.append(key)
     # Most addresses have neither: looked up only for those that have some.
     if tracing:
-        for row in await conn.fetch(_TRACES_SQL, *_columns(tracing, 3)):
+        for row in await conn.fetch(_TRACES_SQL, *as_columns(tracing, 3)):
             states[(row["app_id"], row["channel"], row["address"])].traces.append(
                 OpenTrace(
                     row["id"],
@@ -319,7 +319,7 @@ async def lock(conn: asyncpg.Connection, keys: Iterable[Key]) -> SyncBatch:
                 )
             )
     if writing:
-        for row in await conn.fetch(_WRITES_SQL, *_columns(writing, 3)):
+        for row in await conn.fetch(_WRITES_SQL, *as_columns(writing, 3)):
             states[(row["app_id"], row["channel"], row["address"])].writes.append(
                 PendingWrite(str(row["write_id"]), row["status"], row["written_at"])
             )
@@ -360,7 +360,7 @@ async def save_states(
             )
         )
     if rows:
-        await conn.execute(_SAVE_SQL, *_columns(rows, 25))
+        await conn.execute(_SAVE_SQL, *as_columns(rows, 25))
 
 
 async def unseen(
@@ -369,11 +369,12 @@ async def unseen(
     """Of the shop's (app_id, event_id), the ones never read before (now marked read)."""
     if not events:
         return set()
-    rows = await conn.fetch(_SEEN_SQL, *_columns(sorted(set(events)), 2))
+    rows = await conn.fetch(_SEEN_SQL, *as_columns(sorted(set(events)), 2))
     return {(row["app_id"], row["event_id"]) for row in rows}
 
 
-def _state(row: asyncpg.Record) -> SyncState:
+def state_of(row: asyncpg.Record) -> SyncState:
+    """A ``sync_state`` row as the rule's state (without its open traces and writes)."""
     state = SyncState(
         seq=row["seq"], edrone_second=row["edrone_second"], edrone_seen=row["edrone_seen"]
     )
@@ -394,6 +395,6 @@ def _state(row: asyncpg.Record) -> SyncState:
     return state
 
 
-def _columns(rows: Sequence[Sequence[Any]], width: int) -> list[list[Any]]:
+def as_columns(rows: Sequence[Sequence[Any]], width: int) -> list[list[Any]]:
     """Rows as the column lists ``unnest`` takes."""
     return [[row[i] for row in rows] for i in range(width)]

@@ -63,9 +63,12 @@ async def test_a_full_lane_holds_the_send_until_the_forwarder_makes_room(setting
         async with asyncio.timeout(10):
             await sending
         assert lane.waited_s > 0
-    await wait_until(lambda: ready_count(amqp_connection, queue))
-    rest = await take_all(amqp_connection, queue)
-    assert [m.message_id for m in first + rest] == ["row-1", "row-2", "row-3"]
+    taken = [m.message_id for m in first]
+    # Room is made as the first is taken: the third may be published before the taking ends.
+    if len(taken) < 3:
+        await wait_until(lambda: ready_count(amqp_connection, queue))
+        taken += [m.message_id for m in await take_all(amqp_connection, queue)]
+    assert taken == ["row-1", "row-2", "row-3"]
 
 
 async def test_a_page_larger_than_the_depth_is_sent_once_the_lane_is_empty(
