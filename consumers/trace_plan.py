@@ -109,7 +109,6 @@ class TracePlanner:
         # The messages whose change wins: a call carries each, its own or a later message's.
         winning: set[int] = set()
         won: set[Key] = set()
-        now = utcnow()
         for item in items:
             if item.key is not None:
                 continue
@@ -117,7 +116,7 @@ class TracePlanner:
                 labels[item.index] = Outcome.DUPLICATE
                 continue
             if item.row is not None:
-                decisions = converger.read_shop_row(batch, item.row, now)
+                decisions = converger.read_shop_row(batch, item.row, utcnow())
             else:
                 assert item.event is not None
                 decisions = converger.read_shop_change(batch, item.app_id, item.event)
@@ -127,6 +126,8 @@ class TracePlanner:
             else:
                 labels[item.index] = _label(decisions)
             won.update(wins)
+        # After the changes are read: the writes it stamps come after them.
+        now = utcnow()
         converger.lapse(batch, now)
         await converger.bring_shop(batch, batch.states, set(), now)
         calls = await self._calls(batch, items, keys_of, won, now)

@@ -37,6 +37,7 @@ from tests.convergence.model import (
     Timeline,
     acceptable,
     mark_doubtful,
+    mark_late,
     mark_swapped,
     timelines,
 )
@@ -266,6 +267,9 @@ async def judge(
             if isinstance(shop_side, BusShop) and not shop_side.caused_by:
                 mark_doubtful(line.made, shop_side.unechoed[line.email], ECHO_LATENCY_S)
                 mark_swapped(line.made, shop_side.echoed[line.email], ECHO_LATENCY_S)
+                counts["late_echoes"] += mark_late(
+                    line.made, shop_side.echoed[line.email], ECHO_LATENCY_S
+                )
             doubtful = any(c.doubtful or c.swapped is not None for c in line.made)
             want = acceptable(line.made) or {INITIAL}  # nobody changed anything
             shop, edrone = shop_status[line.email], edrone_status.get(line.email, INITIAL)

@@ -119,6 +119,23 @@ def mark_swapped(
                 break
 
 
+def mark_late(
+    made: list[Made], echoed: list[tuple[datetime, int, datetime]], echo_latency_s: float
+) -> int:
+    """A shop that names no causes and applies one of the bridge's writes later than the echo
+    latency the bridge is configured with breaks the echo contract: to the bridge, that echo
+    is a person's change then (docs/design.md, the echo contract). It is added to ``made`` as a
+    doubtful shop change at its applying, which the oracle weighs both ways; how many were."""
+    late = [
+        Made(SHOP, status, applied, doubtful=True)
+        for published, status, applied in echoed
+        if (applied - published).total_seconds() >= echo_latency_s
+    ]
+    made.extend(late)
+    made.sort(key=lambda change: change.at)
+    return len(late)
+
+
 def acceptable(made: list[Made]) -> set[int]:
     """The statuses that may win: the newest change's; where a change of another status ties
     with it at the coarser resolution of the two (an edrone date to the second), that one's
