@@ -122,32 +122,45 @@ def traces_part(metrics: Metrics | None = None, *, expose_metrics: bool = True) 
     return with_drift_check(_served(PART, metrics, expose_metrics), metrics)
 
 
+# A job run beside a part on a pool of its own, until the part's stopping is set.
+Job = Callable[[asyncpg.Pool, Settings, asyncio.Event], Awaitable[None]]
+
+
+def _beside(part: Part, job: Job, name: str, *, command_timeout_s: float) -> Part:
+    """``part``, and beside it, while it runs, ``job`` on a small pool of its own."""
+
+    async def serve(settings: Settings, stopping: asyncio.Event) -> None:
+        try:
+            pool = await create_pool(
+                settings, command_timeout_s=command_timeout_s, max_size=2, stopping=stopping
+            )
+        except Stopped:
+            return
+        task = asyncio.create_task(job(pool, settings, stopping), name=name)
+        try:
+            await part(settings, stopping)
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            await close_pool(pool, 5.0)
+
+    return serve
+
+
 def with_drift_check(part: Part, metrics: Metrics) -> Part:
     """``part``, and beside it, while it runs, the drift check of EDRONE_BRIDGE_DRIFT_INTERVAL_S
     (if set) on a small pool of its own, counted into ``metrics``."""
 
-    async def serve(settings: Settings, stopping: asyncio.Event) -> None:
-        if settings.drift_interval_s is None:
-            await part(settings, stopping)
-            return
+    async def check(pool: asyncpg.Pool, settings: Settings, stopping: asyncio.Event) -> None:
         from bridge.ops.drift_check import check_on_schedule
 
-        try:
-            pool = await create_pool(
-                settings, command_timeout_s=600.0, max_size=2, stopping=stopping
-            )
-        except Stopped:
-            return
-        checker = asyncio.create_task(
-            check_on_schedule(pool, settings, metrics, stopping=stopping), name="drift check"
-        )
-        try:
-            await part(settings, stopping)
-        finally:
-            checker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await checker
-            await close_pool(pool, 5.0)
+        await check_on_schedule(pool, settings, metrics, stopping=stopping)
+
+    checked = _beside(part, check, "drift check", command_timeout_s=600.0)
+
+    async def serve(settings: Settings, stopping: asyncio.Event) -> None:
+        await (part if settings.drift_interval_s is None else checked)(settings, stopping)
 
     return serve
 
@@ -156,35 +169,22 @@ def with_retention(part: Part) -> Part:
     """``part``, and beside it, while it runs, the scheduled prune of EDRONE_BRIDGE_RETENTION_DAYS
     (if set) on a small pool of its own."""
 
-    async def serve(settings: Settings, stopping: asyncio.Event) -> None:
-        if settings.retention_days is None:
-            await part(settings, stopping)
-            return
+    async def prune(pool: asyncpg.Pool, settings: Settings, stopping: asyncio.Event) -> None:
         from bridge.ops.prune import prune_on_schedule
 
-        try:
-            pool = await create_pool(
-                settings, command_timeout_s=60.0, max_size=2, stopping=stopping
-            )
-        except Stopped:
-            return
-        pruner = asyncio.create_task(
-            prune_on_schedule(
-                pool,
-                timedelta(days=settings.retention_days),
-                interval_s=settings.retention_interval_s,
-                stopping=stopping,
-                schema=settings.database_schema,
-            ),
-            name="scheduled prune",
+        assert settings.retention_days is not None
+        await prune_on_schedule(
+            pool,
+            timedelta(days=settings.retention_days),
+            interval_s=settings.retention_interval_s,
+            stopping=stopping,
+            schema=settings.database_schema,
         )
-        try:
-            await part(settings, stopping)
-        finally:
-            pruner.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await pruner
-            await close_pool(pool, 5.0)
+
+    pruned = _beside(part, prune, "scheduled prune", command_timeout_s=60.0)
+
+    async def serve(settings: Settings, stopping: asyncio.Event) -> None:
+        await (part if settings.retention_days is None else pruned)(settings, stopping)
 
     return serve
 
