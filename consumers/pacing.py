@@ -1,18 +1,21 @@
 """What the trace forwarder's two lanes share: the HTTP session to edrone, each app's rate
 limit, which serves live changes first and leaves the background lane (backfill, reconcile)
-only what they do not need (consumers/throttle.py), and the breaker, so that edrone failing
-pauses both lanes."""
+only what they do not need, over every forwarder process of the schema
+(consumers/rate_budget.py), and the breaker, so that edrone failing pauses both lanes."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Self
 
 import aiohttp
+import asyncpg
 
 from bridge.config import Settings, TraceSettings
-from consumers.throttle import Breaker, RateLimiter
+from consumers.rate_budget import SharedRateLimiter
+from consumers.throttle import Breaker
 
 
 def create_session(settings: Settings) -> aiohttp.ClientSession:
@@ -31,13 +34,15 @@ class NoRoom(Exception):
 
 
 class Pacing:
-    """The per-app limiters (made on an app's first call) and the breaker, for both lanes."""
+    """The per-app limiters (made on an app's first call, kept in ``pool``'s database) and the
+    breaker, for both lanes of a process; :meth:`close` once no call is made any more."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, pool: asyncpg.Pool) -> None:
         options = settings.traces
         self._apps = settings.apps
         self._options = options
-        self._limiters: dict[str, RateLimiter] = {}
+        self._pool = pool
+        self._limiters: dict[str, SharedRateLimiter] = {}
         self.breaker = Breaker(
             failures=options.breaker_failures,
             initial_pause_s=options.breaker_initial_pause_s,
@@ -48,28 +53,43 @@ class Pacing:
     async def slot(
         self, app_id: str, *, background: bool = False, timeout_s: float | None = None
     ) -> AsyncIterator[float]:
-        """Within the app's rate limit for the whole call (see RateLimiter); yields how long
-        it waited. :class:`NoRoom` when no slot came within ``timeout_s``."""
+        """Within the app's rate limit for the whole call (see SharedRateLimiter); yields how
+        long it waited. :class:`NoRoom` when no slot came within ``timeout_s``."""
         limiter = self._limiter(app_id)
         if limiter is None:
             yield 0.0
             return
         try:
-            waited = await limiter.acquire(background=background, timeout_s=timeout_s)
+            slot_id, waited = await limiter.acquire(background=background, timeout_s=timeout_s)
         except TimeoutError:
             raise NoRoom(f"no room left by live traces within {timeout_s:.0f} s") from None
         try:
             yield waited
         finally:
-            limiter.release(background=background)
+            limiter.release(slot_id)
 
-    def _limiter(self, app_id: str) -> RateLimiter | None:
+    async def close(self) -> None:
+        for limiter in self._limiters.values():
+            await limiter.close()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    def _limiter(self, app_id: str) -> SharedRateLimiter | None:
         rate = self._apps[app_id].rate_limit_per_s or self._options.rate_limit_per_s
         if not rate:
             return None
         if app_id not in self._limiters:
-            self._limiters[app_id] = RateLimiter(
+            self._limiters[app_id] = SharedRateLimiter(
+                self._pool,
+                app_id,
                 rate,
+                # A call ends by its timeout; a second more for the answer to be counted.
+                hold_s=self._options.timeout_s + 1.0,
+                db_timeout_s=self._options.db_timeout_s,
                 reserve_fraction=self._options.background_reserve_fraction,
                 headroom=self._options.background_headroom,
             )

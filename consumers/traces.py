@@ -164,7 +164,7 @@ class TraceForwarder:
         self._slots = asyncio.Semaphore(
             options.background_concurrency if background else options.concurrency
         )
-        self._pacing = pacing if pacing is not None else Pacing(settings)
+        self._pacing = pacing if pacing is not None else Pacing(settings, pool)
         self.breaker = self._pacing.breaker
         self.rate_limit_waits = 0
 
@@ -318,7 +318,7 @@ class TraceForwarder:
 
     @asynccontextmanager
     async def _paced(self, app_id: str, deadline: float | None) -> AsyncIterator[None]:
-        """Within the app's rate limit, for the whole call (see RateLimiter); by ``deadline``
+        """Within the app's rate limit, for the whole call (see SharedRateLimiter); by ``deadline``
         (loop time) or :class:`NoRoom`."""
         timeout_s = None
         if deadline is not None:
@@ -363,8 +363,9 @@ async def _forwarder(
     async with (
         create_session(settings) as session,
         dispatching(connection, pool, settings) as dispatcher,
-    ):
         # One pacing for both lanes: the rate limits serve live first, the breaker pauses both.
+        Pacing(settings, pool) as pacing,
+    ):
         forwarder = functools.partial(
             TraceForwarder,
             session,
@@ -373,7 +374,7 @@ async def _forwarder(
             metrics,
             targets=targets,
             nudge=dispatcher.nudge,
-            pacing=Pacing(settings),
+            pacing=pacing,
         )
         yield Lanes(forwarder(), forwarder(background=True))
 
