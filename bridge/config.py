@@ -100,6 +100,13 @@ class TraceSettings(ConsumerOptions):
     # A background batch waits this long for room at most; its calls still waiting are
     # retried through the first tier (not counted), so busy live traffic cannot time it out.
     background_max_wait_s: float = Field(default=30.0, gt=0)
+    # Which lanes `consume traces` consumes. Apart ("live" in one process, "background" in
+    # another), a backfill takes none of live's CPU: in one process it added tens of ms to
+    # live's latency on 2 cores. The rate limits are shared either way (consumers/rate_budget.py).
+    lane: Literal["both", "live", "background"] = "both"
+    # The niceness a process consuming only the background lane gives itself, so that the
+    # machine's CPU goes to live traffic first.
+    background_nice: int = Field(default=10, ge=0, le=19)
     connect_timeout_s: float = Field(default=5.0, gt=0)
     timeout_s: float = Field(default=15.0, gt=0)
     # Delay of each retry tier, in order; after the last one a message is dead-lettered.

@@ -54,6 +54,10 @@ def _no_tiers(settings: Settings) -> Sequence[float]:
     return ()
 
 
+def _both_lanes(settings: Settings) -> tuple[bool, bool]:
+    return True, True
+
+
 @dataclass(frozen=True)
 class BackgroundLane:
     """A second queue of a part, consumed beside its queue on the same connection and pool,
@@ -88,6 +92,8 @@ class ConsumerPart:
     retry_tiers_s: Callable[[Settings], Sequence[float]] = _no_tiers
     # Consumed too when the handler factory yields a background handler.
     background: BackgroundLane | None = None
+    # Which of its lanes this process consumes: (its queue, its background lane).
+    lanes: Callable[[Settings], tuple[bool, bool]] = _both_lanes
 
 
 async def serve(
@@ -198,13 +204,17 @@ async def consumers_of(
     metrics: Metrics | None = None,
 ) -> AsyncIterator[list[Consumer]]:
     """The part's consumers on ``connection`` and ``pool`` (both the caller's), its queue's
-    first, then its background lane's; their handlers' resources held for the block. Not open
+    first, then its background lane's (those of ``part.lanes``); their handlers' resources
+    held for the block. Not open
     yet: ``async with consumer`` opens its channels (the topology must be declared) and closes
     them, drained, before the block ends."""
     async with part.handler(connection, pool, settings, metrics) as lanes:
         options = part.options(settings)
-        lane_specs = [(part.queue(settings), lanes.live, part.timeout_s(settings), options)]
-        if part.background is not None and lanes.background is not None:
+        live, background = part.lanes(settings)
+        lane_specs = []
+        if live:
+            lane_specs.append((part.queue(settings), lanes.live, part.timeout_s(settings), options))
+        if background and part.background is not None and lanes.background is not None:
             lane = part.background
             lane_options = lane.options(settings) if lane.options is not None else options
             lane_specs.append(

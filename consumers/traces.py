@@ -395,4 +395,5 @@ PART = ConsumerPart(
         timeout_s=lambda settings: batch_timeout_s(settings.traces, background=True),
         options=lambda settings: background_options(settings.traces),
     ),
+    lanes=lambda settings: (settings.traces.lane != "background", settings.traces.lane != "live"),
 )

@@ -7,6 +7,7 @@ import argparse
 import asyncio
 import contextlib
 import functools
+import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable
@@ -62,11 +63,17 @@ def add_commands(commands: Subcommands) -> None:
         run_consume_subscriptions,
         "apply edrone's status changes to PostgreSQL (RabbitMQ → edrone_bridge.subscribers)",
     )
-    add_command(
+    traces = add_command(
         consumers,
         "traces",
         run_consume_traces,
         "forward the shop's subscription changes to edrone's trace API (RabbitMQ → edrone)",
+    )
+    traces.add_argument(
+        "--lane",
+        choices=("both", "live", "background"),
+        help="consume only the shop's changes (live) or only the rows of backfill and reconcile "
+        "(background), each in a process of its own; default: traces.lane (both)",
     )
     add_command(commands, "migrate", run_migrate, "apply the pending SQL migrations and print them")
     add_command(
@@ -259,6 +266,12 @@ async def run_consume_subscriptions(settings: Settings, args: argparse.Namespace
 
 async def run_consume_traces(settings: Settings, args: argparse.Namespace) -> int:
     require_apps(settings)
+    if args.lane is not None:
+        traces = settings.traces.model_copy(update={"lane": args.lane})
+        settings = settings.model_copy(update={"traces": traces})
+    if settings.traces.lane == "background" and settings.traces.background_nice:
+        # Below live traffic for the machine's CPU; the rate limits are shared all the same.
+        os.nice(settings.traces.background_nice)
     await traces_part()(settings, stop_on_signals(grace_period_s(settings)))
     return 0
 
