@@ -1,8 +1,9 @@
-"""A Magento-like table backfilled as deployed: ``edrone-bridge backfill`` and
-``edrone-bridge consume traces`` each in its own process, against the real broker, PostgreSQL
-and fake-edrone over HTTP, with the rate limit on while live shop changes flow. Live changes
-go as promptly as without the backfill, the backfill takes what they leave of the limit, edrone
-never sees more than the limit in a second, and every row and every change is sent once.
+"""A Magento-like table backfilled as deployed: ``edrone-bridge backfill``, ``consume traces
+--lane live`` and ``consume traces --lane background`` each in its own process, sharing the
+rate limit through PostgreSQL, against the real broker and fake-edrone (a process of its own
+too) over HTTP, while live shop changes flow. Live changes go as promptly as without the
+backfill, the backfill takes what they leave of the limit, edrone never sees more than the
+limit in a second, and every row and every change is sent once.
 
 The suite runs it on 20,000 rows (a minute and a half at this limit); the issue's 100,000 are
 ``EDRONE_BRIDGE_TEST_BACKFILL_ROWS=100000 pytest tests/consumers/test_backfill_at_scale.py``
@@ -11,19 +12,23 @@ The suite runs it on 20,000 rows (a minute and a half at this limit); the issue'
 from __future__ import annotations
 
 import asyncio
-import bisect
 import os
-import statistics
 import time
 from collections import Counter
 
 import pytest
 
 from bridge.amqp import declare_trace_topology, topology
-from bridge.devtools.fake_edrone import FakeEdrone
-from tests.consumers.test_trace_lanes import live_rate_limit_waits, percentile, publish_live
 from tests.support.apps import TEST_APP_ID
-from tests.support.consumers import ready_count, wait_until
+from tests.support.consumers import ready_count
+from tests.support.lanes import (
+    FakeEdroneProcess,
+    Latency,
+    busiest_window,
+    live_rate_limit_waits,
+    publish_live,
+    wait_drained,
+)
 from tests.support.processes import BridgeProcess, bridge_env, free_port, report, wait_ready
 from tests.support.shop_tables import MAGENTO_TABLE
 
@@ -33,6 +38,11 @@ RATE_PER_S = 300
 LIVE_PER_S = 30
 WARM_UP_S = 6.0  # live alone: its latency without the backfill, and its demand learnt
 LOADED_S = 20.0  # live while the backfill runs
+# How much live latency may grow under the backfill, the lanes in processes of their own. On
+# 2 cores it grew p50 +1 ms and p95 +6 ms on a quiet machine and p95 +26 ms beside another test
+# run; in one process (the old way) p95 grew +10 ms quiet and +160 ms beside another run.
+P50_GROWTH_S = 0.015
+P95_GROWTH_S = 0.04
 # Magento's statuses, a date per row: a third unsubscribed (3), the rest subscribed (1).
 FILL_SQL = """
 INSERT INTO newsletter_subscriber (subscriber_email, subscriber_status, change_status_at)
@@ -59,78 +69,74 @@ async def test_a_large_table_backfilled_beside_live_changes(
     await db.execute(FILL_SQL, ROWS)
     config = tmp_path / "bridge.toml"
     config.write_text(CONFIG.format(app=TEST_APP_ID), encoding="utf-8")
-    async with FakeEdrone(max_records=ROWS * 2) as fake:
+    async with FakeEdroneProcess(tmp_path / "fake.log", max_records=ROWS * 2) as fake:
         settings = make_settings(trace_url=fake.url)
         names = topology(settings)
         channel = await amqp_connection.channel()
         async with channel:
             await declare_trace_topology(channel, settings)
-        port = free_port()
-        base_url = f"http://127.0.0.1:{port}"
+        live_port, background_port = free_port(), free_port()
         env = bridge_env(
             settings,
             EDRONE_BRIDGE_CONFIG=str(config),
             EDRONE_BRIDGE_TRACE_URL=fake.url,
-            EDRONE_BRIDGE_METRICS_PORT=str(port),
             EDRONE_BRIDGE_TRACES__RATE_LIMIT_PER_S=str(RATE_PER_S),
             EDRONE_BRIDGE_TRACES__RETRY_TIERS_S="[0.5, 2.0]",
             EDRONE_BRIDGE_TRACES__FLUSH_INTERVAL_MS="10",
         )
-        forwarder = BridgeProcess(tmp_path / "traces.log", "consume", "traces", env=env)
+        live_lane = BridgeProcess(
+            tmp_path / "live.log",
+            *("consume", "traces", "--lane", "live"),
+            env=env | {"EDRONE_BRIDGE_METRICS_PORT": str(live_port)},
+        )
+        background_lane = BridgeProcess(
+            tmp_path / "background.log",
+            *("consume", "traces", "--lane", "background"),
+            env=env | {"EDRONE_BRIDGE_METRICS_PORT": str(background_port)},
+        )
         backfill = BridgeProcess(
             tmp_path / "backfill.log", "backfill", "--app", TEST_APP_ID, env=env
         )
         alone: dict[str, float] = {}
         loaded: dict[str, float] = {}
+        processes = (backfill, background_lane, live_lane)
         try:
-            await forwarder.start()
-            await wait_ready(base_url)
-            await publish_live(amqp_connection, settings, WARM_UP_S, alone)
+            for lane, port in ((live_lane, live_port), (background_lane, background_port)):
+                await lane.start()
+                await wait_ready(f"http://127.0.0.1:{port}")
+            await publish_live(amqp_connection, settings, WARM_UP_S, alone, per_s=LIVE_PER_S)
             await backfill.start()
             loaded_from = time.monotonic()
-            await publish_live(amqp_connection, settings, LOADED_S, loaded)
+            await publish_live(amqp_connection, settings, LOADED_S, loaded, per_s=LIVE_PER_S)
             loaded_until = time.monotonic()
-            rows_by_then = sum(1 for r in fake.requests if r.form["email"].startswith("m"))
-            everyone = ROWS + len(alone) + len(loaded)
-            await wait_until(lambda: len(fake.requests) >= everyone, ROWS / 200 + 120)
+            rows_by_then = await fake.count() - len(alone) - len(loaded)
+            await fake.wait_for(ROWS + len(alone) + len(loaded), ROWS / 200 + 120)
             # It ended by itself once every row was confirmed into the lane.
             assert backfill.process is not None
             assert await asyncio.wait_for(backfill.process.wait(), 60) == 0, backfill.log_tail()
-            work = [names.traces_queue, names.backfill_queue]
-            parked = [
-                q for w in work for q in names.parked_queues(w, settings.traces.retry_tiers_s)
-            ]
-
-            async def drained() -> bool:
-                return not any([await ready_count(amqp_connection, q) for q in work + parked])
-
-            await wait_until(drained, 30)
-            live_waits = await live_rate_limit_waits(base_url)
-            assert await forwarder.terminate(30) == 0, forwarder.log_tail()
+            await wait_drained(amqp_connection, settings, 30)
+            live_waits = await live_rate_limit_waits(f"http://127.0.0.1:{live_port}")
+            for lane in (live_lane, background_lane):
+                assert await lane.terminate(30) == 0, lane.log_tail()
         finally:
-            await backfill.kill()
-            await forwarder.kill()
-        requests = list(fake.requests)
+            for process in processes:
+                await process.kill()
+        requests = await fake.requests()
 
     received = {r.form["email"]: r.received_monotonic for r in requests}
-    latency_alone = [received[email] - at for email, at in alone.items()]
-    latency_loaded = [received[email] - at for email, at in loaded.items()]
+    latency = Latency.of(received, alone, loaded)
     rows_loaded = sum(
         1
         for r in requests
         if r.form["email"].startswith("m") and loaded_from <= r.received_monotonic < loaded_until
     )
     rows_per_s = rows_loaded / (loaded_until - loaded_from)
-    times = sorted(r.received_monotonic for r in requests)
-    busiest = max(bisect.bisect_left(times, t + 1.0) - i for i, t in enumerate(times))
+    busiest = busiest_window(r.received_monotonic for r in requests)
     run = await db.fetchrow("SELECT * FROM backfill_runs")
     report(
         capsys,
-        f"backfill of {ROWS:,} rows beside live changes",
-        p50_alone_ms=round(statistics.median(latency_alone) * 1000, 1),
-        p50_loaded_ms=round(statistics.median(latency_loaded) * 1000, 1),
-        p95_alone_ms=round(percentile(latency_alone, 95) * 1000, 1),
-        p95_loaded_ms=round(percentile(latency_loaded, 95) * 1000, 1),
+        f"backfill of {ROWS:,} rows beside live changes, lanes apart",
+        **latency.figures(),
         rows_per_s=round(rows_per_s, 1),
         rows_by_end_of_live=rows_by_then,
         busiest_window=busiest,
@@ -139,10 +145,11 @@ async def test_a_large_table_backfilled_beside_live_changes(
     # The backfill outlasted the live traffic: the whole measure was under its load.
     assert rows_by_then < ROWS
     assert live_waits == 0
-    # Everything runs on the one machine (measured on 2 cores: p50 +11 to +18 ms, p95 +72 ms).
-    assert statistics.median(latency_loaded) <= statistics.median(latency_alone) + 0.05
-    assert percentile(latency_loaded, 95) <= percentile(latency_alone, 95) + 0.15
+    p50_growth_s, p95_growth_s = latency.grew_by()
+    assert p50_growth_s <= P50_GROWTH_S
+    assert p95_growth_s <= P95_GROWTH_S
     assert rows_per_s >= 0.6 * (RATE_PER_S - LIVE_PER_S)
+    # Over both processes: the limit is shared through the database.
     assert busiest <= RATE_PER_S
     # Every row once, with its status; every live change once; nothing else.
     sent = Counter(r.form["email"] for r in requests if r.status == 200)
