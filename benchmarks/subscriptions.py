@@ -24,7 +24,8 @@ import asyncpg
 from benchmarks import deployment as d
 from benchmarks.report import Row, Target
 from benchmarks.worker import Worker
-from bridge.amqp import ROUTING_KEY_BY_CHANNEL, connect, topology
+from bridge.amqp import ROUTING_KEY_BY_CHANNEL, topology
+from bridge.broker import connect
 from bridge.config import Settings
 from bridge.db import create_pool
 from bridge.migrate import migrate

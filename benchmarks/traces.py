@@ -20,7 +20,8 @@ import aiohttp
 from benchmarks import deployment as d
 from benchmarks.report import Row, Target, median
 from benchmarks.worker import Worker, ping
-from bridge.amqp import connect, topology
+from bridge.amqp import topology
+from bridge.broker import connect
 from bridge.config import Settings
 from bridge.db import create_pool
 from consumers import traces

@@ -1,27 +1,20 @@
-"""RabbitMQ plumbing: topology names, a connection with bounded retries, idempotent declaration."""
+"""RabbitMQ plumbing: topology names and their idempotent declaration (bridge/broker.py
+connects)."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import aio_pika
-import aiormq
 import structlog
-from aio_pika.abc import (
-    AbstractChannel,
-    AbstractExchange,
-    AbstractQueue,
-    AbstractRobustConnection,
-)
-from yarl import URL
+from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue
 
-from bridge.config import Settings, TraceSettings
-from bridge.starting import ServiceUnreachable, unless_stopped
+from bridge.config import Settings
+from bridge.part_settings import TraceSettings
+from bridge.service_urls import amqp_urls
 
 log = structlog.get_logger(__name__)
 
@@ -157,62 +150,6 @@ def delivery_limits(settings: Settings) -> dict[str, int]:
     }
 
 
-async def connect(
-    settings: Settings, name: str, *, stopping: asyncio.Event | None = None
-) -> AbstractRobustConnection:
-    """A robust (self-reconnecting) connection. The first connect is retried a bounded number
-    of times, each attempt logged, unless the broker refused the login (a wrong password never
-    fixes itself) or ``stopping`` is set (:class:`Stopped`); then :class:`ServiceUnreachable`
-    names the broker, its variable and its address."""
-    url = settings.amqp_url.get_secret_value()
-    attempts = settings.amqp_connect_attempts
-    for attempt in range(1, attempts + 1):
-        try:
-            return await _first_connect(settings, url, name, stopping)
-        except (TimeoutError, OSError, aio_pika.exceptions.AMQPError) as exc:
-            refused = isinstance(exc, aiormq.exceptions.ProbableAuthenticationError)
-            log.warning("amqp_connect_failed", attempt=attempt, of=attempts, error=repr(exc))
-            if refused or attempt == attempts:
-                why = "the broker refused the login" if refused else _reason(exc)
-                raise ServiceUnreachable(
-                    f"cannot connect to RabbitMQ at {broker_address(url)} "
-                    f"(EDRONE_BRIDGE_AMQP_URL): {why}"
-                ) from exc
-        await unless_stopped(asyncio.sleep(settings.amqp_connect_delay_s), stopping)
-    raise AssertionError("unreachable")
-
-
-async def _first_connect(
-    settings: Settings, url: str, name: str, stopping: asyncio.Event | None
-) -> AbstractRobustConnection:
-    # aio-pika's connect_robust, with the connection kept in hand: a first connect given up
-    # (stopped, failed) must close it, or its reconnect task keeps the process alive.
-    connection = aio_pika.RobustConnection(
-        aio_pika.connection.make_url(url, reconnect_interval=settings.amqp_reconnect_interval_s),
-        client_properties={"connection_name": f"edrone-bridge {name}"},
-    )
-    try:
-        await unless_stopped(connection.connect(timeout=10), stopping)
-    except BaseException:
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(connection.close(), 5)
-        raise
-    return connection
-
-
-def broker_address(url: str) -> str:
-    """``host:port/vhost`` of an AMQP URL, for messages (no user, no password)."""
-    parsed = URL(url)
-    vhost = parsed.path[1:] or "/"
-    return f"{parsed.host}:{parsed.port or 5672} vhost {vhost}"
-
-
-def _reason(exc: BaseException) -> str:
-    if isinstance(exc, TimeoutError):
-        return "no answer within 10 s"
-    return str(exc) or type(exc).__name__
-
-
 _WORD = re.compile(r"[A-Za-z0-9_-]+")
 
 
@@ -227,12 +164,34 @@ def platform_routing_keys(settings: Settings) -> list[str]:
     return [base, *(f"{base}.{app_id}" for app_id in own)]
 
 
+def quorum_group_size(settings: Settings) -> int | None:
+    """How many replicas each quorum queue is declared with (None: the broker's default):
+    the setting, else, given several broker URLs, their number up to 3, or 5 from five on (an
+    odd count: a majority of 3 survives one node down, of 5 two)."""
+    if settings.amqp_quorum_group_size is not None:
+        return settings.amqp_quorum_group_size
+    nodes = len(amqp_urls(settings.amqp_url.get_secret_value()))
+    if nodes == 1:
+        return None
+    return 5 if nodes >= 5 else min(nodes, 3)
+
+
+def _quorum(group_size: int | None) -> dict[str, Any]:
+    if group_size is None:
+        return {"x-queue-type": "quorum"}
+    return {"x-queue-type": "quorum", "x-quorum-initial-group-size": group_size}
+
+
 def quorum_arguments(
-    *, dead_letter_exchange: str, dead_letter_routing_key: str, delivery_limit: int | None
+    *,
+    dead_letter_exchange: str,
+    dead_letter_routing_key: str,
+    delivery_limit: int | None,
+    group_size: int | None = None,
 ) -> dict[str, Any]:
     """A quorum queue that dead-letters at least once (not at most once, the default)."""
     arguments: dict[str, Any] = {
-        "x-queue-type": "quorum",
+        **_quorum(group_size),
         "x-dead-letter-exchange": dead_letter_exchange,
         "x-dead-letter-routing-key": dead_letter_routing_key,
         # at-least-once dead-lettering requires reject-publish overflow.
@@ -245,13 +204,13 @@ def quorum_arguments(
 
 
 async def declare_dead_letter_queue(
-    channel: AbstractChannel, names: Topology, work_queue: str
+    channel: AbstractChannel, names: Topology, work_queue: str, group_size: int | None = None
 ) -> None:
     dlx = await channel.declare_exchange(
         names.dead_letter_exchange, aio_pika.ExchangeType.DIRECT, durable=True
     )
     dlq_name = names.dead_letter_queue(work_queue)
-    dlq = await channel.declare_queue(dlq_name, durable=True, arguments={"x-queue-type": "quorum"})
+    dlq = await channel.declare_queue(dlq_name, durable=True, arguments=_quorum(group_size))
     await dlq.bind(dlx, routing_key=dlq_name)
 
 
@@ -268,8 +227,9 @@ async def declare_topology(channel: AbstractChannel, settings: Settings) -> Abst
     Idempotent: every process runs it at start; the arguments must never change silently, so
     RabbitMQ refusing a redeclaration with other arguments stops the start."""
     names = topology(settings)
+    group_size = quorum_group_size(settings)
     exchange = await declare_webhook_exchange(channel, names)
-    await declare_dead_letter_queue(channel, names, names.subscriptions_queue)
+    await declare_dead_letter_queue(channel, names, names.subscriptions_queue, group_size)
     queue = await channel.declare_queue(
         names.subscriptions_queue,
         durable=True,
@@ -277,6 +237,7 @@ async def declare_topology(channel: AbstractChannel, settings: Settings) -> Abst
             dead_letter_exchange=names.dead_letter_exchange,
             dead_letter_routing_key=names.dead_letter_queue(names.subscriptions_queue),
             delivery_limit=settings.subscriptions.delivery_limit,
+            group_size=group_size,
         ),
     )
     for routing_key in ROUTING_KEY_BY_CHANNEL.values():
@@ -297,8 +258,9 @@ async def declare_trace_topology(channel: AbstractChannel, settings: Settings) -
     retry = await channel.declare_exchange(
         names.retry_exchange, aio_pika.ExchangeType.DIRECT, durable=True
     )
+    group_size = quorum_group_size(settings)
     for lane in names.trace_lanes:
-        queue = await _declare_lane(channel, names, settings.traces, lane, retry)
+        queue = await _declare_lane(channel, names, settings.traces, lane, retry, group_size)
         if lane == names.traces_queue:
             for routing_key in platform_routing_keys(settings):
                 await queue.bind(platform, routing_key=routing_key)
@@ -315,8 +277,9 @@ async def _declare_lane(
     options: TraceSettings,
     work: str,
     retry: AbstractExchange,
+    group_size: int | None,
 ) -> AbstractQueue:
-    await declare_dead_letter_queue(channel, names, work)
+    await declare_dead_letter_queue(channel, names, work, group_size)
     queue = await channel.declare_queue(
         work,
         durable=True,
@@ -324,6 +287,7 @@ async def _declare_lane(
             dead_letter_exchange=names.dead_letter_exchange,
             dead_letter_routing_key=names.dead_letter_queue(work),
             delivery_limit=options.delivery_limit,
+            group_size=group_size,
         ),
     )
     for delay_s in options.retry_tiers_s:
@@ -333,7 +297,10 @@ async def _declare_lane(
             durable=True,
             arguments={
                 **quorum_arguments(
-                    dead_letter_exchange="", dead_letter_routing_key=work, delivery_limit=None
+                    dead_letter_exchange="",
+                    dead_letter_routing_key=work,
+                    delivery_limit=None,
+                    group_size=group_size,
                 ),
                 "x-message-ttl": round(delay_s * 1000),
             },

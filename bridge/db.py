@@ -6,9 +6,9 @@ import asyncio
 
 import asyncpg
 import structlog
-from yarl import URL
 
 from bridge.config import Settings
+from bridge.service_urls import database_address
 from bridge.starting import ServiceUnreachable, unless_stopped
 
 log = structlog.get_logger(__name__)
@@ -67,12 +67,6 @@ def unreachable(url: str, exc: BaseException) -> ServiceUnreachable:
         f"cannot connect to PostgreSQL at {database_address(url)} "
         f"(EDRONE_BRIDGE_DATABASE_URL): {why}"
     )
-
-
-def database_address(url: str) -> str:
-    """``host:port/database`` of a PostgreSQL URL, for messages (no user, no password)."""
-    parsed = URL(url)
-    return f"{parsed.host or 'local socket'}:{parsed.port or 5432}/{parsed.path.lstrip('/')}"
 
 
 async def close_pool(pool: asyncpg.Pool, timeout_s: float) -> None:

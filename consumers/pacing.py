@@ -13,7 +13,8 @@ from typing import Self
 import aiohttp
 import asyncpg
 
-from bridge.config import Settings, TraceSettings
+from bridge.config import Settings
+from bridge.part_settings import TraceSettings
 from consumers.rate_budget import SharedRateLimiter
 from consumers.throttle import Breaker
 

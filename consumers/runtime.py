@@ -19,9 +19,9 @@ from aio_pika.abc import (
 )
 
 from bridge.amqp import Topology
-from bridge.config import ConsumerOptions
 from bridge.metrics import Metrics
 from bridge.parked import Ledger
+from bridge.part_settings import ConsumerOptions
 from consumers.buffer import Buffer
 from consumers.copies import CopyPlanner, Parking, channel_open, open_planner, publish_all
 from consumers.isolation import BatchAttempts

@@ -17,13 +17,15 @@ import asyncpg
 import structlog
 from aio_pika.abc import AbstractChannel, AbstractConnection
 
-from bridge.amqp import connect, topology
-from bridge.config import ConsumerOptions, Settings
+from bridge.amqp import topology
+from bridge.broker import connect
+from bridge.config import Settings
 from bridge.db import answers, close_pool, create_pool
 from bridge.metrics import Metrics, Readiness, exposed
 from bridge.migrate import wait_until_migrated
 from bridge.monitor import monitor
 from bridge.parked import Ledger
+from bridge.part_settings import ConsumerOptions
 from bridge.starting import Stopped, unless_stopped
 from consumers.runtime import Consumer
 from consumers.spec import ConsumerSpec, Handler

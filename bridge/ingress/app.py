@@ -9,7 +9,8 @@ import structlog
 from aiohttp import HttpVersion11, hdrs, web
 from aiohttp.typedefs import Middleware
 
-from bridge.amqp import connect, declare_topology
+from bridge.amqp import declare_topology
+from bridge.broker import connect
 from bridge.config import Settings
 from bridge.ingress.allowlist import caller, source_allowlist
 from bridge.ingress.body import too_large

@@ -28,7 +28,8 @@ import asyncpg
 import structlog
 from pydantic import ValidationError
 
-from bridge.amqp import ROUTING_KEY_BY_CHANNEL, connect, declare_topology
+from bridge.amqp import ROUTING_KEY_BY_CHANNEL, declare_topology
+from bridge.broker import connect
 from bridge.config import Settings
 from bridge.ops.drift import UNREPAIRABLE, Comparison, Difference, differences
 from bridge.ops.edrone_export import TABLE, load_export

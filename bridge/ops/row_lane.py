@@ -11,7 +11,8 @@ from contextlib import asynccontextmanager
 import structlog
 from aio_pika.abc import AbstractChannel
 
-from bridge.amqp import connect, declare_trace_topology, topology
+from bridge.amqp import declare_trace_topology, topology
+from bridge.broker import connect
 from bridge.config import Settings
 from bridge.publishing import ConfirmedPublisher
 from schemas.shop_row import SHOP_ROW_TYPE, ShopRow

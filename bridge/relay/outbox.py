@@ -13,7 +13,8 @@ import asyncpg
 import structlog
 from pydantic import ValidationError
 
-from bridge.amqp import connect, declare_trace_topology
+from bridge.amqp import declare_trace_topology
+from bridge.broker import connect
 from bridge.config import ConfigError, Settings
 from bridge.db import (
     CONTENT,

@@ -13,9 +13,10 @@ import asyncpg
 import pytest
 
 from bridge.amqp import declare_topology, declare_trace_topology
-from bridge.config import Settings, SubscriptionConsumerSettings
+from bridge.config import Settings
 from bridge.db import create_pool
 from bridge.devtools.fake_edrone import FakeEdrone
+from bridge.part_settings import SubscriptionConsumerSettings
 from consumers import subscriptions
 from consumers.runtime import Consumer
 from consumers.service import consumer_of

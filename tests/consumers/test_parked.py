@@ -13,10 +13,10 @@ import asyncpg
 import pytest
 
 from bridge.amqp import declare_topology, declare_trace_topology, topology
-from bridge.config import ConsumerOptions, TraceSettings
 from bridge.headers import HEADER_DEAD_LETTERED_AT, HEADER_PARKED_IN, as_datetime
 from bridge.ops import dlq
 from bridge.parked import Ledger
+from bridge.part_settings import ConsumerOptions, TraceSettings
 from consumers.outcomes import Defer, Outcome, Reject
 from consumers.runtime import Consumer
 from consumers.spec import ConsumerSpec

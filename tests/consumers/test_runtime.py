@@ -8,8 +8,8 @@ import asyncio
 import pytest
 
 from bridge.amqp import topology
-from bridge.config import ConsumerOptions
 from bridge.headers import HEADER_ATTEMPTS, HEADER_ERROR, HEADER_FIRST_FAILURE, dead_letter_headers
+from bridge.part_settings import ConsumerOptions
 from consumers.outcomes import Outcome, Reject, RetryLater
 from consumers.runtime import Consumer
 from consumers.spec import ConsumerSpec

@@ -10,8 +10,9 @@ from datetime import timedelta
 
 import pytest
 
-from bridge.amqp import connect, topology
+from bridge.amqp import topology
 from bridge.app_config import AppConfig
+from bridge.broker import connect
 from bridge.headers import (
     HEADER_ATTEMPTS,
     HEADER_DEAD_LETTERED_AT,

@@ -11,7 +11,8 @@ from collections import Counter
 import aio_pika
 import pytest
 
-from bridge.amqp import connect, declare_topology, declare_trace_topology, topology
+from bridge.amqp import declare_topology, declare_trace_topology, topology
+from bridge.broker import connect
 from bridge.db import create_pool
 from bridge.ingress.app import create_app
 from consumers import subscriptions
