@@ -4,15 +4,17 @@ queue or in a retry tier, all published before the runtime may ack the batch."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass
 
 import structlog
-from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
+from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
 
 from bridge.amqp import Topology
 from bridge.headers import HEADER_PARKED_IN, attempts_so_far
 from bridge.parked import Ledger, Parked, softly
+from bridge.publishing import PublishFailed
 from consumers.deadletter import DeadLetterPublisher, RetryPublisher
 from consumers.outcomes import Defer, Reject
 from consumers.spec import Counters
@@ -37,6 +39,11 @@ class CopyPlanner:
     def __init__(self, dead_letters: DeadLetterPublisher, retries: RetryPublisher | None) -> None:
         self._dead_letters = dead_letters
         self._retries = retries
+
+    def replace(self, planner: CopyPlanner) -> None:
+        """Publish through ``planner``'s publishers (another channel's) from now on, the copies
+        planned already included."""
+        self._dead_letters, self._retries = planner._dead_letters, planner._retries
 
     def plan(
         self, batch: Sequence[AbstractIncomingMessage], outcomes: Sequence[object]
@@ -65,9 +72,62 @@ class CopyPlanner:
             )
 
         async def publish() -> Parked:
-            return await retries.publish(delivery, tier, outcome.reason, attempts)
+            # The planner's publisher at the time of the publish: it may have been replaced.
+            assert self._retries is not None
+            return await self._retries.publish(delivery, tier, outcome.reason, attempts)
 
         return Copy(delivery, publish, tier[0])
+
+
+class CopyChannel:
+    """The confirm channel of ``connection`` that ``queue``'s copies go out on, to its
+    dead-letter queue and its retry ``tiers`` ((delay_s, tier queue), ascending), and their
+    planner; :meth:`renew` moves both to a new channel."""
+
+    def __init__(
+        self,
+        connection: AbstractConnection,
+        topology: Topology,
+        queue: str,
+        tiers: Sequence[tuple[float, str]],
+        timeout_s: float,
+    ) -> None:
+        self._connection = connection
+        self._topology = topology
+        self._queue = queue
+        self._tiers = tiers
+        self._timeout_s = timeout_s
+        self.channel: AbstractChannel | None = None
+        self._planner: CopyPlanner | None = None
+
+    @property
+    def planner(self) -> CopyPlanner:
+        assert self._planner is not None, "open() first"
+        return self._planner
+
+    async def open(self) -> None:
+        self.channel, self._planner = await self._open()
+
+    async def renew(self) -> None:
+        """Copies nacked: publish them, and those planned already, on a new channel."""
+        old = self.channel
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                self.channel, renewed = await self._open()
+        except Exception as exc:  # the next nack tries again
+            log.warning("copy_channel_not_renewed", queue=self._queue, error=repr(exc))
+            return
+        self.planner.replace(renewed)
+        log.info("copy_channel_renewed", queue=self._queue)
+        if old is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(old.close(), self._timeout_s)
+
+    async def _open(self) -> tuple[AbstractChannel, CopyPlanner]:
+        channel = await self._connection.channel(publisher_confirms=True)
+        return channel, await open_planner(
+            channel, self._topology, self._queue, self._tiers, self._timeout_s
+        )
 
 
 async def open_planner(
@@ -96,9 +156,9 @@ async def open_planner(
     return CopyPlanner(dead_letters, retries)
 
 
-async def publish_copies(copies: Sequence[Copy]) -> tuple[list[Copy], list[Parked]]:
-    """Publish all at once (each waits for its own confirm): the ones that failed, and what
-    the confirmed ones parked."""
+async def publish_copies(copies: Sequence[Copy]) -> tuple[list[Copy], list[Parked], bool]:
+    """Publish all at once (each waits for its own confirm): the ones that failed, what the
+    confirmed ones parked, and whether the broker nacked any."""
     results = await asyncio.gather(*(copy.publish() for copy in copies), return_exceptions=True)
     failed = [
         copy
@@ -108,18 +168,27 @@ async def publish_copies(copies: Sequence[Copy]) -> tuple[list[Copy], list[Parke
     if failed:
         errors = [r for r in results if isinstance(r, BaseException)]
         log.warning("copy_publish_retry", count=len(failed), error=repr(errors[0]))
-    return failed, [r for r in results if isinstance(r, Parked)]
+    nacked = any(isinstance(r, PublishFailed) and r.refused == "nacked" for r in results)
+    return failed, [r for r in results if isinstance(r, Parked)], nacked
 
 
 async def publish_all(
-    copies: list[Copy], counters: Counters, initial_backoff_s: float, max_backoff_s: float
+    copies: list[Copy],
+    counters: Counters,
+    initial_backoff_s: float,
+    max_backoff_s: float,
+    renew: Callable[[], Awaitable[None]] | None = None,
 ) -> list[Parked] | None:
     """Publish every copy, confirmed, retrying the failed ones with backoff: what they parked,
-    or None if their channel was lost meanwhile (the broker redelivers the originals)."""
+    or None if their channel was lost meanwhile (the broker redelivers the originals). After
+    a nack, ``renew`` moves the copies to a new channel first (bridge/publishing.py: on
+    RabbitMQ 3.10 a channel opened while a queue had no leader nacks for good)."""
     backoff_s = initial_backoff_s
     parked: list[Parked] = []
     while True:
-        failed, confirmed = await publish_copies(copies)
+        failed, confirmed, nacked = await publish_copies(copies)
+        if nacked and renew is not None:
+            await renew()
         parked += confirmed
         for copy in copies:
             if copy not in failed:

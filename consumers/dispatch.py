@@ -42,9 +42,12 @@ class Dispatcher:
         poll_interval_s: float,
         batch_size: int,
         publish_timeout_s: float,
+        connection: AbstractConnection | None = None,
     ) -> None:
         self._pool = pool
         self._channel = channel
+        # Where a nacked publisher opens a new channel (bridge/publishing.py).
+        self._connection = connection
         self._poll_interval_s = poll_interval_s
         self._batch_size = batch_size
         self._publish_timeout_s = publish_timeout_s
@@ -114,6 +117,7 @@ class Dispatcher:
                 exchange,
                 self._publish_timeout_s,
                 mandatory=not exchange_name,
+                connection=self._connection,
             )
             self._publishers[exchange_name] = publisher
         return publisher
@@ -131,6 +135,7 @@ async def dispatching(
             poll_interval_s=settings.sync.dispatch_poll_interval_s,
             batch_size=settings.sync.dispatch_batch_size,
             publish_timeout_s=settings.publish_timeout_s,
+            connection=connection,
         )
         task = asyncio.create_task(dispatcher.run(), name="dispatch")
         try:

@@ -23,7 +23,7 @@ from bridge.metrics import Metrics
 from bridge.parked import Ledger
 from bridge.part_settings import ConsumerOptions
 from consumers.buffer import Buffer
-from consumers.copies import CopyPlanner, Parking, channel_open, open_planner, publish_all
+from consumers.copies import CopyChannel, Parking, channel_open, publish_all
 from consumers.isolation import BatchAttempts
 from consumers.spec import ConsumerSpec, Counters, Delivery
 from consumers.watchdog import Watchdog
@@ -93,12 +93,11 @@ class Consumer:
 
         self._connection = connection
         self._topology = topology
-        self._retry_tiers = [(d, topology.retry_queue(spec.queue, d)) for d in spec.retry_tiers_s]
+        tiers = [(d, topology.retry_queue(spec.queue, d)) for d in spec.retry_tiers_s]
+        self._copies = CopyChannel(connection, topology, spec.queue, tiers, publish_timeout_s)
         self._parking = Parking(ledger, topology.parked_queues(spec.queue, spec.retry_tiers_s))
-        self._copy_planner: CopyPlanner | None = None
         self._channel: AbstractChannel | None = None
         self._queue: AbstractQueue | None = None
-        self._dead_letter_channel: AbstractChannel | None = None
         self._consumer_tag: ConsumerTag | None = None
         self._watchdog = Watchdog(
             spec.queue,
@@ -168,14 +167,7 @@ class Consumer:
         await self._channel.set_qos(prefetch_count=self.options.prefetch)
         # Passive: declaring the topology is the process's job; a missing queue stops the start.
         self._queue = await self._channel.get_queue(self.queue_name, ensure=True)
-        self._dead_letter_channel = await self._connection.channel(publisher_confirms=True)
-        self._copy_planner = await open_planner(
-            self._dead_letter_channel,
-            self._topology,
-            self.queue_name,
-            self._retry_tiers,
-            self.publish_timeout_s,
-        )
+        await self._copies.open()
         self._consumer_tag = await self._queue.consume(
             self._buffer.add, timeout=self.publish_timeout_s
         )
@@ -185,7 +177,7 @@ class Consumer:
             self._channel.reopen_callbacks.add(self._watchdog.poke)
 
     async def _close(self) -> None:
-        for channel in (self._dead_letter_channel, self._channel):
+        for channel in (self._copies.channel, self._channel):
             # A robust channel that is closed only because the connection is down is closed
             # too: else aio-pika would reopen it once the connection is back.
             if channel is None:
@@ -341,14 +333,14 @@ class Consumer:
             return
         batch, outcomes = handled
         self.counters.record(outcomes, time.perf_counter() - started)
-        assert self._copy_planner is not None
-        copies = self._copy_planner.plan(batch, outcomes)
+        copies = self._copies.planner.plan(batch, outcomes)
         if copies:
             parked = await publish_all(
                 copies,
                 self.counters,
                 self.options.retry_initial_backoff_s,
                 self.options.retry_max_backoff_s,
+                self._copies.renew,
             )
             if parked is None:
                 self.counters.dropped += len(batch)

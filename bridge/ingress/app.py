@@ -121,7 +121,13 @@ async def amqp_context(app: web.Application) -> AsyncIterator[None]:
     try:
         channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
         exchange = await declare_topology(channel, settings)
-        app[STATE].publisher = ConfirmedPublisher(channel, exchange, settings.publish_timeout_s)
+        app[STATE].publisher = ConfirmedPublisher(
+            channel,
+            exchange,
+            settings.publish_timeout_s,
+            connection=connection,
+            on_return_raises=True,
+        )
         yield
     finally:
         await connection.close()

@@ -310,9 +310,11 @@ async def _relay(
         # The trace forwarder's queue too, so events wait there even before it first runs.
         await declare_trace_topology(channel, settings)
         exchange = await channel.get_exchange(settings.platform_exchange)
-        publisher = ConfirmedPublisher(channel, exchange, settings.publish_timeout_s)
+        publisher = ConfirmedPublisher(
+            channel, exchange, settings.publish_timeout_s, connection=connection
+        )
         readiness.checks.append(
-            lambda: "the channel to RabbitMQ is closed" if channel.is_closed else None
+            lambda: None if publisher.ready else "the channel to RabbitMQ is closed"
         )
         readiness.reason = None
         log.info("relay_started", apps=sorted(targets))
