@@ -16,8 +16,9 @@ from bridge.cli.common import (
 )
 from bridge.config import Settings
 from bridge.ops import queue_status, status
+from bridge.service_urls import amqp_urls
 
-COLUMNS = ("QUEUE", "KIND", "READY", "UNACKED", "CONSUMERS", "OLDEST")
+COLUMNS = ("QUEUE", "KIND", "READY", "UNACKED", "CONSUMERS", "OLDEST", "REPLICAS", "LEADER")
 
 
 def add_commands(commands: Subcommands) -> None:
@@ -62,9 +63,10 @@ def add_commands(commands: Subcommands) -> None:
 
 async def run_status(settings: Settings, args: argparse.Namespace) -> int:
     try:
-        management = queue_status.management_for(
-            settings.amqp_url.get_secret_value(), args.management_url
-        )
+        management = None
+        if args.management_url is not None:
+            first = amqp_urls(settings.amqp_url.get_secret_value())[0]
+            management = queue_status.management_for(first, args.management_url)
     except ValueError as exc:
         raise UsageError(f"--management-url: {exc}") from None
     result = await status.check_status(
@@ -140,9 +142,13 @@ def _queue_table(result: status.Status) -> list[str]:
     widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
     lines = []
     for row, name in zip(rows, ["", *(q.name for q in result.queues)], strict=True):
+        # Names left, numbers right, the leader's node name left again.
         cells = [row[0].ljust(widths[0]), row[1].ljust(widths[1])]
-        cells += [cell.rjust(width) for cell, width in zip(row[2:], widths[2:], strict=True)]
+        cells += [cell.rjust(width) for cell, width in zip(row[2:-1], widths[2:-1], strict=True)]
+        cells.append(row[-1].ljust(widths[-1]))
         line = "  ".join(cells)
+        if name not in flagged:
+            line = line.rstrip()
         if name in flagged:
             # The row an operator must act on stands out at the end of the line.
             line += "  << " + ", ".join(flagged[name]).upper()
@@ -152,9 +158,22 @@ def _queue_table(result: status.Status) -> list[str]:
 
 def _queue_cells(queue: queue_status.QueueStatus) -> tuple[str, ...]:
     if queue.exists is False:
-        return (queue.name, queue.kind, "-", "-", "-", "-")
+        return (queue.name, queue.kind, "-", "-", "-", "-", "-", "-")
     counts = (queue.ready, queue.unacked, queue.consumers)
-    return (queue.name, queue.kind, *("?" if n is None else str(n) for n in counts), _age(queue))
+    return (
+        queue.name,
+        queue.kind,
+        *("?" if n is None else str(n) for n in counts),
+        _age(queue),
+        *_replicas(queue),
+    )
+
+
+def _replicas(queue: queue_status.QueueStatus) -> tuple[str, str]:
+    """Online of all members, and the leader: "?" where the management API did not say."""
+    if queue.members is None:
+        return "?", "?"
+    return f"{len(queue.members) - len(queue.offline)}/{len(queue.members)}", queue.leader or "?"
 
 
 def _age(queue: queue_status.QueueStatus) -> str:

@@ -25,8 +25,11 @@ from bridge.headers import AgeSince
 
 MANAGEMENT_PORT = 15672
 MANAGEMENT_TLS_PORT = 15671
-# Only what status shows: a queue's full record also lists every member and its GC state.
-_API_COLUMNS = "name,messages_ready,messages_unacknowledged,consumers,head_message_timestamp"
+# Only what status shows: a queue's full record also holds each member's GC state.
+_API_COLUMNS = (
+    "name,messages_ready,messages_unacknowledged,consumers,head_message_timestamp,"
+    "leader,members,online"
+)
 # Broker failures that status reports instead of raising.
 AMQP_ERRORS = (OSError, TimeoutError, AMQPError, ChannelInvalidStateError)
 
@@ -54,6 +57,18 @@ class QueueStatus:
     age_limit_s: float | None = None
     # Parked queues: how many of its messages have an age kept by the bridge (bridge/parked.py).
     aged: int | None = None
+    # A quorum queue's replicas, as the management API names the nodes: its leader, its
+    # members, and those of them online (None: the API did not answer).
+    leader: str | None = None
+    members: list[str] | None = None
+    online: list[str] | None = None
+
+    @property
+    def offline(self) -> list[str]:
+        """Members not online now: the queue is one failure nearer to losing its majority."""
+        if self.members is None or self.online is None:
+            return []
+        return [member for member in self.members if member not in self.online]
 
     @property
     def messages(self) -> int | None:
@@ -64,9 +79,10 @@ class QueueStatus:
 
 @dataclass
 class BrokerStatus:
-    url: str  # without credentials
+    url: str  # the node status reached (else the first tried), without credentials
     vhost: str
-    management_url: str
+    management_url: str  # the API that answered (else the first tried)
+    nodes: list[str] = field(default_factory=list)  # every node configured, without credentials
     reachable: bool = False  # over AMQP, as the bridge's processes connect
     error: str | None = None
     management_error: str | None = None  # None once the API answered
@@ -99,6 +115,14 @@ def management_for(amqp_url: str, override: str | None = None) -> Management:
     return Management(str(base).rstrip("/"), f"Basic {token}")
 
 
+def managements_for(amqp_urls: Sequence[str], override: str | None = None) -> list[Management]:
+    """The management API of each broker node of ``amqp_urls`` (any one answers for the
+    whole cluster), or just ``override``."""
+    if override is not None:
+        return [management_for(amqp_urls[0], override)]
+    return [management_for(url) for url in amqp_urls]
+
+
 def vhost_of(amqp_url: str) -> str:
     """The virtual host, read as aiormq reads it."""
     path = URL(amqp_url).path
@@ -106,30 +130,45 @@ def vhost_of(amqp_url: str) -> str:
 
 
 async def inspect_broker(
-    amqp_url: str, specs: Sequence[QueueSpec], management: Management, timeout_s: float
+    amqp_urls: Sequence[str],
+    specs: Sequence[QueueSpec],
+    managements: Sequence[Management],
+    timeout_s: float,
 ) -> tuple[BrokerStatus, list[QueueStatus], list[str]]:
-    """Counts from the management API where it answers, else from passive declares; the age
-    of a classic queue's head where the API has it (quorum queues: never)."""
-    vhost = vhost_of(amqp_url)
-    shown = str(URL(amqp_url).with_user(None))
-    broker = BrokerStatus(shown, vhost, management.url)
+    """Counts from the management API where it answers (the first of ``managements`` that
+    does), else from passive declares over the first node that connects; the age of a classic
+    queue's head where the API has it (quorum queues: never), and each quorum queue's leader
+    and members."""
+    vhost = vhost_of(amqp_urls[0])
+    shown = [str(URL(url).with_user(None)) for url in amqp_urls]
+    broker = BrokerStatus(shown[0], vhost, managements[0].url, nodes=shown)
     queues = [QueueStatus(s.name, s.kind, s.work_queue) for s in specs]
-    try:
-        records = await fetch_queues(management, vhost, [s.name for s in specs], timeout_s)
-    except ManagementUnavailable as exc:
-        broker.management_error = str(exc)
-        records = {}
+    records: dict[str, dict[str, Any] | None] = {}
+    for management in managements:
+        try:
+            records = await fetch_queues(management, vhost, [s.name for s in specs], timeout_s)
+        except ManagementUnavailable as exc:
+            broker.management_error = broker.management_error or str(exc)
+            continue
+        broker.management_url, broker.management_error = management.url, None
+        break
     for queue in queues:
         if queue.name in records:
             _take_record(queue, records[queue.name])
-    try:
-        connection = await aio_pika.connect(
-            amqp_url,
-            timeout=timeout_s,
-            client_properties={"connection_name": "edrone-bridge status"},
-        )
-    except AMQP_ERRORS as exc:
-        broker.error = error_text(exc, timeout_s)
+    connection = None
+    for url, url_shown in zip(amqp_urls, shown, strict=True):
+        try:
+            connection = await aio_pika.connect(
+                url,
+                timeout=timeout_s,
+                client_properties={"connection_name": "edrone-bridge status"},
+            )
+        except AMQP_ERRORS as exc:
+            broker.error = broker.error or error_text(exc, timeout_s)
+            continue
+        broker.url, broker.error = url_shown, None
+        break
+    if connection is None:
         return broker, queues, []
     broker.reachable = True
     try:
@@ -202,6 +241,10 @@ def _take_record(queue: QueueStatus, record: Mapping[str, Any] | None) -> None:
     if all(isinstance(count, int) for count in counts):
         queue.ready, queue.unacked, queue.consumers = counts
         queue.source = "management"
+    if isinstance(record.get("members"), list):  # quorum queues only
+        queue.leader = record.get("leader")
+        queue.members = [str(member) for member in record["members"]]
+        queue.online = [str(member) for member in record.get("online") or []]
     head = record.get("head_message_timestamp")  # classic queues only, in seconds
     if isinstance(head, int | float) and not isinstance(head, bool):
         queue.oldest_age_s = max(time.time() - head, 0.0)

@@ -11,7 +11,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
-from yarl import URL
 
 from bridge.amqp import queue_specs
 from bridge.config import Settings
@@ -23,9 +22,10 @@ from bridge.ops.queue_status import (
     QueueStatus,
     error_text,
     inspect_broker,
-    management_for,
+    managements_for,
 )
 from bridge.parked import Ledger, QueueAge
+from bridge.service_urls import amqp_urls, database_address
 
 DEFAULT_TIMEOUT_S = 5.0
 DEFAULT_MAX_AGE_S = 600.0
@@ -93,13 +93,13 @@ async def check_status(
 ) -> Status:
     """Look at the broker and the database side by side (every wait bounded by ``timeout_s``)
     and judge the deployment against ``limits``. Never removes or acks a message."""
-    amqp_url = settings.amqp_url.get_secret_value()
-    management = management or management_for(amqp_url)
+    urls = amqp_urls(settings.amqp_url.get_secret_value())
+    managements = [management] if management is not None else managements_for(urls)
     specs = queue_specs(settings)
     checked_at = datetime.now(UTC)
     parked = [s.name for s in specs if s.kind != "work"]
     (broker, queues, notes), database = await asyncio.gather(
-        inspect_broker(amqp_url, specs, management, timeout_s),
+        inspect_broker(urls, specs, managements, timeout_s),
         inspect_database(settings, timeout_s, parked=parked),
     )
     for queue, spec in zip(queues, specs, strict=True):
@@ -217,6 +217,12 @@ def _notes(status: Status) -> list[str]:
             "their oldest age is unknown here; each consumer's /metrics has the age of what it "
             "holds"
         )
+    for queue in status.queues:
+        if queue.offline:
+            notes.append(
+                f"{queue.name}: {len(queue.offline)} of {len(queue.members or ())} replicas "
+                f"offline ({', '.join(queue.offline)}); leader {queue.leader}"
+            )
     if status.database.unknown:
         notes.append("migrations applied by a newer bridge: " + ", ".join(status.database.unknown))
     if status.database.parked_error is not None:
@@ -320,8 +326,7 @@ def _compare_migrations(database: DatabaseStatus, rows: Sequence[asyncpg.Record]
 
 
 def _database_shown(url: str) -> str:
-    parsed = URL(url)
-    return str(parsed.with_user(None).with_query(None)) if parsed.host else "(local socket)"
+    return f"postgresql://{database_address(url)}"
 
 
 # --- JSON ------------------------------------------------------------------------------------
@@ -337,6 +342,7 @@ def to_json(status: Status) -> dict[str, Any]:
         "limits": {"max_dlq": status.limits.max_dlq, "max_age_s": status.limits.max_age_s},
         "broker": {
             "url": broker.url,
+            "nodes": broker.nodes,
             "vhost": broker.vhost,
             "reachable": broker.reachable,
             "error": broker.error,
@@ -378,6 +384,9 @@ def _queue_json(queue: QueueStatus) -> dict[str, Any]:
         "oldest_age_s": _rounded(queue.oldest_age_s, 3),
         "age_since": queue.age_since,
         "age_limit_s": queue.age_limit_s,
+        "leader": queue.leader,
+        "members": queue.members,
+        "online": queue.online,
         "aged_messages": queue.aged,
     }
 

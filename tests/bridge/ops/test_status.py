@@ -31,7 +31,7 @@ from bridge.metrics import Metrics
 from bridge.migrate import load_migrations, migrate
 from bridge.monitor import monitor
 from bridge.ops.dlq import list_messages
-from bridge.ops.queue_status import management_for, vhost_of
+from bridge.ops.queue_status import fetch_queues, management_for, vhost_of
 from bridge.ops.status import Limits, Status, check_status, to_json
 from bridge.parked import Ledger, Parked
 from tests.support.cli import closed_port, run_cli
@@ -268,8 +268,11 @@ class TestManagementPath:
         code, table = await run_status(settings, "--management-url", management_url)
         assert code == 1, table
         assert table.startswith("edrone-bridge status: UNHEALTHY (1 problem)\n")
-        # QUEUE KIND READY UNACKED CONSUMERS OLDEST, then the flag
-        flagged = [dlq, "dlq", "1", "0", "0", "1h00m", "<<", "DEAD", "LETTERS"]
+        # QUEUE KIND READY UNACKED CONSUMERS OLDEST REPLICAS LEADER, then the flag
+        amqp_url = settings.amqp_url.get_secret_value()
+        api = management_for(amqp_url, management_url)
+        leader = (await fetch_queues(api, vhost_of(amqp_url), [dlq], 10))[dlq]["leader"]
+        flagged = [dlq, "dlq", "1", "0", "0", "1h00m", "1/1", leader, "<<", "DEAD", "LETTERS"]
         assert row(table, dlq).split() == flagged
         assert f"  {dlq}: holds 1 dead-lettered message (allowed: 0), oldest 36" in table
         assert "edrone-bridge dlq list subscriptions" in table
