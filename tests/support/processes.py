@@ -11,6 +11,7 @@ import random
 import signal
 import socket
 import sys
+import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -120,6 +121,8 @@ class Answers:
 
     by_event: dict[str, str] = field(default_factory=dict)
     done: int = 0
+    # When each answer other than a 200 came (time.monotonic()).
+    failed_at: list[float] = field(default_factory=list)
 
     def counts(self) -> Counter[str]:
         return Counter(self.by_event.values())
@@ -136,19 +139,24 @@ async def send(
     concurrency: int = 50,
     timeout_s: float = 10.0,
     backoff_s: float = 0.0,
+    per_s: float | None = None,
 ) -> None:
-    """POST each change as edrone does (signed form), ``concurrency`` at a time, and keep each
-    answer in ``answers``; connection errors and timeouts are answers too, never raised. After
-    an answer other than 200 a worker waits ``backoff_s``, as a caller honouring Retry-After
-    would, instead of spending the whole load on an outage."""
-    pending = iter(list(changes))
+    """POST each change as edrone does (signed form), ``concurrency`` at a time (and no more
+    than ``per_s`` started a second), and keep each answer in ``answers``; connection errors
+    and timeouts are answers too, never raised. After an answer other than 200 a worker waits
+    ``backoff_s``, as a caller honouring Retry-After would, instead of spending the whole load
+    on an outage."""
+    pending = enumerate(list(changes))
+    started = time.monotonic()
     async with aiohttp.ClientSession(
         timeout=aiohttp.ClientTimeout(total=timeout_s),
         connector=aiohttp.TCPConnector(limit=concurrency),
     ) as session:
 
         async def worker() -> None:
-            for change in pending:
+            for n, change in pending:
+                if per_s is not None:
+                    await asyncio.sleep(max(0.0, started + n / per_s - time.monotonic()))
                 try:
                     async with session.post(url, data=change.webhook()) as response:
                         await response.read()
@@ -157,6 +165,8 @@ async def send(
                     outcome = type(exc).__name__
                 answers.by_event[change.event_id] = outcome
                 answers.done += 1
+                if outcome != "200":
+                    answers.failed_at.append(time.monotonic())
                 if outcome != "200" and backoff_s:
                     await asyncio.sleep(backoff_s)
 
