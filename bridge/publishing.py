@@ -24,8 +24,9 @@ from pamqp.commands import Basic
 
 log = structlog.get_logger(__name__)
 
-# The least time between two moves of a publisher to a new channel after nacks.
-RENEW_INTERVAL_S = 1.0
+# The least time between two moves of a publisher to a new channel after nacks: a move made
+# before the new leader was elected can be stale again, and the next one is not.
+RENEW_INTERVAL_S = 0.25
 
 
 class PublishFailed(Exception):
