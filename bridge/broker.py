@@ -122,11 +122,16 @@ async def _first_connect(
 ) -> AbstractRobustConnection:
     # aio-pika's connect_robust, with the connection kept in hand: a first connect given up
     # (stopped, failed) must close it, or its reconnect task keeps the process alive.
-    interval = settings.amqp_reconnect_interval_s
+    # Options as keywords, over the first URL's query: aio-pika 10.0 reads the query only when
+    # given no keyword at all (and so ignored reconnect_interval in the URL here).
     connection = ClusterConnection(
-        [aio_pika.connection.make_url(node, reconnect_interval=interval) for node in nodes],
+        nodes,
         name,
-        client_properties={"connection_name": f"edrone-bridge {name}"},
+        **{
+            **dict(nodes[0].query),
+            "reconnect_interval": settings.amqp_reconnect_interval_s,
+            "client_properties": {"connection_name": f"edrone-bridge {name}"},
+        },
     )
     try:
         await unless_stopped(connection.connect(timeout=CONNECT_TIMEOUT_S), stopping)
