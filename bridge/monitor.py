@@ -90,8 +90,12 @@ async def _count(
             metrics.queue_consumers.labels(name).set(consumers)
             empty[name] = ready == 0 and consumers == 0
     finally:
+        # Shielded: a close cut short (the sampler cancelled) frees the channel's number while
+        # the broker still has the channel open; the next channel opened on the connection,
+        # which is its process's, then gets CHANNEL_ERROR and the whole connection is closed.
+        closing = asyncio.ensure_future(channel.close())
         with contextlib.suppress(aio_pika.exceptions.AMQPError, RuntimeError, OSError):
-            await channel.close()
+            await asyncio.shield(closing)
     return empty
 
 
