@@ -12,7 +12,6 @@ events, sent over about ``EDRONE_BRIDGE_TEST_CLUSTER_SEND_S`` (40) seconds."""
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -26,7 +25,7 @@ from bridge.cli.status import render
 from bridge.config import Settings
 from bridge.ops.queue_status import Management, management_for
 from bridge.ops.status import Status, check_status
-from tests.support.consumers import TRACE_FAST, shop_event, wait_until
+from tests.support.consumers import TRACE_FAST, platform_message, shop_event, wait_until
 from tests.support.lanes import FakeEdroneProcess
 from tests.support.processes import (
     FAST_SUBSCRIPTIONS,
@@ -72,12 +71,7 @@ async def publish_with_retries(
         started = time.monotonic()
         for n, event in enumerate(events):
             await asyncio.sleep(max(0.0, started + n / per_s - time.monotonic()))
-            message = aio_pika.Message(
-                json.dumps(event).encode(),
-                content_type="application/json",
-                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-                message_id=str(event["event_id"]),
-            )
+            message = platform_message(event, with_id=True)
             while True:
                 try:
                     await exchange.publish(message, settings.platform_routing_key, timeout=5)

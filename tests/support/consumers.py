@@ -188,6 +188,19 @@ def shop_event(
     }
 
 
+def platform_message(event: dict[str, Any] | bytes, *, with_id: bool = False) -> aio_pika.Message:
+    """A shop event (or a raw body) as the shop publishes it: JSON, persistent; ``with_id``
+    gives it the event's id as its message_id."""
+    body = event if isinstance(event, bytes) else json.dumps(event).encode()
+    message_id = str(event["event_id"]) if with_id and isinstance(event, dict) else None
+    return aio_pika.Message(
+        body,
+        content_type="application/json",
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        message_id=message_id,
+    )
+
+
 async def publish_platform(
     connection: aio_pika.abc.AbstractConnection,
     settings: Settings,
@@ -200,14 +213,10 @@ async def publish_platform(
         exchange = await amqp_channel.get_exchange(settings.platform_exchange)
         pending = []
         for message in messages:
-            body = message if isinstance(message, bytes) else json.dumps(message).encode()
-            amqp_message = aio_pika.Message(
-                body,
-                content_type="application/json",
-                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            )
             pending.append(
-                exchange.publish(amqp_message, settings.platform_routing_key, timeout=10)
+                exchange.publish(
+                    platform_message(message), settings.platform_routing_key, timeout=10
+                )
             )
         await asyncio.gather(*pending)
 

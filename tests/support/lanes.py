@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import bisect
-import json
 import statistics
 import sys
 import time
@@ -22,7 +21,7 @@ import aiohttp
 
 from bridge.amqp import topology
 from bridge.config import Settings
-from tests.support.consumers import ready_count, shop_event, wait_until
+from tests.support.consumers import platform_message, ready_count, shop_event, wait_until
 from tests.support.processes import REPO, free_port
 
 
@@ -47,12 +46,7 @@ async def publish_live(
             await asyncio.sleep(max(0.0, next_at - loop.time()))
             next_at += 1 / per_s
             event = shop_event(f"live-{uuid.uuid4().hex[:12]}@example.com")
-            message = aio_pika.Message(
-                json.dumps(event).encode(),
-                content_type="application/json",
-                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-                message_id=event["event_id"],
-            )
+            message = platform_message(event, with_id=True)
             sent[event["email"]] = time.monotonic()
             confirms.append(
                 asyncio.create_task(
