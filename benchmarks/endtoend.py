@@ -410,7 +410,7 @@ def latency_rows(
             latencies.p99_ms,
             baseline="broker alone p99",
             baseline_samples=[r["delivered_p99"] for r in latencies.raw],
-            target=Target(f"≤ flush {flush_ms} + 25 = {limit_ms} ms", max_value=limit_ms),
+            target=Target("≤ 3 x the broker alone", max_ratio=3.0),
             note="baseline: the broker alone at the same rate, just before each repeat (raw"
             " confirmed publishes, open loop, to a quorum queue a raw consumer drains), due time"
             f" → delivered; its confirm p99 {_raw(latencies, 'confirm_p99'):.1f} ms",
@@ -421,6 +421,7 @@ def latency_rows(
             quarter.p99_ms,
             baseline="broker alone p99",
             baseline_samples=[r["delivered_p99"] for r in quarter.raw],
+            target=Target(f"≤ flush {flush_ms} + 25 = {limit_ms} ms", max_value=limit_ms),
             note=f"{rate_per_s / 2:,.0f} webhooks/s, for comparison: p50"
             f" {median(quarter.p50_ms):.1f} ms; the ingress's answer p99"
             f" {median(quarter.http_p99_ms):.1f} ms",

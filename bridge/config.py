@@ -150,6 +150,12 @@ class Settings(BaseSettings):
     # Processes of `ingress` that share http_port (SO_REUSEPORT: the kernel spreads the
     # connections): one process tops out at one core (benchmarks/). Each has its own /metrics.
     ingress_workers: int = Field(default=1, ge=1, le=64)
+    # Broker messages each ingress process waits on at once; the webhooks that come while all
+    # wait go together in one message (a bundle) of at most ingress_bundle_max, with one
+    # confirm for all: the broker's work per webhook is what bounds the ingress (benchmarks/).
+    # At a low rate every webhook still goes alone, at once. 1 as the maximum: never bundled.
+    ingress_publishes_in_flight: int = Field(default=4, ge=1, le=1_000)
+    ingress_bundle_max: int = Field(default=50, ge=1, le=1_000)
 
     # Prefix of every exchange and queue name, so several deployments (and tests) share a broker.
     amqp_prefix: str = Field(default="edrone_bridge", pattern=r"^[A-Za-z0-9_.\-]{1,100}$")

@@ -143,6 +143,7 @@ class ConfirmedPublisher:
         message_id: str,
         headers: Mapping[str, Any] | None = None,
         message_type: str | None = None,
+        content_type: str = "application/json",
     ) -> None:
         """Publish and return once confirmed; raise :class:`PublishFailed` otherwise."""
         pending = self._in_flight.get(message_id)
@@ -153,7 +154,7 @@ class ConfirmedPublisher:
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._in_flight[message_id] = future
         try:
-            await self._publish(body, routing_key, message_id, headers, message_type)
+            await self._publish(body, routing_key, message_id, headers, message_type, content_type)
         except BaseException as exc:
             failure = exc if isinstance(exc, PublishFailed) else PublishFailed(repr(exc))
             future.set_exception(failure)
@@ -171,12 +172,13 @@ class ConfirmedPublisher:
         message_id: str,
         headers: Mapping[str, Any] | None,
         message_type: str | None,
+        content_type: str,
     ) -> None:
         if self._channel.is_closed:
             raise PublishFailed("channel closed")
         message = aio_pika.Message(
             body,
-            content_type="application/json",
+            content_type=content_type,
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
             message_id=message_id,
             headers=dict(headers) if headers else None,

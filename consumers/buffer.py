@@ -8,6 +8,8 @@ import time
 
 from aio_pika.abc import AbstractIncomingMessage
 
+from consumers.bundles import unbundle, whole
+
 
 class Buffer:
     """Filled by the consume callback: a plain list and one event, so that a delivery costs an
@@ -26,10 +28,10 @@ class Buffer:
         return len(self.deliveries)
 
     async def add(self, message: AbstractIncomingMessage) -> None:
-        """The consume callback."""
+        """The consume callback; a bundle comes in as its webhooks, one delivery each."""
         if not self.deliveries:
             self.first_arrival = time.monotonic()
-        self.deliveries.append(message)
+        self.deliveries.extend(unbundle(message))
         if len(self.deliveries) >= self._wanted:
             self._arrived.set()
 
@@ -54,6 +56,8 @@ class Buffer:
         return True
 
     def take(self, size: int) -> list[AbstractIncomingMessage]:
+        """Up to ``size`` deliveries, or a few more to end on a bundle's last part."""
+        size = whole(self.deliveries, size)
         batch = self.deliveries[:size]
         del self.deliveries[:size]
         # Whatever stays behind came before now; its interval is counted from now, at worst.

@@ -15,7 +15,7 @@ from bridge.amqp import Topology
 from bridge.headers import HEADER_PARKED_IN, attempts_so_far
 from bridge.parked import Ledger, Parked, softly
 from bridge.publishing import PublishFailed
-from consumers.deadletter import DeadLetterPublisher, RetryPublisher
+from consumers.deadletter import AlonePublisher, DeadLetterPublisher, RetryPublisher
 from consumers.outcomes import Defer, Reject
 from consumers.spec import Counters
 
@@ -25,25 +25,46 @@ log = structlog.get_logger(__name__)
 @dataclass(frozen=True, eq=False)
 class Copy:
     """One confirmed copy to publish for ``delivery``: to a retry tier of ``tier_s`` seconds,
-    or to the dead-letter queue when ``tier_s`` is None."""
+    or to the dead-letter queue when ``tier_s`` is None; or, ``alone``, a bundle's part back
+    to its own queue as a message of its own (consumers/bundles.py), which parks nothing."""
 
     delivery: AbstractIncomingMessage
-    publish: Callable[[], Awaitable[Parked]]
+    publish: Callable[[], Awaitable[Parked | None]]
     tier_s: float | None
+    alone: bool = False
 
 
 class CopyPlanner:
     """Turns Reject and Defer outcomes into copies; a Defer past the last tier (or without
     tiers) becomes a dead letter that says how many attempts were made."""
 
-    def __init__(self, dead_letters: DeadLetterPublisher, retries: RetryPublisher | None) -> None:
+    def __init__(
+        self,
+        dead_letters: DeadLetterPublisher,
+        retries: RetryPublisher | None,
+        alone: AlonePublisher | None = None,
+    ) -> None:
         self._dead_letters = dead_letters
         self._retries = retries
+        self._alone = alone
 
     def replace(self, planner: CopyPlanner) -> None:
         """Publish through ``planner``'s publishers (another channel's) from now on, the copies
         planned already included."""
         self._dead_letters, self._retries = planner._dead_letters, planner._retries
+        self._alone = planner._alone
+
+    def alone(self, parts: Sequence[AbstractIncomingMessage]) -> list[Copy]:
+        """Each part of a redelivered bundle back to its queue, a message of its own."""
+        copies = []
+        for part in parts:
+
+            async def publish(part: AbstractIncomingMessage = part) -> None:
+                assert self._alone is not None, "the planner was opened without a work queue"
+                await self._alone.publish(part)
+
+            copies.append(Copy(part, publish, None, alone=True))
+        return copies
 
     def plan(
         self, batch: Sequence[AbstractIncomingMessage], outcomes: Sequence[object]
@@ -153,7 +174,8 @@ async def open_planner(
             queue=queue,
             timeout_s=timeout_s,
         )
-    return CopyPlanner(dead_letters, retries)
+    alone = AlonePublisher(channel.default_exchange, queue=queue, timeout_s=timeout_s)
+    return CopyPlanner(dead_letters, retries, alone)
 
 
 async def publish_copies(copies: Sequence[Copy]) -> tuple[list[Copy], list[Parked], bool]:
@@ -192,7 +214,10 @@ async def publish_all(
         parked += confirmed
         for copy in copies:
             if copy not in failed:
-                counters.record_copy(copy.tier_s)
+                if copy.alone:
+                    counters.alone += 1
+                else:
+                    counters.record_copy(copy.tier_s)
         if not failed:
             return parked
         copies = failed

@@ -22,6 +22,7 @@ from bridge.headers import (
 )
 from bridge.parked import Parked
 from bridge.publishing import copy_of, publish_confirmed
+from consumers.bundles import alone_headers
 
 log = structlog.get_logger(__name__)
 
@@ -107,6 +108,22 @@ class RetryPublisher:
             error=error[:MAX_ERROR_CHARS],
         )
         return _parked(tier[1], message.message_id, headers, HEADER_FIRST_FAILURE)
+
+
+class AlonePublisher:
+    """Publishes a bundle's part back to its work ``queue`` as a message of its own, confirmed:
+    a part of a bundle the broker redelivers, so that from then on the queue's delivery limit
+    counts that webhook's deliveries alone (consumers/bundles.py)."""
+
+    def __init__(self, default_exchange: AbstractExchange, *, queue: str, timeout_s: float) -> None:
+        self._exchange = default_exchange
+        self._queue = queue
+        self._timeout_s = timeout_s
+
+    async def publish(self, part: AbstractIncomingMessage) -> None:
+        message = copy_of(part, alone_headers(part), message_id=_new_id())
+        await publish_confirmed(self._exchange, message, self._queue, timeout_s=self._timeout_s)
+        log.info("bundle_part_requeued", queue=self._queue, event_id=part.message_id)
 
 
 def _new_id() -> str:

@@ -23,6 +23,7 @@ from bridge.metrics import Metrics
 from bridge.parked import Ledger
 from bridge.part_settings import ConsumerOptions
 from consumers.buffer import Buffer
+from consumers.bundles import part_of_redelivered
 from consumers.copies import CopyChannel, Parking, channel_open, publish_all
 from consumers.isolation import BatchAttempts
 from consumers.spec import ConsumerSpec, Counters, Delivery
@@ -328,12 +329,19 @@ class Consumer:
             self._in_flight = []
 
     async def _process_held(self, batch: list[Delivery], started: float) -> None:
-        handled = await self._attempts.run(batch, self._live)
-        if handled is None:
+        # A redelivered bundle's parts go back alone, unhandled (consumers/bundles.py).
+        alone = [delivery for delivery in batch if part_of_redelivered(delivery)]
+        if alone:
+            batch = [delivery for delivery in batch if not part_of_redelivered(delivery)]
+            alone = self._live(alone)
+        handled = await self._attempts.run(batch, self._live) if batch else None
+        if handled is None and not alone:
             return
-        batch, outcomes = handled
-        self.counters.record(outcomes, time.perf_counter() - started)
-        copies = self._copies.planner.plan(batch, outcomes)
+        batch, outcomes = handled if handled is not None else ([], [])
+        if batch:
+            self.counters.record(outcomes, time.perf_counter() - started)
+        copies = self._copies.planner.plan(batch, outcomes) + self._copies.planner.alone(alone)
+        batch = batch + alone
         if copies:
             parked = await publish_all(
                 copies,
@@ -373,9 +381,11 @@ class Consumer:
         for delivery in batch:
             by_channel.setdefault(_channel_id(delivery), []).append(delivery)
         for group in by_channel.values():
+            # The highest tag: the parts sent back alone come after the handled ones.
+            last = max(group, key=lambda delivery: delivery.delivery_tag or 0)
             try:
                 async with asyncio.timeout(self.publish_timeout_s):
-                    await group[-1].ack(multiple=True)
+                    await last.ack(multiple=True)
             except _CHANNEL_ERRORS as exc:
                 self.counters.dropped += len(group)
                 log.warning("batch_ack_failed", size=len(group), error=repr(exc))

@@ -55,6 +55,8 @@ class Counters:
     # found so and dead-lettered alone (docs/design.md promise 7).
     splits: int = 0
     isolated: int = 0
+    # Parts of redelivered bundles sent back to the queue alone (consumers/bundles.py).
+    alone: int = 0
     queue: str = ""
     metrics: Metrics | None = field(default=None, repr=False)
 
@@ -70,6 +72,7 @@ class Counters:
             "retries": self.retries,
             "splits": self.splits,
             "isolated": self.isolated,
+            "alone": self.alone,
             "dropped": self.dropped,
             "reregistered": self.reregistered,
         }

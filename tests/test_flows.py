@@ -16,6 +16,7 @@ import pytest
 from bridge.amqp import topology
 from bridge.config import Settings
 from bridge.ingress.app import create_app
+from bridge.ingress.state import STATE
 from bridge.metrics import Metrics
 from bridge.signing import sign
 from tests.support.consumers import serve_subscriptions
@@ -128,9 +129,15 @@ class TestEndToEnd:
         assert (row["status"], row["event_id"]) == (1, "new")
         assert await db.fetchval("SELECT outcome FROM inbox WHERE event_id = 'old'") == "older"
 
-    async def test_shuffled_history_ends_newest_wins(self, client, consumer, db):
-        """1,000 events for 50 addresses, sent in shuffled order, end in the newest status of
-        each address."""
+    @pytest.mark.parametrize("in_flight", [4, 1], ids=["default", "bundled"])
+    async def test_shuffled_history_ends_newest_wins(
+        self, aiohttp_client, make_settings, consumer, db, in_flight
+    ):
+        """1,000 events for 50 addresses, sent in shuffled order, 20 at a time, end in the
+        newest status of each address; with one broker message in flight, most of them go in
+        bundles (several webhooks in one message), and the outcome is the same."""
+        app = create_app(make_settings(ingress_publishes_in_flight=in_flight))
+        client = await aiohttp_client(app)
         rng = random.Random(7)
         start = datetime(2024, 3, 1, tzinfo=UTC)
         events = []
@@ -158,6 +165,10 @@ class TestEndToEnd:
 
         await asyncio.gather(*(send(*event) for event in events))
         await wait_for_inbox(db, 1000, timeout_s=60)
+        bundler = app[STATE].bundler
+        assert bundler is not None
+        if in_flight == 1:
+            assert bundler.bundled > 500, (bundler.bundles, bundler.bundled)
         rows = await db.fetch("SELECT address, event_id, status, event_date FROM subscribers")
         assert len(rows) == 50
         for row in rows:

@@ -14,6 +14,7 @@ from bridge.broker import connect
 from bridge.config import Settings
 from bridge.ingress.allowlist import caller, source_allowlist
 from bridge.ingress.body import too_large
+from bridge.ingress.bundler import Bundler
 from bridge.ingress.guard import LINGERING_TIME_S, SWEEP_INTERVAL_S, ConnectionGuard, GuardedSite
 from bridge.ingress.handlers import healthz, readyz, update_subscriber_status
 from bridge.ingress.state import METRICS, SETTINGS, STATE, IngressState
@@ -121,16 +122,26 @@ async def amqp_context(app: web.Application) -> AsyncIterator[None]:
     try:
         channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
         exchange = await declare_topology(channel, settings)
-        app[STATE].publisher = ConfirmedPublisher(
+        publisher = ConfirmedPublisher(
             channel,
             exchange,
             settings.publish_timeout_s,
             connection=connection,
             on_return_raises=True,
         )
+        app[STATE].bundler = bundler_for(publisher, settings)
         yield
     finally:
         await connection.close()
+
+
+def bundler_for(publisher: ConfirmedPublisher, settings: Settings) -> Bundler:
+    return Bundler(
+        publisher,
+        max_webhooks=settings.ingress_bundle_max,
+        in_flight=settings.ingress_publishes_in_flight,
+        timeout_s=settings.publish_timeout_s,
+    )
 
 
 def create_app(
@@ -171,7 +182,9 @@ def create_app(
         },
     )
     app[SETTINGS] = settings
-    app[STATE] = IngressState(publisher=publisher)
+    app[STATE] = IngressState(
+        bundler=bundler_for(publisher, settings) if publisher is not None else None
+    )
     app[METRICS] = metrics if metrics is not None else Metrics()
     if publisher is None:
         app.cleanup_ctx.append(amqp_context)

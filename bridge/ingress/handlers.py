@@ -40,7 +40,7 @@ async def update_subscriber_status(request: web.Request) -> web.Response:
     metrics.webhooks_received.inc()
     if state.draining:
         return not_stored(request, "the ingress is shutting down")
-    if state.publisher is None:
+    if state.bundler is None:
         return not_stored(request, "not connected to the broker")
     body = await read_fields(request, settings.max_body_bytes, settings.http_body_timeout_s)
     query = parse_form(request.rel_url.raw_query_string, "the query string")
@@ -64,10 +64,10 @@ async def update_subscriber_status(request: web.Request) -> web.Response:
             )
         started = time.perf_counter()
         try:
-            await state.publisher.publish(
+            await state.bundler.publish(
                 message.model_dump_json().encode(),
                 routing_key=ROUTING_KEY_BY_CHANNEL[message.channel],
-                message_id=message.event_id,
+                event_id=message.event_id,
             )
         except PublishFailed as exc:
             log.warning("webhook_not_published", error=str(exc))
@@ -90,6 +90,6 @@ async def readyz(request: web.Request) -> web.Response:
     state = request.app[STATE]
     if state.draining:
         return unavailable(request, "shutting down")
-    if state.publisher is None or not state.publisher.ready:
+    if state.bundler is None or not state.bundler.ready:
         return unavailable(request, "no open channel to RabbitMQ")
     return web.json_response({"status": "ready"})

@@ -8,15 +8,15 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from bridge.config import Settings
+from bridge.ingress.bundler import Bundler
 from bridge.metrics import Metrics
-from bridge.publishing import ConfirmedPublisher
 
 
 @dataclass
 class IngressState:
     """What changes while the app runs (app state itself is frozen once it starts)."""
 
-    publisher: ConfirmedPublisher | None = None
+    bundler: Bundler | None = None
     draining: bool = False
     # Set once the process is asked to stop: a start still connecting gives up at once.
     stopping: asyncio.Event | None = None

@@ -10,6 +10,7 @@ from urllib.parse import urlencode
 
 import aio_pika
 
+from bridge import bundles
 from bridge.amqp import topology
 from bridge.config import Settings
 
@@ -28,6 +29,13 @@ async def queued(settings: Settings, connection: aio_pika.abc.AbstractConnection
         messages.append(message)
     await channel.close()
     return messages
+
+
+def webhooks_in(message: aio_pika.abc.AbstractIncomingMessage) -> list[bytes]:
+    """The webhooks a message holds: a bundle's (bridge/bundles.py), or its own body."""
+    if bundles.is_bundle(message.content_type):
+        return bundles.split(message.body)
+    return [message.body]
 
 
 async def depth(settings: Settings, connection: aio_pika.abc.AbstractConnection) -> int:

@@ -295,7 +295,7 @@ class TestBroker:
         self, client, settings, amqp_connection
     ):
         """Two in-flight publishes of one event_id (edrone retrying fast) publish it once."""
-        publisher = client.app[STATE].publisher
+        publisher = client.app[STATE].bundler.publisher
         publishes = [
             publisher.publish(b"{}", routing_key="subscription.email", message_id="evt-twice")
             for _ in range(2)
@@ -307,7 +307,7 @@ class TestBroker:
 
     async def test_unroutable_publish_fails(self, client, settings):
         """A message no queue would take is an error, never a silent 200."""
-        publisher = client.app[STATE].publisher
+        publisher = client.app[STATE].bundler.publisher
         with pytest.raises(PublishFailed):
             await publisher.publish(b"{}", routing_key="nowhere", message_id="evt-lost")
 

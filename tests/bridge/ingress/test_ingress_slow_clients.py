@@ -16,7 +16,6 @@ import aio_pika
 import aiohttp
 import pytest
 
-from bridge.amqp import topology
 from bridge.config import Settings
 from bridge.devtools.simulate import Summary, build_webhook, send_webhooks
 from bridge.ingress.app import serve
@@ -24,6 +23,7 @@ from bridge.ingress.guard import LINGERING_TIME_S, SWEEP_INTERVAL_S
 from bridge.metrics import Metrics
 from tests.support.apps import TEST_APP_ID, TEST_SECRET
 from tests.support.cli import closed_port
+from tests.support.webhooks import queued, webhooks_in
 
 HOST = "127.0.0.1"
 # Beyond its timeout, a cut may wait for the sweeper's next round and a loaded loop.
@@ -93,14 +93,10 @@ async def wait_ready(ingress: Ingress, task: asyncio.Task[None]) -> None:
 
 
 async def published(settings: Settings) -> int:
-    """Messages in the subscriptions queue (declared passively: the ingress declared it)."""
+    """Webhooks in the subscriptions queue, a bundle counted by its webhooks; taken off it."""
     connection = await aio_pika.connect(settings.amqp_url.get_secret_value(), timeout=10)
     async with connection:
-        channel = await connection.channel()
-        queue = await channel.declare_queue(topology(settings).subscriptions_queue, passive=True)
-        count = queue.declaration_result.message_count
-    assert count is not None
-    return count
+        return sum(len(webhooks_in(message)) for message in await queued(settings, connection))
 
 
 async def read_to_end(reader: asyncio.StreamReader, timeout_s: float) -> bytes:
