@@ -192,7 +192,7 @@ def create_app(
         [
             web.post(
                 settings.webhook_path,
-                update_subscriber_status,
+                update_subscriber_status(settings, app[METRICS]),
                 expect_handler=expect_continue(settings, allowlist, guard),
             ),
             web.get("/healthz", healthz),
