@@ -19,6 +19,7 @@ log = structlog.get_logger(__name__)
 
 # Latencies of a publish confirm or a database commit on one machine: milliseconds, rarely more.
 _FAST_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+_BUNDLE_BUCKETS = (1, 2, 3, 5, 10, 25, 50, 100, 250, 1000)
 _BATCH_BUCKETS = (1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000)
 
 
@@ -54,6 +55,12 @@ class Metrics:
         )
         self.publish_confirm_seconds = _histogram(
             r, "publish_confirm_seconds", "From publish to the broker's confirm", _FAST_BUCKETS
+        )
+        self.ingress_bundle_webhooks = _histogram(
+            r,
+            "ingress_bundle_webhooks",
+            "Webhooks per confirmed broker message (1: alone; more: a bundle)",
+            _BUNDLE_BUCKETS,
         )
         self.ingress_connections = _gauge(
             r, "ingress_connections", "HTTP connections open to this ingress process"

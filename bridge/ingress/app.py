@@ -129,18 +129,19 @@ async def amqp_context(app: web.Application) -> AsyncIterator[None]:
             connection=connection,
             on_return_raises=True,
         )
-        app[STATE].bundler = bundler_for(publisher, settings)
+        app[STATE].bundler = bundler_for(publisher, settings, app[METRICS])
         yield
     finally:
         await connection.close()
 
 
-def bundler_for(publisher: ConfirmedPublisher, settings: Settings) -> Bundler:
+def bundler_for(publisher: ConfirmedPublisher, settings: Settings, metrics: Metrics) -> Bundler:
     return Bundler(
         publisher,
         max_webhooks=settings.ingress_bundle_max,
         in_flight=settings.ingress_publishes_in_flight,
         timeout_s=settings.publish_timeout_s,
+        on_confirmed=metrics.ingress_bundle_webhooks.observe,
     )
 
 
@@ -182,10 +183,10 @@ def create_app(
         },
     )
     app[SETTINGS] = settings
-    app[STATE] = IngressState(
-        bundler=bundler_for(publisher, settings) if publisher is not None else None
-    )
     app[METRICS] = metrics if metrics is not None else Metrics()
+    app[STATE] = IngressState(
+        bundler=bundler_for(publisher, settings, app[METRICS]) if publisher is not None else None
+    )
     if publisher is None:
         app.cleanup_ctx.append(amqp_context)
     app.add_routes(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from bridge import bundles
@@ -42,8 +43,11 @@ class Bundler:
         max_webhooks: int,
         in_flight: int,
         timeout_s: float,
+        on_confirmed: Callable[[int], None] | None = None,
     ) -> None:
         self.publisher = publisher
+        # Told the number of webhooks in each message the broker confirmed.
+        self._on_confirmed = on_confirmed
         self._max_webhooks = max_webhooks
         self._slots = in_flight
         self._timeout_s = timeout_s
@@ -133,6 +137,8 @@ class Bundler:
                 raise
         finally:
             self._sending -= 1
+            if failure is None and self._on_confirmed is not None:
+                self._on_confirmed(len(bundle.bodies))
             self._settle(bundle, failure)
             if self._filling or self._full:
                 self._send_next()

@@ -378,4 +378,7 @@ class TestMetrics:
         assert 'edrone_bridge_webhooks_accepted_total{channel="sms"} 1.0' in text
         assert 'edrone_bridge_webhooks_rejected_total{reason="bad_signature"} 1.0' in text
         assert "edrone_bridge_publish_confirm_seconds_count 2.0" in text
+        # Two messages, one webhook each: sent one after the other, neither waited for a slot.
+        assert 'edrone_bridge_ingress_bundle_webhooks_bucket{le="1.0"} 2.0' in text
+        assert "edrone_bridge_ingress_bundle_webhooks_sum 2.0" in text
         assert SECRET not in text and EMAIL not in text
