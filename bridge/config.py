@@ -154,7 +154,7 @@ class Settings(BaseSettings):
     # wait go together in one message (a bundle) of at most ingress_bundle_max, with one
     # confirm for all: the broker's work per webhook is what bounds the ingress (benchmarks/).
     # At a low rate every webhook still goes alone, at once. 1 as the maximum: never bundled.
-    ingress_publishes_in_flight: int = Field(default=8, ge=1, le=1_000)
+    ingress_publishes_in_flight: int = Field(default=4, ge=1, le=1_000)
     # The consumer's prefetch counts messages: it may hold this many times as many webhooks.
     ingress_bundle_max: int = Field(default=25, ge=1, le=1_000)
 
