@@ -16,10 +16,12 @@ from bridge.publishing import ConfirmedPublisher, PublishFailed
 @dataclass(eq=False)
 class _Bundle:
     routing_key: str
-    done: asyncio.Future[None]
     created_at: float
     bodies: list[bytes] = field(default_factory=list)
     event_ids: list[str] = field(default_factory=list)
+    # One future per caller, not one shielded future for all: a caller that gives up cancels
+    # only its own, and a confirm wakes each caller in one step.
+    waiters: list[asyncio.Future[None]] = field(default_factory=list)
 
 
 class Bundler:
@@ -54,7 +56,7 @@ class Bundler:
         self._filling: dict[str, _Bundle] = {}
         self._full: deque[_Bundle] = deque()
         # Every webhook not yet answered, by event_id: edrone's retry of one waits for it.
-        self._pending: dict[str, asyncio.Future[None]] = {}
+        self._pending: dict[str, _Bundle] = {}
         self._sending = 0
         self._scheduled = False
         self._tasks: set[asyncio.Task[None]] = set()
@@ -68,21 +70,21 @@ class Bundler:
 
     async def publish(self, body: bytes, *, routing_key: str, event_id: str) -> None:
         """Return once the broker confirmed ``body``; :class:`PublishFailed` otherwise."""
-        pending = self._pending.get(event_id)
-        if pending is None:
-            pending = self._add(body, routing_key, event_id)
-        # shield: a caller that gives up must not cancel the others' bundle.
-        await asyncio.shield(pending)
+        bundle = self._pending.get(event_id)
+        if bundle is None:
+            bundle = self._add(body, routing_key, event_id)
+        waiter = asyncio.get_running_loop().create_future()
+        bundle.waiters.append(waiter)
+        await waiter
 
-    def _add(self, body: bytes, routing_key: str, event_id: str) -> asyncio.Future[None]:
+    def _add(self, body: bytes, routing_key: str, event_id: str) -> _Bundle:
         bundle = self._filling.get(routing_key)
         if bundle is None:
-            loop = asyncio.get_running_loop()
-            bundle = _Bundle(routing_key, loop.create_future(), loop.time())
+            bundle = _Bundle(routing_key, asyncio.get_running_loop().time())
             self._filling[routing_key] = bundle
         bundle.bodies.append(body)
         bundle.event_ids.append(event_id)
-        self._pending[event_id] = bundle.done
+        self._pending[event_id] = bundle
         if len(bundle.bodies) >= self._max_webhooks:
             del self._filling[routing_key]
             self._full.append(bundle)
@@ -90,7 +92,7 @@ class Bundler:
             # At the end of this turn of the loop: what arrived in the same turn goes together.
             self._scheduled = True
             asyncio.get_running_loop().call_soon(self._send_next)
-        return bundle.done
+        return bundle
 
     def _next(self) -> _Bundle | None:
         if self._full:
@@ -145,10 +147,12 @@ class Bundler:
 
     def _settle(self, bundle: _Bundle, failure: BaseException | None) -> None:
         for event_id in bundle.event_ids:
-            if self._pending.get(event_id) is bundle.done:
+            if self._pending.get(event_id) is bundle:
                 del self._pending[event_id]
-        if failure is None:
-            bundle.done.set_result(None)
-        else:
-            bundle.done.set_exception(failure)
-            bundle.done.exception()  # retrieved: its callers may all have gone
+        for waiter in bundle.waiters:
+            if waiter.done():  # its caller gave up
+                continue
+            if failure is None:
+                waiter.set_result(None)
+            else:
+                waiter.set_exception(failure)

@@ -111,6 +111,25 @@ class TestBundler:
         await bundler.publish(body("a"), routing_key=EMAIL, event_id="a")
         assert [m.body for m in await queued(settings, amqp_connection)] == [body("a")]
 
+    async def test_a_caller_that_gives_up_leaves_its_bundle_to_the_others(
+        self, publisher, settings, amqp_connection
+    ):
+        """A webhook whose caller is cancelled (its client gone) while it waits in a bundle:
+        the others of the bundle are still confirmed, and it is published with them."""
+        bundler = Bundler(publisher, max_webhooks=50, in_flight=1, timeout_s=5.0)
+        ids = [f"evt-{n}" for n in range(4)]
+        tasks = [
+            asyncio.ensure_future(bundler.publish(body(i), routing_key=EMAIL, event_id=i))
+            for i in ids
+        ]
+        await asyncio.sleep(0)  # all four in one bundle, sending
+        tasks[1].cancel()
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        assert isinstance(results[1], asyncio.CancelledError)
+        assert [results[n] for n in (0, 2, 3)] == [None, None, None]
+        sent = [w for m in await queued(settings, amqp_connection) for w in webhooks_in(m)]
+        assert sorted(sent) == sorted(body(i) for i in ids)
+
     async def test_an_unconfirmed_bundle_fails_each_of_its_webhooks(
         self, publisher, settings, amqp_connection
     ):
