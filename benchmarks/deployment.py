@@ -348,6 +348,8 @@ class CpuMeter:
         self.groups = groups
         self._start: dict[str, float] = {}
         self._wall = 0.0
+        # The span of the last start-stop, seconds: cores x wall_s is CPU seconds.
+        self.wall_s = 0.0
 
     def start(self) -> None:
         self._wall = time.monotonic()
@@ -356,7 +358,7 @@ class CpuMeter:
 
     def stop(self) -> dict[str, float]:
         """Cores used per group over the span (1.0 = one core all the time)."""
-        wall = max(time.monotonic() - self._wall, 1e-9)
+        wall = self.wall_s = max(time.monotonic() - self._wall, 1e-9)
         used = {
             name: (cpu_s(pids) - self._start[name]) / wall for name, pids in self.groups.items()
         }

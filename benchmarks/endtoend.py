@@ -25,6 +25,7 @@ import aio_pika
 import asyncpg
 
 from benchmarks import deployment as d
+from benchmarks.capacity import capacity_row
 from benchmarks.loadgen import LoadGenerator
 from benchmarks.report import Row, Target, median
 from benchmarks.worker import Worker
@@ -45,6 +46,8 @@ class Latencies:
     http_p99_ms: list[float] = field(default_factory=list)
     rejected: list[str] = field(default_factory=list)
     raw: list[dict[str, float]] = field(default_factory=list)
+    # Cores each process group used during each measured run (deployment.CpuMeter).
+    cpu: list[dict[str, float]] = field(default_factory=list)
 
     def add(
         self, p50: float, p99: float, http_p50: float, http_p99: float, statuses: dict[str, int]
@@ -323,6 +326,15 @@ async def run(
                 await start_bridge(settings, workers, log_dir, processes)
                 for child in processes.children:
                     sampler.watch_child(child)
+                fake, subscriptions, traces, ingress = processes.children
+                groups = {
+                    "ingress": ingress.pids(),
+                    "broker": d.pids_named("beam.smp"),
+                    "subscriptions": [subscriptions.pid],
+                    "postgres": d.pids_named("postgres"),
+                    "traces": [traces.pid, fake.pid],
+                    "load": [generator.process.pid or 0],
+                }
                 sampler.start()
                 feeder = asyncio.create_task(feed_shop_events(settings, stop_feed))
                 for repeat in range(repeats):
@@ -333,10 +345,19 @@ async def run(
                             await worker.run(raw_latency, amqp_url, raw_queue, rate, latency_s)
                         )
                         tag = f"e2e{repeat}-{share:g}-{uuid.uuid4().hex[:6]}"
+                        meter = d.CpuMeter(groups)
+                        meter.start()
                         found.add(
                             *await measure_latency(
                                 generator, watcher, settings, rate, latency_s, tag
                             )
+                        )
+                        cores = meter.stop()
+                        # CPU seconds per webhook sent, µs: the span holds more than the sending.
+                        sent = max(10, int(rate * latency_s))
+                        found.cpu.append(
+                            {name: c * meter.wall_s / sent * 1e6 for name, c in cores.items()}
+                            | {"machine_cores": cores["machine"]}
                         )
                 await watcher.stop_listening()
                 soak_start = time.monotonic()
@@ -353,6 +374,8 @@ async def run(
         worker.close()
     return [
         *latency_rows(settings, latencies, quarter, rate_per_s, latency_s),
+        capacity_row(latencies.cpu, rate_per_s, "at half the maximum"),
+        capacity_row(quarter.cpu, rate_per_s / 2, "at a quarter of it"),
         *memory_rows(sampler, soak_start, soak_s),
     ]
 
