@@ -8,7 +8,9 @@ BENCH_ARGS ?=
 test:
 	.venv/bin/pytest
 
-# Every benchmark, 3 repeats, the issue's sizes: about 6 minutes on the 2-core machine.
+# Every benchmark, 3 repeats, the issue's sizes: about 50 minutes on the 2-core machine (the
+# 1,000,000-row backfill about 40 of them; BENCH_ARGS="--only ingress,subscriptions,traces,endtoend"
+# leaves it out: 7 minutes).
 bench:
 	$(PYTHON) -m benchmarks $(BENCH_ARGS)
 
