@@ -21,6 +21,7 @@ from consumers.service import consumer_of
 from tests.conftest import remove_amqp
 from tests.support.consumers import (
     make_event,
+    platform_message,
     publish,
     publish_platform,
     ready_count,
@@ -247,15 +248,30 @@ class TestTopologyRestore:
             stored = await wait_for_count(db, "SELECT count(*) FROM inbox", 250, 30)
             emails = [f"empty{n}@example.com" for n in range(100)]
 
-            async def platform_exchange_back() -> bool:
+            unrouted = [shop_event(e) for e in emails]
+
+            async def all_routed() -> bool:
+                """Publish what no queue took yet, mandatory: the forwarder declares the
+                exchange before it binds its queue again, and an event in between is dropped."""
+                channel = await amqp_connection.channel(
+                    publisher_confirms=True, on_return_raises=True
+                )
                 try:
-                    await publish_platform(amqp_connection, direct, [])
-                except aio_pika.exceptions.ChannelClosed:
+                    async with channel:
+                        exchange = await channel.get_exchange(direct.platform_exchange)
+                        while unrouted:
+                            await exchange.publish(
+                                platform_message(unrouted[0]),
+                                direct.platform_routing_key,
+                                mandatory=True,
+                                timeout=10,
+                            )
+                            unrouted.pop(0)
+                except (aio_pika.exceptions.ChannelClosed, aio_pika.exceptions.DeliveryError):
                     return False
                 return True
 
-            await wait_until(platform_exchange_back, 30)
-            await publish_platform(amqp_connection, direct, [shop_event(e) for e in emails])
+            await wait_until(all_routed, 30)
             await wait_until(lambda: len(accepted(fake)) >= 100, 30)
         finally:
             stopping.set()
