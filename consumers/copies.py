@@ -42,7 +42,7 @@ class CopyPlanner:
         self,
         dead_letters: DeadLetterPublisher,
         retries: RetryPublisher | None,
-        alone: AlonePublisher | None = None,
+        alone: AlonePublisher,
     ) -> None:
         self._dead_letters = dead_letters
         self._retries = retries
@@ -60,7 +60,7 @@ class CopyPlanner:
         for part in parts:
 
             async def publish(part: AbstractIncomingMessage = part) -> None:
-                assert self._alone is not None, "the planner was opened without a work queue"
+                # The planner's publisher at the time of the publish: it may have been replaced.
                 await self._alone.publish(part)
 
             copies.append(Copy(part, publish, None, alone=True))
