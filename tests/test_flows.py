@@ -16,7 +16,7 @@ import pytest
 from bridge.amqp import topology
 from bridge.config import Settings
 from bridge.ingress.app import create_app
-from bridge.ingress.state import STATE
+from bridge.ingress.state import METRICS
 from bridge.metrics import Metrics
 from bridge.signing import sign
 from tests.support.consumers import serve_subscriptions
@@ -165,10 +165,13 @@ class TestEndToEnd:
 
         await asyncio.gather(*(send(*event) for event in events))
         await wait_for_inbox(db, 1000, timeout_s=60)
-        bundler = app[STATE].bundler
-        assert bundler is not None
+        registry = app[METRICS].registry
+        name = "edrone_bridge_ingress_bundle_webhooks"
+        confirmed = registry.get_sample_value(f"{name}_sum") or 0
+        alone = registry.get_sample_value(f"{name}_bucket", {"le": "1.0"}) or 0
+        assert confirmed == 1000
         if in_flight == 1:
-            assert bundler.bundled > 500, (bundler.bundles, bundler.bundled)
+            assert confirmed - alone > 500, (confirmed, alone)  # webhooks that went in bundles
         rows = await db.fetch("SELECT address, event_id, status, event_date FROM subscribers")
         assert len(rows) == 50
         for row in rows:

@@ -60,9 +60,6 @@ class Bundler:
         self._sending = 0
         self._scheduled = False
         self._tasks: set[asyncio.Task[None]] = set()
-        # Bundles (of two webhooks or more) sent, and the webhooks they held.
-        self.bundles = 0
-        self.bundled = 0
 
     @property
     def ready(self) -> bool:
@@ -131,8 +128,6 @@ class Bundler:
                     headers={bundles.HEADER_BUNDLED: len(bundle.bodies)},
                     content_type=bundles.BUNDLE_CONTENT_TYPE,
                 )
-                self.bundles += 1
-                self.bundled += len(bundle.bodies)
         except BaseException as exc:  # cancelled at shutdown too: its webhooks get a 503
             failure = exc if isinstance(exc, PublishFailed) else PublishFailed(repr(exc))
             if not isinstance(exc, Exception):
