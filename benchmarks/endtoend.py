@@ -60,6 +60,11 @@ class Latencies:
             self.rejected.append(str(statuses))
 
 
+def run_size(rate_per_s: float, seconds: float) -> int:
+    """Webhooks (or raw messages) one open-loop run sends."""
+    return max(10, int(rate_per_s * seconds))
+
+
 def percentile(values: list[float], percent: float) -> float:
     """Nearest rank."""
     if not values:
@@ -152,7 +157,7 @@ async def measure_latency(
     seconds: float,
     tag: str,
 ) -> tuple[float, float, float, float, dict[str, int]]:
-    count = max(10, int(rate_per_s * seconds))
+    count = run_size(rate_per_s, seconds)
     await generator.prepare(
         host="127.0.0.1",
         port=settings.http_port,
@@ -193,7 +198,7 @@ async def measure_latency(
 async def raw_latency(amqp_url: str, queue_name: str, rate_per_s: float, seconds: float) -> dict:
     """The broker alone at the same rate: persistent confirmed publishes, open loop, to a quorum
     queue that a raw consumer drains; (due -> confirm, due -> delivered) percentiles in ms."""
-    count = max(10, int(rate_per_s * seconds))
+    count = run_size(rate_per_s, seconds)
     confirmed: list[float] = []
     delivered: list[float] = []
     connection = await aio_pika.connect(amqp_url, timeout=10)
@@ -354,7 +359,7 @@ async def run(
                         )
                         cores = meter.stop()
                         # CPU seconds per webhook sent, µs: the span holds more than the sending.
-                        sent = max(10, int(rate * latency_s))
+                        sent = run_size(rate, latency_s)
                         found.cpu.append(
                             {name: c * meter.wall_s / sent * 1e6 for name, c in cores.items()}
                             | {"machine_cores": cores["machine"]}
