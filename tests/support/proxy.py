@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 
 
 class TcpProxy:
@@ -19,14 +20,19 @@ class TcpProxy:
         self._tasks: set[asyncio.Task[None]] = set()
         self._flowing = asyncio.Event()
         self._flowing.set()
+        # Bumped by every cut: a connection the kernel accepted just before it reaches _accept
+        # after the cut, and must be dropped then rather than left open (a leaked transport).
+        self._generation = 0
 
     async def start(self) -> int:
-        self._server = await asyncio.start_server(self._accept, "127.0.0.1", self.port)
+        accept = functools.partial(self._accept, self._generation)
+        self._server = await asyncio.start_server(accept, "127.0.0.1", self.port)
         self.port = self._server.sockets[0].getsockname()[1]
         return self.port
 
     async def cut(self) -> None:
         server, self._server = self._server, None
+        self._generation += 1
         if server is not None:
             server.close()
         # Connections first: since Python 3.12 wait_closed() waits for every open one.
@@ -52,13 +58,30 @@ class TcpProxy:
     async def close(self) -> None:
         await self.cut()
 
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            up_reader, up_writer = await asyncio.open_connection(*self.target)
-        except OSError:
+    async def _accept(
+        self, generation: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        if generation != self._generation:
             writer.transport.abort()
             return
-        self._writers.update((writer, up_writer))
+        # Held from the start, so that a cut while the upstream connection opens drops it too.
+        self._writers.add(writer)
+        accepting = asyncio.current_task()
+        if accepting is not None:
+            self._tasks.add(accepting)
+            accepting.add_done_callback(self._tasks.discard)
+        try:
+            up_reader, up_writer = await asyncio.open_connection(*self.target)
+        except (OSError, asyncio.CancelledError):
+            writer.transport.abort()
+            self._writers.discard(writer)
+            return
+        if generation != self._generation:
+            writer.transport.abort()
+            up_writer.transport.abort()
+            self._writers.discard(writer)
+            return
+        self._writers.add(up_writer)
         for source, sink in ((reader, up_writer), (up_reader, writer)):
             task = asyncio.create_task(self._pipe(source, sink))
             self._tasks.add(task)
