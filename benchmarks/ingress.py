@@ -17,7 +17,7 @@ from pamqp.commands import Basic
 
 from benchmarks import deployment as d
 from benchmarks.loadgen import LoadGenerator, Result
-from benchmarks.report import Row, Target, median
+from benchmarks.report import Row, Target, cores_note, median
 from benchmarks.worker import Worker, ping
 from bridge.amqp import ROUTING_KEY_BY_CHANNEL, topology
 from bridge.app_config import AppConfig
@@ -233,21 +233,17 @@ def cpu_row(figures: IngressFigures) -> Row:
 
 def _cpu_note(figures: IngressFigures) -> str:
     """Cores each process group used (median over repeats), and CPU per message."""
-    parts = []
-    for run_name, rates in (
-        ("ingress", figures.ingress),
-        ("raw", figures.raw_publish),
-        ("bare", figures.bare_http),
-    ):
-        samples = figures.cpu[run_name]
-        if not samples:
-            continue
-        cores = {name: median([s[name] for s in samples]) for name in samples[0]}
-        main = "publisher" if run_name == "raw" else "server"
-        per_message_us = cores[main] / median(rates) * 1e6 if median(rates) else float("nan")
-        used = ", ".join(f"{name} {value:.2f}" for name, value in cores.items())
-        parts.append(f"{run_name} run: {used} cores ({main} {per_message_us:.0f} us/message)")
-    return "CPU: " + "; ".join(parts)
+    runs = (
+        ("ingress", figures.ingress, "server"),
+        ("raw", figures.raw_publish, "publisher"),
+        ("bare", figures.bare_http, "server"),
+    )
+    notes = [
+        cores_note(name, figures.cpu[name], rates, main, "message")
+        for name, rates, main in runs
+        if figures.cpu[name]
+    ]
+    return "CPU: " + "; ".join(notes)
 
 
 def rows(figures: IngressFigures, concurrency: int, workers: int, requests: int) -> list[Row]:

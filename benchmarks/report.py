@@ -96,6 +96,18 @@ def median(values: Sequence[float]) -> float:
     return statistics.median(finite) if finite else math.nan
 
 
+def cores_note(
+    run_name: str, samples: Sequence[dict[str, float]], rates: Sequence[float], main: str, unit: str
+) -> str:
+    """One run's cores per process group (medians over repeats), and the CPU of its main group
+    per item: "ingress run: server 1.10, broker 0.60 cores (server 280 us/message)"."""
+    cores = {name: median([s[name] for s in samples]) for name in samples[0]}
+    rate = median(rates)
+    per_item = cores[main] / rate * 1e6 if rate else math.nan
+    used = ", ".join(f"{name} {value:.2f}" for name, value in cores.items())
+    return f"{run_name} run: {used} cores ({main} {per_item:.0f} us/{unit})"
+
+
 def _finite(value: float | None) -> float | None:
     return None if value is None or value != value else round(value, 4)
 

@@ -18,7 +18,7 @@ import aio_pika
 import aiohttp
 
 from benchmarks import deployment as d
-from benchmarks.report import Row, Target, median
+from benchmarks.report import Row, Target, cores_note
 from benchmarks.worker import Worker, ping
 from bridge.amqp import topology
 from bridge.broker import connect
@@ -176,18 +176,16 @@ class TraceFigures:
     cpu: dict[str, list[dict[str, float]]] = field(
         default_factory=lambda: {"forwarder": [], "bare": []}
     )
+    failures: list[str] = field(default_factory=list)
 
     def cpu_note(self) -> str:
-        parts = []
-        for name, rates in (("forwarder", self.forwarder), ("bare", self.bare)):
-            if self.cpu[name]:
-                cores = {k: median([c[k] for c in self.cpu[name]]) for k in self.cpu[name][0]}
-                used = ", ".join(f"{k} {v:.2f}" for k, v in cores.items())
-                per_trace = cores["client"] / median(rates) * 1e6 if median(rates) else 0.0
-                parts.append(f"{name} run: {used} cores (client {per_trace:.0f} us/trace)")
-        return "CPU: " + "; ".join(parts)
-
-    failures: list[str] = field(default_factory=list)
+        runs = (("forwarder", self.forwarder), ("bare", self.bare))
+        notes = [
+            cores_note(name, self.cpu[name], rates, "client", "trace")
+            for name, rates in runs
+            if self.cpu[name]
+        ]
+        return "CPU: " + "; ".join(notes)
 
 
 async def run(*, repeats: int, traces: int, limited_s: float, log_dir: Path) -> list[Row]:
