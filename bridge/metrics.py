@@ -96,6 +96,12 @@ class Metrics:
             "Failing batches split in halves to find the message that fails them",
             "queue",
         )
+        self.bundle_parts_resent = _counter(
+            r,
+            "bundle_parts_resent",
+            "Webhooks of a redelivered bundle sent back to their queue one message each",
+            "queue",
+        )
         self.dates_clamped = _counter(
             r,
             "dates_clamped",

@@ -215,7 +215,7 @@ async def publish_all(
         for copy in copies:
             if copy not in failed:
                 if copy.alone:
-                    counters.alone += 1
+                    counters.record_alone()
                 else:
                     counters.record_copy(copy.tier_s)
         if not failed:

@@ -101,6 +101,11 @@ class Counters:
         self.skipped.update(tally)
         self.batches += 1
 
+    def record_alone(self) -> None:
+        self.alone += 1
+        if self.metrics:
+            self.metrics.bundle_parts_resent.labels(self.queue).inc()
+
     def record_retry(self) -> None:
         self.retries += 1
         if self.metrics:

@@ -14,6 +14,7 @@ from bridge.amqp import ROUTING_KEY_BY_CHANNEL, topology
 from bridge.app_config import AppConfig
 from bridge.config import Settings
 from bridge.headers import HEADER_ERROR
+from bridge.metrics import Metrics
 from tests.consumers.test_poison import REFUSING_TRIGGER
 from tests.support.apps import TEST_APP_ID, TEST_SECRET
 from tests.support.consumers import apply_burst, make_event, ready_count, take_all
@@ -122,9 +123,14 @@ class TestBundles:
         assert bundles.is_bundle(taken.content_type)
         await channel.close()  # unacked: the broker delivers it again, redelivered
 
-        consumer = await apply_burst(broker, pool, fast_settings)
+        metrics = Metrics()
+        consumer = await apply_burst(broker, pool, fast_settings, metrics=metrics)
 
         assert consumer.counters.alone == 5
+        resent = metrics.registry.get_sample_value(
+            "edrone_bridge_bundle_parts_resent_total", {"queue": queue_name}
+        )
+        assert resent == 5
         assert consumer.counters.applied == 5
         inbox = {row["event_id"] for row in await db.fetch("SELECT event_id FROM inbox")}
         assert inbox == {event.event_id for event in events}

@@ -16,6 +16,7 @@ import asyncpg
 
 from bridge.amqp import ROUTING_KEY_BY_CHANNEL, topology
 from bridge.config import Settings
+from bridge.metrics import Metrics
 from consumers import subscriptions, traces
 from consumers.runtime import Consumer
 from consumers.service import consumer_of, serve
@@ -117,10 +118,13 @@ async def apply_burst(
     pool: asyncpg.Pool,
     settings: Settings,
     timeout_s: float = 20.0,
+    metrics: Metrics | None = None,
 ) -> Consumer:
     """The subscription consumer, built as ``consume subscriptions`` builds it (the shops'
     tables checked, a dispatcher running): everything queued handled, then closed."""
-    async with consumer_of(subscriptions.PART, settings, connection, pool) as consumer:
+    async with consumer_of(
+        subscriptions.PART, settings, connection, pool, metrics=metrics
+    ) as consumer:
         return await run_burst(consumer, timeout_s)
 
 
