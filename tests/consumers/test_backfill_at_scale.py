@@ -38,11 +38,13 @@ RATE_PER_S = 300
 LIVE_PER_S = 30
 WARM_UP_S = 6.0  # live alone: its latency without the backfill, and its demand learnt
 LOADED_S = 20.0  # live while the backfill runs
-# How much live latency may grow under the backfill, the lanes in processes of their own. On
-# 2 cores it grew p50 +1 ms and p95 +6 ms on a quiet machine and p95 +26 ms beside another test
-# run; in one process (the old way) p95 grew +10 ms quiet and +160 ms beside another run.
-P50_GROWTH_S = 0.015
-P95_GROWTH_S = 0.04
+# How much live latency may grow under the backfill, the lanes in processes of their own: what
+# CPU contention on 2 cores gives, with room for a noisy machine, and far below what a live
+# change queued behind the backfill's rows would wait (seconds). Measured: p50 +1 ms and p95
+# +6 ms on a quiet day; on a slower one (2026-12-08) p50 +9 to +10 ms and p95 +31 to +50 ms, the
+# code of issue 13 alike. Whether the live lane ever waited for the limit is asserted exactly.
+P50_GROWTH_S = 0.025
+P95_GROWTH_S = 0.1
 # Magento's statuses, a date per row: a third unsubscribed (3), the rest subscribed (1).
 FILL_SQL = """
 INSERT INTO newsletter_subscriber (subscriber_email, subscriber_status, change_status_at)
