@@ -8,9 +8,10 @@ BENCH_ARGS ?=
 test:
 	.venv/bin/pytest
 
-# Every benchmark, 3 repeats, the issue's sizes: about 50 minutes on the 2-core machine (the
-# 1,000,000-row backfill about 40 of them; BENCH_ARGS="--only ingress,subscriptions,traces,endtoend"
-# leaves it out: 7 minutes).
+# Every benchmark, the issue's sizes, 3 repeats (the backfill and reconcile 1: --backfill-repeats):
+# about 50 minutes on the 2-core machine, the 1,000,000-row backfill about 40 of them;
+# BENCH_ARGS="--only ingress,subscriptions,traces,endtoend" leaves it out: 8 minutes. Each part's
+# figures print as it ends.
 bench:
 	$(PYTHON) -m benchmarks $(BENCH_ARGS)
 

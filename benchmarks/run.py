@@ -66,6 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--backfill-rows", type=int, default=1_000_000, help="rows backfilled (1000000)"
     )
     parser.add_argument(
+        "--backfill-repeats",
+        type=int,
+        default=1,
+        help="runs of the backfill and reconcile measurements (1: one takes about 40 minutes)",
+    )
+    parser.add_argument(
         "--reconcile-rows",
         default="100000,1000000",
         help="comma-separated table sizes reconciled (100000,1000000)",
@@ -91,8 +97,10 @@ async def run(args: argparse.Namespace) -> list[Row]:
         raise SystemExit(f"unknown benchmark(s): {', '.join(sorted(unknown))}")
     rows: list[Row] = []
     rate = args.rate
+    run_started = time.perf_counter()
     for name in chosen:
         started = time.perf_counter()
+        done = len(rows)
         print(f"== {name}", file=sys.stderr, flush=True)
         if name == "ingress":
             found, figures = await ingress.run(
@@ -121,7 +129,7 @@ async def run(args: argparse.Namespace) -> list[Row]:
             )
         elif name == "backfill":
             rows += await backfill.run(
-                repeats=args.repeats,
+                repeats=args.backfill_repeats,
                 rows=args.backfill_rows,
                 reconcile_rows=[int(n) for n in args.reconcile_rows.split(",") if n.strip()],
                 log_dir=args.log_dir,
@@ -136,6 +144,10 @@ async def run(args: argparse.Namespace) -> list[Row]:
                 log_dir=args.log_dir,
             )
         print(f"   {name}: {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
+        # Each part's figures as soon as it ends, and the file so far: a long run stopped
+        # midway keeps what it measured.
+        print(render(rows[done:]), flush=True)
+        write_json(args.json, rows, config(args), time.perf_counter() - run_started)
     return rows
 
 
