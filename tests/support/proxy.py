@@ -20,8 +20,8 @@ class TcpProxy:
         self._tasks: set[asyncio.Task[None]] = set()
         self._flowing = asyncio.Event()
         self._flowing.set()
-        # Bumped by every cut: a connection the kernel accepted just before it reaches _accept
-        # after the cut, and must be dropped then rather than left open (a leaked transport).
+        # Bumped by every cut: a connection the old server accepted whose _accept runs only
+        # after the cut is dropped then, not left open (a leaked transport).
         self._generation = 0
 
     async def start(self) -> int:
@@ -64,7 +64,8 @@ class TcpProxy:
         if generation != self._generation:
             writer.transport.abort()
             return
-        # Held from the start, so that a cut while the upstream connection opens drops it too.
+        # Held from the start, so that a cut while the upstream connection opens aborts it and
+        # cancels this task.
         self._writers.add(writer)
         accepting = asyncio.current_task()
         if accepting is not None:
@@ -74,11 +75,6 @@ class TcpProxy:
             up_reader, up_writer = await asyncio.open_connection(*self.target)
         except (OSError, asyncio.CancelledError):
             writer.transport.abort()
-            self._writers.discard(writer)
-            return
-        if generation != self._generation:
-            writer.transport.abort()
-            up_writer.transport.abort()
             self._writers.discard(writer)
             return
         self._writers.add(up_writer)
